@@ -1,0 +1,292 @@
+"""The ``edgetwin`` command.
+
+Exit status: 0 success; 1 the operation failed (rejected value, no gateway answer,
+runtime error); 2 bad configuration, manifest or arguments (one message naming what).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from deviceapi import ManifestError
+from deviceapi.types import split_device_id
+from gateway.config import ConfigError, GatewayConfig, load_config
+from gateway.mapper_host import MapperLoadError
+from gateway.store.schema import SchemaTooNew
+from gateway.store.store import StoreError
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+class CliError(Exception):
+    def __init__(self, message: str, status: int = EXIT_FAILED) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _device_arg(text: str) -> str:
+    namespace, sep, name = text.partition("/")
+    if not sep:
+        namespace, name = split_device_id(text) if "." in text else ("default", text)
+    return f"{namespace}.{name}"
+
+
+# --------------------------------------------------------------------- gateway run
+def cmd_gateway_run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    from gateway import logs
+
+    logs.setup(args.log_level or cfg.log.level, cfg.log.format)
+    return asyncio.run(_run_gateway(cfg))
+
+
+async def _run_gateway(cfg: GatewayConfig) -> int:
+    from gateway.service import Gateway
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await Gateway(cfg).run(stop)
+    return 0
+
+
+# --------------------------------------------------------------------- twin get / list
+def cmd_twin_get(args: argparse.Namespace) -> int:
+    from gateway.store.store import open_reader, read_twin
+
+    cfg = load_config(args.config)
+    dev_id = _device_arg(args.device)
+    db = open_reader(cfg.store.path)
+    twin = read_twin(db, dev_id)
+    if twin is None:
+        raise CliError(f"no twin for device {args.device} in {cfg.store.path}")
+    if args.json:
+        print(json.dumps(twin, indent=2))
+        return 0
+    print(f"device {dev_id}  state {twin['state']}")
+    rows = [("PROPERTY", "REPORTED", "VERSION", "AGE", "DESIRED", "ORIGIN", "WRITE")]
+    now = time.time() * 1000
+    for name, entry in twin["twin"].items():
+        rep, des = entry.get("reported"), entry.get("desired")
+        rows.append(
+            (
+                name,
+                _text(rep["value"]) if rep else "-",
+                str(rep["version"]) if rep else "-",
+                f"{max(0.0, (now - rep['timestamp']) / 1000):.1f}s" if rep else "-",
+                _text(des["value"]) if des else "-",
+                des["origin"] if des else "-",
+                (des["writeState"] + (f" ({des['writeReason']})" if des["writeReason"] else ""))
+                if des
+                else "-",
+            )
+        )
+    _print_table(rows)
+    return 0
+
+
+def cmd_twin_list(args: argparse.Namespace) -> int:
+    from gateway.store.store import open_reader
+
+    cfg = load_config(args.config)
+    db = open_reader(cfg.store.path)
+    rows = [("DEVICE", "STATE", "PROPERTIES", "OUTBOX")]
+    states = {r["device_id"]: r["state"] for r in db.query("SELECT * FROM device_state")}
+    outbox = {r["device_id"] for r in db.query("SELECT device_id FROM outbox")}
+    for r in db.query(
+        "SELECT device_id, count(*) AS n FROM twin_property GROUP BY device_id ORDER BY device_id"
+    ):
+        dev = r["device_id"]
+        rows.append((dev, states.get(dev, "unknown"), str(r["n"]), "pending" if dev in outbox else "-"))
+    _print_table(rows)
+    return 0
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _print_table(rows: Sequence[tuple[str, ...]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+# --------------------------------------------------------------------- twin set
+def cmd_twin_set(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    dev_id = _device_arg(args.device)
+    values: dict[str, str] = {}
+    for item in args.assignments:
+        prop, sep, value = item.partition("=")
+        if not sep or not prop:
+            raise CliError(f"expected PROP=VALUE, got {item!r}", EXIT_USAGE)
+        values[prop] = value
+    return asyncio.run(_twin_set(cfg, dev_id, values, args.timeout))
+
+
+async def _twin_set(cfg: GatewayConfig, dev_id: str, values: dict[str, str], wait_s: float) -> int:
+    import aiomqtt
+
+    from gateway.mqtt import payloads, topics
+
+    host, port = cfg.mqtt.host_port
+    event_id = payloads.new_event_id()
+    request = payloads.twin_set_request(event_id, int(time.time() * 1000), values)
+    tls = None
+    if cfg.mqtt.use_tls and cfg.mqtt.tls is not None:
+        t = cfg.mqtt.tls
+        tls = aiomqtt.TLSParameters(
+            ca_certs=str(t.ca_file) if t.ca_file else None,
+            certfile=str(t.cert_file) if t.cert_file else None,
+            keyfile=str(t.key_file) if t.key_file else None,
+        )
+    try:
+        async with aiomqtt.Client(
+            host,
+            port,
+            username=cfg.mqtt.username,
+            password=cfg.mqtt.password,
+            tls_params=tls,
+            timeout=wait_s,
+        ) as client:
+            await client.subscribe(topics.twin_update_result(dev_id), qos=1)
+            await client.publish(topics.twin_update(dev_id), request, qos=1)
+            async with asyncio.timeout(wait_s):
+                async for message in client.messages:
+                    doc = json.loads(bytes(message.payload))  # type: ignore[arg-type,unused-ignore]
+                    if doc.get("event_id") == event_id:
+                        return _report_set(dev_id, doc)
+    except TimeoutError:
+        raise CliError(
+            f"the gateway did not answer within {wait_s:g}s; the request is at the broker "
+            "and is applied when the gateway takes it (is the gateway running?)"
+        ) from None
+    except aiomqtt.MqttError as exc:
+        raise CliError(f"cannot reach the MQTT broker at {host}:{port}: {exc}") from None
+    return EXIT_FAILED
+
+
+def _report_set(dev_id: str, doc: dict[str, Any]) -> int:
+    if "reason" in doc:
+        raise CliError(f"rejected: {doc['reason']}")
+    status = 0
+    for prop, reason in doc.get("rejected", {}).items():
+        print(f"{dev_id} {prop}: rejected: {reason}", file=sys.stderr)
+        status = EXIT_FAILED
+    for prop, entry in doc.get("twin", {}).items():
+        expected = entry.get("expected")
+        if expected is None:
+            continue
+        meta = expected["metadata"]
+        verdict = "set" if meta.get("accepted") else "kept the newer value in effect"
+        print(
+            f"{dev_id} {prop}: desired {expected['value']} "
+            f"({verdict}; origin {meta['origin']}, stamp {meta['stamp']})"
+        )
+    return status
+
+
+# --------------------------------------------------------------------- config check
+def cmd_config_check(args: argparse.Namespace) -> int:
+    from gateway.manifests import load_manifests
+
+    cfg = load_config(args.config)
+    manifests = load_manifests(cfg.manifests, cfg.node)
+    print(
+        f"config ok: node {cfg.node}, {len(manifests.models)} models, "
+        f"{len(manifests.devices)} devices for this node, {len(manifests.foreign)} for other nodes"
+    )
+    return 0
+
+
+# --------------------------------------------------------------------- demo
+def cmd_demo(args: argparse.Namespace) -> int:
+    from edgetwin.demo import run_demo
+
+    return asyncio.run(run_demo(duration=args.duration, live=not args.no_live))
+
+
+# --------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edgetwin", description="Offline-tolerant sync gateway with device twins"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gw = sub.add_parser("gateway", help="the edge gateway service").add_subparsers(
+        dest="action", required=True
+    )
+    run = gw.add_parser("run", help="run the gateway")
+    run.add_argument("--config", required=True, type=Path)
+    run.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    run.set_defaults(func=cmd_gateway_run)
+
+    twin = sub.add_parser("twin", help="read and set device twins").add_subparsers(
+        dest="action", required=True
+    )
+    get = twin.add_parser("get", help="show a device's twin (works while the gateway runs)")
+    get.add_argument("device", help="NAMESPACE/NAME")
+    get.add_argument("--json", action="store_true")
+    get.add_argument("--config", required=True, type=Path)
+    get.set_defaults(func=cmd_twin_get)
+    lst = twin.add_parser("list", help="list devices and their state")
+    lst.add_argument("--config", required=True, type=Path)
+    lst.set_defaults(func=cmd_twin_list)
+    set_ = twin.add_parser("set", help="set edge-local desired values, applied by the running gateway")
+    set_.add_argument("device", help="NAMESPACE/NAME")
+    set_.add_argument("assignments", nargs="+", metavar="PROP=VALUE")
+    set_.add_argument("--config", required=True, type=Path)
+    set_.add_argument("--timeout", type=float, default=10.0)
+    set_.set_defaults(func=cmd_twin_set)
+
+    cfg = sub.add_parser("config", help="configuration").add_subparsers(dest="action", required=True)
+    check = cfg.add_parser("check", help="validate a config and its manifests")
+    check.add_argument("--config", required=True, type=Path)
+    check.set_defaults(func=cmd_config_check)
+
+    demo = sub.add_parser("demo", help="run a self-contained demo with simulated devices")
+    demo.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+    demo.add_argument("--no-live", action="store_true", help="print snapshots instead of a live view")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        status: int = args.func(args)
+    except (ConfigError, ManifestError) as exc:
+        print(f"edgetwin: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except CliError as exc:
+        print(f"edgetwin: {exc}", file=sys.stderr)
+        return exc.status
+    except ValueError as exc:  # a bad argument, e.g. a device id
+        print(f"edgetwin: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (StoreError, SchemaTooNew, MapperLoadError) as exc:
+        print(f"edgetwin: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

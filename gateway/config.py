@@ -1,0 +1,199 @@
+"""Gateway configuration: one YAML file, validated at start.
+
+A bad file is refused with :class:`ConfigError`, whose message names the key and what is
+wrong (``mqtt.url: expected mqtt://host:port or mqtts://host:port``); the CLI exits with
+status 2 on it. docs/configuration.md is the reference for every key.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from deviceapi.types import parse_duration_ms
+
+_NODE = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+
+
+class ConfigError(ValueError):
+    """The configuration is unusable; the message names the key and the problem."""
+
+    def __init__(self, key: str, problem: str, source: str = "") -> None:
+        where = f"{source}: " if source else ""
+        super().__init__(f"{where}{key}: {problem}" if key else f"{where}{problem}")
+        self.key = key
+        self.problem = problem
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StoreConfig(_Section):
+    path: Path
+    # The event log keeps this many newest rows; older ones are dropped.
+    events_max: int = Field(10_000, ge=100, le=10_000_000)
+
+
+class TlsConfig(_Section):
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    insecure: bool = False
+
+    @model_validator(mode="after")
+    def _pair(self) -> TlsConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        return self
+
+
+class EmbeddedBroker(_Section):
+    # Always explicit: amqtt's own default would listen on 0.0.0.0:1883.
+    host: str = "127.0.0.1"
+    port: int = Field(1883, ge=0, le=65535)
+
+
+class MqttConfig(_Section):
+    url: str | None = None
+    embedded: EmbeddedBroker | None = None
+    username: str | None = None
+    password: str | None = None
+    tls: TlsConfig | None = None
+    client_id: str | None = None
+    # MQTT 5 lets the gateway bound how many unacknowledged QoS 1 messages the broker
+    # sends it (Receive Maximum); with 3.1.1 the broker's max_inflight_messages applies.
+    protocol: Literal["5", "3.1.1"] = "5"
+    receive_maximum: int = Field(1000, ge=1, le=65535)
+    session_expiry: int = 7 * 24 * 3600_000  # ms; how long the broker keeps our session
+    keepalive: int = Field(30, ge=5, le=3600)  # seconds
+    max_payload: int = Field(64 * 1024, ge=256, le=16 * 1024 * 1024)
+    # Outgoing messages queued while the broker is slow; beyond it they are dropped and
+    # counted (every retained value is republished on reconnect).
+    max_queued_outgoing: int = Field(20_000, ge=100, le=10_000_000)
+
+    @field_validator("session_expiry", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> int:
+        return parse_duration_ms(v)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        parts = urlsplit(v)
+        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+            raise ValueError(f"expected mqtt://host:port or mqtts://host:port, got {v!r}")
+        try:
+            parts.port  # noqa: B018 - raises ValueError on a bad port
+        except ValueError:
+            raise ValueError(f"bad port in {v!r}") from None
+        return v
+
+    @model_validator(mode="after")
+    def _one_broker(self) -> MqttConfig:
+        if (self.url is None) == (self.embedded is None):
+            raise ValueError("give exactly one of url (an external broker) or embedded")
+        if self.embedded is not None and self.protocol == "5":
+            # amqtt speaks MQTT 3.1.1.
+            self.protocol = "3.1.1"
+        return self
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        if self.embedded is not None:
+            return self.embedded.host, self.embedded.port
+        assert self.url is not None
+        parts = urlsplit(self.url)
+        default = 8883 if parts.scheme == "mqtts" else 1883
+        return parts.hostname or "127.0.0.1", parts.port or default
+
+    @property
+    def use_tls(self) -> bool:
+        return self.tls is not None or (self.url or "").startswith("mqtts://")
+
+
+class LogConfig(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["text", "json"] = "text"
+
+
+class GatewayConfig(_Section):
+    node: str
+    store: StoreConfig
+    mqtt: MqttConfig
+    manifests: list[Path] = Field(default_factory=list)
+    log: LogConfig = Field(default_factory=LogConfig)
+    # Options per mapper, by protocol name (passed to the mapper as given).
+    mappers: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @field_validator("node")
+    @classmethod
+    def _node(cls, v: str) -> str:
+        if not _NODE.match(v):
+            raise ValueError(f"{v!r} is not a lowercase DNS-1123 name (a Kubernetes node name)")
+        return v
+
+    @field_validator("manifests", mode="before")
+    @classmethod
+    def _manifest_list(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+
+def _resolve(base: Path, path: Path) -> Path:
+    path = path.expanduser()
+    return path if path.is_absolute() else (base / path)
+
+
+def parse_config(data: Any, source: str = "", base: Path | None = None) -> GatewayConfig:
+    """Validate a config mapping; relative paths are taken from ``base``."""
+    if not isinstance(data, dict):
+        raise ConfigError("", "the file must hold a YAML mapping of keys", source)
+    try:
+        cfg = GatewayConfig.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "missing":
+            msg = "is required"
+        elif err["type"] == "extra_forbidden":
+            msg = "is not a known key"
+        raise ConfigError(key, msg, source) from None
+    if base is not None:
+        cfg.store.path = _resolve(base, cfg.store.path)
+        cfg.manifests = [_resolve(base, m) for m in cfg.manifests]
+        if cfg.mqtt.tls is not None:
+            for name in ("ca_file", "cert_file", "key_file"):
+                value = getattr(cfg.mqtt.tls, name)
+                if value is not None:
+                    setattr(cfg.mqtt.tls, name, _resolve(base, value))
+    if cfg.mqtt.tls is not None:
+        for name in ("ca_file", "cert_file", "key_file"):
+            value = getattr(cfg.mqtt.tls, name)
+            if value is not None and not Path(value).is_file():
+                raise ConfigError(f"mqtt.tls.{name}", f"{value} does not exist", source)
+    for index, path in enumerate(cfg.manifests):
+        if not path.exists():
+            raise ConfigError(f"manifests.{index}", f"{path} does not exist", source)
+    return cfg
+
+
+def load_config(path: str | Path) -> GatewayConfig:
+    """Read and validate the YAML config at ``path``."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ConfigError("", f"cannot read config: {exc.strerror}", str(p)) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError("", f"not valid YAML: {exc}", str(p)) from None
+    return parse_config(data, str(p), p.parent)

@@ -1,0 +1,83 @@
+"""Every MQTT topic the gateway uses, in one place (docs/mqtt.md documents them).
+
+KubeEdge-compatible device topics use the device id ``{namespace}.{name}``; edgetwin's own
+topics for local apps live under ``edgetwin/{node}/``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PREFIX = "$hw/events/device/"
+
+# What the gateway subscribes to (QoS 1).
+SUBSCRIPTIONS = (
+    PREFIX + "+/twin/update",
+    PREFIX + "+/twin/get",
+    PREFIX + "+/state/update",
+)
+
+TWIN_UPDATE = "twin/update"
+TWIN_GET = "twin/get"
+STATE_UPDATE = "state/update"
+INBOUND_ACTIONS = (TWIN_UPDATE, TWIN_GET, STATE_UPDATE)
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceTopic:
+    device_id: str
+    action: str  # one of INBOUND_ACTIONS
+
+
+def parse_inbound(topic: str) -> DeviceTopic | None:
+    """``$hw/events/device/{id}/{action}`` -> DeviceTopic, or None if not ours."""
+    if not topic.startswith(PREFIX):
+        return None
+    rest = topic[len(PREFIX) :]
+    dev_id, sep, action = rest.partition("/")
+    if not sep or not dev_id or action not in INBOUND_ACTIONS:
+        return None
+    return DeviceTopic(dev_id, action)
+
+
+def twin_update(device_id: str) -> str:
+    return f"{PREFIX}{device_id}/twin/update"
+
+
+def twin_update_result(device_id: str) -> str:
+    return f"{PREFIX}{device_id}/twin/update/result"
+
+
+def twin_update_delta(device_id: str) -> str:
+    return f"{PREFIX}{device_id}/twin/update/delta"
+
+
+def twin_get(device_id: str) -> str:
+    return f"{PREFIX}{device_id}/twin/get"
+
+
+def twin_get_result(device_id: str) -> str:
+    return f"{PREFIX}{device_id}/twin/get/result"
+
+
+def state_update(device_id: str) -> str:
+    return f"{PREFIX}{device_id}/state/update"
+
+
+def state_update_result(device_id: str) -> str:
+    return f"{PREFIX}{device_id}/state/update/result"
+
+
+def property_value(node: str, namespace: str, name: str, prop: str) -> str:
+    """Retained JSON {value, timestamp, version} of one reported property."""
+    return f"edgetwin/{node}/{namespace}/{name}/{prop}"
+
+
+def gateway_status(node: str) -> str:
+    """Retained "online"/"offline" (the latter as the connection's will)."""
+    return f"edgetwin/{node}/gateway/status"
+
+
+def gateway_metrics(node: str) -> str:
+    """Retained JSON counters of the gateway, refreshed every few seconds."""
+    return f"edgetwin/{node}/gateway/metrics"

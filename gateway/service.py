@@ -1,0 +1,416 @@
+"""The gateway service: the asyncio shell around the twin engine.
+
+Flow of a reported value: MQTT message (or a mapper's report) -> engine applies it in
+memory -> the committer writes everything that changed since its last commit in one
+durable transaction (group commit) -> only then are the MQTT messages acknowledged, the
+results, deltas and retained values published, and mapper reports released. A crash at
+any point before the commit loses nothing: the broker redelivers what was not
+acknowledged, and mappers read again.
+
+Bounds: in-flight MQTT messages are bounded by the session's Receive Maximum (MQTT 5) or
+the broker's max_inflight_messages; outgoing messages by ``mqtt.max_queued_outgoing``;
+the store by the devices defined plus ``store.events_max`` events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from deviceapi import Device, DeviceModel, value_to_text
+from gateway import logs
+from gateway.config import ConfigError, GatewayConfig
+from gateway.manifests import load_manifests
+from gateway.mapper_host import MapperSet
+from gateway.metrics import Metrics
+from gateway.mqtt import payloads, topics
+from gateway.mqtt.broker import EmbeddedBroker
+from gateway.mqtt.bus import Inbound, MqttBus
+from gateway.mqtt.payloads import PayloadError
+from gateway.store.store import Store, StoreError, StoreWriter, snapshot
+from gateway.twin.engine import DesiredRejected, ReportOutcome, TwinEngine, TwinError, UnknownDevice
+from mappers.sdk import MapperError, ReportResult
+
+log = logging.getLogger(__name__)
+
+METRICS_INTERVAL_S = 5.0
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Gateway:
+    """One gateway process. ``await Gateway(cfg).run(stop_event)``."""
+
+    def __init__(self, cfg: GatewayConfig) -> None:
+        self.cfg = cfg
+        self.node = cfg.node
+        self.metrics = Metrics()
+        self.engine = TwinEngine(jitter=random.random)
+        self.store: Store | None = None
+        self.writer: StoreWriter | None = None
+        self.bus: MqttBus | None = None
+        self.mappers: MapperSet | None = None
+        self.definitions: dict[str, tuple[Device, DeviceModel]] = {}
+        self.ready = asyncio.Event()
+        # Everything below is released by the next commit.
+        self._acks: list[Inbound] = []
+        self._pubs: list[tuple[str, bytes, int, bool]] = []
+        self._retained: set[tuple[str, str]] = set()
+        self._waiters: list[asyncio.Future[None]] = []
+        self._dirty = asyncio.Event()
+        self._writes_wake = asyncio.Event()
+        self._writing: set[tuple[str, str]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._ratelimit = logs.RateLimit()
+
+    # ----------------------------------------------------------------- start-up
+    def load(self) -> None:
+        """Open the store, load manifests, restore twins and commit the result."""
+        cfg = self.cfg
+        self.store = Store(cfg.store.path, cfg.store.events_max)
+        owner = self.store.get_meta("node")
+        if owner is not None and owner != self.node:
+            raise ConfigError("store.path", f"{cfg.store.path} belongs to node {owner!r}, not {self.node!r}")
+        manifests = load_manifests(cfg.manifests, self.node)
+        for device in manifests.devices.values():
+            model = manifests.model_for(device)
+            self.engine.upsert_device(device, model)
+            self.definitions[device.id] = (device, model)
+        self.store.load_into(self.engine)
+        for stale in self.store.stored_device_ids() - set(self.engine.devices):
+            self.engine.changes.removed.add(stale)
+        now = now_ms()
+        for device, _ in self.definitions.values():
+            self.engine.apply_spec(device, now)
+        objects: list[Device | DeviceModel] = [*manifests.models.values(), *manifests.devices.values()]
+        rows: list[tuple[str, str, str, str, str | None, str]] = [
+            (
+                obj.kind,
+                obj.metadata.namespace,
+                obj.metadata.name,
+                "manifest",
+                None,
+                obj.model_dump_json(),
+            )
+            for obj in objects
+        ]
+        self.store.save_objects(rows, "manifest")
+        self.store.set_meta("node", self.node)
+        self.store.commit(snapshot(self.engine, self.engine.drain()))
+        log.info(
+            "gateway loaded",
+            extra={
+                "node": self.node,
+                "devices": len(self.definitions),
+                "store": str(cfg.store.path),
+            },
+        )
+
+    # ----------------------------------------------------------------- running
+    async def run(self, stop: asyncio.Event) -> None:
+        """Run until ``stop`` is set; raises on a store failure (the process should exit
+        and be restarted: nothing unacknowledged is lost)."""
+        broker = None
+        if self.cfg.mqtt.embedded is not None:
+            broker = EmbeddedBroker(self.cfg.mqtt.embedded.host, self.cfg.mqtt.embedded.port)
+            await broker.start()
+        try:
+            self.load()
+            assert self.store is not None
+            self.writer = StoreWriter(self.store)
+            self.bus = MqttBus(
+                self.cfg.mqtt,
+                self.cfg.mqtt.client_id or f"edgetwin-{self.node}",
+                topics.SUBSCRIPTIONS,
+                self.metrics,
+                will=(topics.gateway_status(self.node), b"offline"),
+            )
+            self.mappers = MapperSet(_Host(self), self.cfg.mappers)
+            committer = self._spawn(self._committer(), "committer")
+            self._spawn(self.bus.run(self._on_message, self._on_connect), "mqtt")
+            self._spawn(self._write_scheduler(), "writes")
+            self._spawn(self._metrics_publisher(), "metrics")
+            await self.mappers.start(list(self.definitions.values()))
+            self.ready.set()
+            stopper = asyncio.ensure_future(stop.wait())
+            await asyncio.wait({stopper, committer}, return_when=asyncio.FIRST_COMPLETED)
+            stopper.cancel()
+            if committer.done() and committer.exception() is not None:
+                raise committer.exception()  # type: ignore[misc]
+            await self._shutdown()
+        finally:
+            for task in self._tasks:
+                task.cancel()
+            for task in list(self._tasks):
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            if self.writer is not None:
+                self.writer.close()
+            if self.store is not None:
+                self.store.close()
+            if broker is not None:
+                await broker.stop()
+
+    async def _shutdown(self) -> None:
+        if self.mappers is not None:
+            await self.mappers.stop()
+        await self._commit_once()
+        if self.bus is not None:
+            await self.bus.close(final=(topics.gateway_status(self.node), b"offline"))
+        log.info("gateway stopped", extra={"counters": json.dumps(self.metrics.snapshot())})
+
+    def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # ----------------------------------------------------------------- commit
+    async def _committer(self) -> None:
+        while True:
+            await self._dirty.wait()
+            await self._commit_once()
+
+    async def _commit_once(self) -> None:
+        """Commit what changed, then release what waited on it."""
+        self._dirty.clear()
+        changes = self.engine.drain()
+        acks, self._acks = self._acks, []
+        pubs, self._pubs = self._pubs, []
+        retained, self._retained = self._retained, set()
+        waiters, self._waiters = self._waiters, []
+        if changes:
+            assert self.writer is not None
+            batch = snapshot(self.engine, changes)
+            try:
+                await self.writer.commit(batch)
+            except StoreError:
+                log.critical("store write failed; stopping so nothing unacknowledged is lost")
+                for w in waiters:
+                    w.cancel()
+                raise
+            self.metrics.inc("commits")
+        bus = self.bus
+        if bus is not None:
+            for msg in acks:
+                bus.ack(msg)
+            for dev_id, prop in retained:
+                dev = self.engine.devices.get(dev_id)
+                rep = dev.properties[prop].reported if dev and prop in dev.properties else None
+                if dev is not None and rep is not None:
+                    topic = topics.property_value(self.node, dev.namespace, dev.name, prop)
+                    bus.publish(topic, payloads.property_value(rep), 1, True)
+            for topic, payload, qos, retain in pubs:
+                bus.publish(topic, payload, qos, retain)
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)
+
+    def _committed(self) -> asyncio.Future[None]:
+        """A future resolved by the commit that includes everything done so far."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        self._dirty.set()
+        return fut
+
+    # ----------------------------------------------------------------- MQTT inbound
+    async def _on_connect(self) -> None:
+        assert self.bus is not None
+        self.bus.publish(topics.gateway_status(self.node), b"online", 1, True)
+        # Subscribers converge after any outage: every retained value is sent again
+        # (after the next commit, so nothing uncommitted is shown).
+        for dev in self.engine.devices.values():
+            self._retained.update((dev.id, n) for n, p in dev.properties.items() if p.reported)
+        self._writes_wake.set()
+        self._dirty.set()
+
+    def _on_message(self, msg: Inbound) -> None:
+        route = topics.parse_inbound(msg.topic)
+        if route is None:
+            self.metrics.inc("rejected_unknown_topic")
+            self._ack_now(msg)
+            return
+        if route.device_id not in self.engine.devices:
+            self._reject(
+                msg,
+                route.action,
+                "unknown_device",
+                f"device {route.device_id!r} is not defined for node {self.node!r}",
+            )
+            return
+        try:
+            if route.action == topics.TWIN_UPDATE:
+                self._twin_update(msg, route.device_id)
+            elif route.action == topics.TWIN_GET:
+                self._twin_get(msg, route.device_id)
+            else:
+                self._state_update(msg, route.device_id)
+        except PayloadError as exc:
+            self._reject(msg, route.action, exc.kind, exc.reason)
+        except TwinError as exc:
+            self._reject(msg, route.action, "bad_value", str(exc))
+
+    def _ack_now(self, msg: Inbound) -> None:
+        # Nothing of this message is stored, but it is still acknowledged in order with
+        # the rest, after the next commit.
+        self._acks.append(msg)
+        self._dirty.set()
+
+    def _reject(self, msg: Inbound, action: str, kind: str, reason: str) -> None:
+        self.metrics.inc(f"rejected_{kind}")
+        if self._ratelimit.allow(kind):
+            log.warning("rejected MQTT message", extra={"topic": msg.topic, "kind": kind, "reason": reason})
+        route = topics.parse_inbound(msg.topic)
+        if route is not None and len(msg.payload) <= self.cfg.mqtt.max_payload:
+            code = 404 if kind == "unknown_device" else 400
+            body = payloads.error_result(payloads.event_id_of(msg.payload), now_ms(), code, reason)
+            self._pubs.append((f"{msg.topic}/result", body, 1, False))
+        self._ack_now(msg)
+
+    def _twin_update(self, msg: Inbound, dev_id: str) -> None:
+        upd = payloads.parse_twin_update(msg.payload, self.cfg.mqtt.max_payload)
+        now = now_ms()
+        engine = self.engine
+        outcome = (
+            engine.apply_reported(dev_id, upd.actual, now, upd.timestamp)
+            if upd.actual
+            else ReportOutcome({}, {})
+        )
+        desired_info: dict[str, dict[str, Any]] = {}
+        for prop, raw in upd.expected.items():
+            try:
+                d = engine.apply_desired(dev_id, prop, raw, "edge", now)
+            except DesiredRejected as exc:
+                outcome.rejected[prop] = exc.reason
+                continue
+            desired_info[prop] = {
+                "value": value_to_text(d.desired.value),
+                "metadata": {
+                    "origin": d.desired.origin,
+                    "stamp": str(d.desired.stamp),
+                    "accepted": d.won,
+                },
+            }
+            if d.write_pending:
+                self._writes_wake.set()
+        self._count_report(dev_id, outcome)
+        dev = engine.devices[dev_id]
+        body = payloads.update_result(
+            upd.event_id, now, dev, outcome.accepted, outcome.rejected, desired_info
+        )
+        self._pubs.append((topics.twin_update_result(dev_id), body, 1, False))
+        self._acks.append(msg)
+        self._dirty.set()
+
+    def _count_report(self, dev_id: str, outcome: ReportOutcome) -> None:
+        if outcome.accepted:
+            self.metrics.inc("reported_accepted", len(outcome.accepted))
+            self._retained.update((dev_id, name) for name in outcome.accepted)
+        if outcome.rejected:
+            self.metrics.inc("rejected_values", len(outcome.rejected))
+            if self._ratelimit.allow("rejected_values"):
+                log.warning(
+                    "rejected values",
+                    extra={"device": dev_id, "reasons": json.dumps(outcome.rejected)},
+                )
+
+    def _twin_get(self, msg: Inbound, dev_id: str) -> None:
+        event_id = payloads.parse_twin_get(msg.payload, self.cfg.mqtt.max_payload)
+        body = payloads.get_result(event_id, now_ms(), self.engine.devices[dev_id])
+        self._pubs.append((topics.twin_get_result(dev_id), body, 1, False))
+        self._ack_now(msg)
+
+    def _state_update(self, msg: Inbound, dev_id: str) -> None:
+        event_id, state = payloads.parse_state_update(msg.payload, self.cfg.mqtt.max_payload)
+        self.engine.set_state(dev_id, state, now_ms())
+        body = payloads.state_result(event_id, now_ms(), self.engine.devices[dev_id])
+        self._pubs.append((topics.state_update_result(dev_id), body, 1, False))
+        self._acks.append(msg)
+        self._dirty.set()
+
+    # ----------------------------------------------------------------- mapper side
+    async def report(self, dev_id: str, values: Mapping[str, Any], timestamp_ms: int | None) -> ReportResult:
+        outcome = self.engine.apply_reported(dev_id, values, now_ms(), timestamp_ms)
+        self._count_report(dev_id, outcome)
+        await self._committed()
+        return ReportResult({n: r.version for n, r in outcome.accepted.items()}, outcome.rejected)
+
+    async def set_state(self, dev_id: str, state: str) -> None:
+        self.engine.set_state(dev_id, state, now_ms())
+        await self._committed()
+
+    # ----------------------------------------------------------------- desired writes
+    async def _write_scheduler(self) -> None:
+        """Hand due desired writes to the device's mapper, or to external mappers as a
+        delta on MQTT, with the engine's backoff between attempts."""
+        while True:
+            due = self.engine.due_writes(now_ms())
+            external: dict[str, dict[str, Any]] = {}
+            for req in due:
+                mapper = self.mappers.by_device.get(req.device_id) if self.mappers else None
+                if mapper is None:
+                    external.setdefault(req.device_id, {})[req.property] = req.value
+                elif (req.device_id, req.property) not in self._writing:
+                    self._spawn(self._mapper_write(req.device_id, req.property, req.value), "write")
+            for dev_id in external:
+                dev = self.engine.devices[dev_id]
+                body = payloads.delta(now_ms(), dev, self.engine.deltas(dev_id))
+                self._pubs.append((topics.twin_update_delta(dev_id), body, 1, False))
+                self.metrics.inc("deltas_sent")
+            if due:
+                self._dirty.set()
+            next_due = self.engine.next_write_due()
+            timeout = None if next_due is None else max(0.0, (next_due - now_ms()) / 1000)
+            self._writes_wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._writes_wake.wait(), timeout)
+
+    async def _mapper_write(self, dev_id: str, prop: str, value: Any) -> None:
+        assert self.mappers is not None
+        key = (dev_id, prop)
+        self._writing.add(key)
+        try:
+            await self._committed()  # the desired value is durable before we act on it
+            await self.mappers.by_device[dev_id].write(self.mappers.bindings[dev_id], prop, value)
+            self.metrics.inc("mapper_writes")
+        except (MapperError, OSError, TimeoutError) as exc:
+            self.metrics.inc("mapper_write_errors")
+            self.engine.write_failed(dev_id, prop, str(exc) or type(exc).__name__)
+            self._dirty.set()
+        finally:
+            self._writing.discard(key)
+
+    # ----------------------------------------------------------------- metrics
+    async def _metrics_publisher(self) -> None:
+        while True:
+            await asyncio.sleep(METRICS_INTERVAL_S)
+            if self.metrics.changed and self.bus is not None and self.bus.connected.is_set():
+                self.metrics.changed = False
+                body = json.dumps(self.metrics.snapshot()).encode()
+                self.bus.publish(topics.gateway_metrics(self.node), body, 1, True)
+
+
+class _Host:
+    """The :class:`mappers.sdk.MapperHost` the gateway gives its mappers."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self._gw = gateway
+
+    async def report(
+        self, device_id: str, values: Mapping[str, Any], timestamp_ms: int | None = None
+    ) -> ReportResult:
+        try:
+            return await self._gw.report(device_id, values, timestamp_ms)
+        except UnknownDevice as exc:
+            raise MapperError(str(exc)) from None
+
+    async def set_state(self, device_id: str, state: str) -> None:
+        await self._gw.set_state(device_id, state)

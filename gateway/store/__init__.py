@@ -1,0 +1,2 @@
+"""Durable state in SQLite: ``schema`` (tables and migrations, the one place the schema
+lives) and ``store`` (group-commit writer and readers)."""

@@ -1,0 +1,77 @@
+"""The SQLite schema of the gateway store, versioned with ``PRAGMA user_version``.
+
+Every change to the schema is a new entry at the end of :data:`MIGRATIONS`; a store is
+brought up to date at open, one migration per transaction. Never edit a shipped entry.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+MIGRATIONS: list[tuple[str, list[str]]] = [
+    (
+        "initial schema",
+        [
+            # Key/value facts about this store: node name, HLC high-water mark.
+            "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+            # Device and DeviceModel objects as loaded (from manifests or, later, the cloud).
+            """CREATE TABLE objects (
+                kind TEXT NOT NULL, namespace TEXT NOT NULL, name TEXT NOT NULL,
+                source TEXT NOT NULL, resource_version TEXT, body TEXT NOT NULL,
+                PRIMARY KEY (kind, namespace, name)) WITHOUT ROWID""",
+            # One row per twin property. Values are JSON text.
+            """CREATE TABLE twin_property (
+                device_id TEXT NOT NULL, property TEXT NOT NULL,
+                reported_value TEXT, reported_ts INTEGER, reported_version INTEGER,
+                last_version INTEGER NOT NULL DEFAULT 0,
+                desired_value TEXT, desired_origin TEXT, desired_stamp TEXT,
+                desired_acked INTEGER NOT NULL DEFAULT 1,
+                desired_outbox_revision INTEGER NOT NULL DEFAULT 0,
+                spec_desired TEXT,
+                write_state TEXT NOT NULL DEFAULT '', write_reason TEXT NOT NULL DEFAULT '',
+                write_attempts INTEGER NOT NULL DEFAULT 0, next_write_ms INTEGER,
+                PRIMARY KEY (device_id, property)) WITHOUT ROWID""",
+            """CREATE TABLE device_state (
+                device_id TEXT PRIMARY KEY, state TEXT NOT NULL,
+                last_online_ms INTEGER) WITHOUT ROWID""",
+            # The outbox: at most one composed pending status patch per device.
+            """CREATE TABLE outbox (
+                device_id TEXT PRIMARY KEY, patch TEXT NOT NULL,
+                revision INTEGER NOT NULL) WITHOUT ROWID""",
+            # Bounded event log (conflicts, rejected values, failed writes, state changes).
+            """CREATE TABLE events (
+                id INTEGER PRIMARY KEY, ts_ms INTEGER NOT NULL, device_id TEXT NOT NULL,
+                property TEXT NOT NULL, kind TEXT NOT NULL, detail TEXT NOT NULL)""",
+            "CREATE INDEX events_device ON events (device_id, id)",
+        ],
+    ),
+]
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class SchemaTooNew(RuntimeError):
+    """The store was written by a newer edgetwin; refusing to touch it."""
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Bring the store at ``conn`` to :data:`SCHEMA_VERSION`; return the version found."""
+    found = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    if found > SCHEMA_VERSION:
+        raise SchemaTooNew(
+            f"store schema version {found} is newer than this edgetwin's {SCHEMA_VERSION}; "
+            "upgrade edgetwin or point store.path at another file"
+        )
+    for version in range(found, SCHEMA_VERSION):
+        _, statements = MIGRATIONS[version]
+        # The connection is in autocommit mode: DDL and the version bump commit together.
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for sql in statements:
+                conn.execute(sql)
+            conn.execute(f"PRAGMA user_version = {version + 1}")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+    return found

@@ -1,0 +1,304 @@
+"""The gateway store: twins, outbox, event log and loaded objects in one SQLite file.
+
+Durability: WAL with ``synchronous=FULL``, so a committed transaction survives SIGKILL
+and power loss. Throughput comes from group commit: the service hands over everything
+that changed while the previous commit was running as one :class:`Batch`, written in one
+transaction on one writer thread, and acknowledges the inputs only after it returns.
+
+Bounds: twin rows and outbox rows are bounded by the devices and properties defined;
+the event log keeps the newest ``events_max`` rows and drops the oldest beyond that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from gateway.store.schema import migrate
+from gateway.twin.engine import (
+    Changes,
+    Desired,
+    OutboxEntry,
+    PropertyTwin,
+    Reported,
+    TwinEngine,
+    WriteState,
+)
+from gateway.twin.hlc import Stamp
+
+DEFAULT_EVENTS_MAX = 10_000
+
+
+class StoreError(RuntimeError):
+    """The store could not be opened or written; carries the path."""
+
+
+@dataclass(slots=True)
+class Batch:
+    """Rows to write in one transaction, snapshotted from the engine on the loop thread."""
+
+    properties: list[tuple[Any, ...]] = field(default_factory=list)
+    devices: list[tuple[Any, ...]] = field(default_factory=list)
+    outbox_upserts: list[tuple[Any, ...]] = field(default_factory=list)
+    outbox_deletes: list[tuple[str]] = field(default_factory=list)
+    removed: list[tuple[str]] = field(default_factory=list)
+    events: list[tuple[Any, ...]] = field(default_factory=list)
+    meta: list[tuple[str, str]] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(
+            self.properties
+            or self.devices
+            or self.outbox_upserts
+            or self.outbox_deletes
+            or self.removed
+            or self.events
+            or self.meta
+        )
+
+
+def _dump(value: Any) -> str | None:
+    return None if value is None else json.dumps(value, separators=(",", ":"))
+
+
+def property_row(device_id: str, p: PropertyTwin) -> tuple[Any, ...]:
+    r, d = p.reported, p.desired
+    return (
+        device_id,
+        p.name,
+        _dump(r.value) if r else None,
+        r.timestamp if r else None,
+        r.version if r else None,
+        p.last_version,
+        _dump(d.value) if d else None,
+        d.origin if d else None,
+        str(d.stamp) if d else None,
+        int(d.acked) if d else 1,
+        d.outbox_revision if d else 0,
+        p.spec_desired,
+        p.write_state.value,
+        p.write_reason,
+        p.write_attempts,
+        p.next_write_ms,
+    )
+
+
+def snapshot(engine: TwinEngine, changes: Changes) -> Batch:
+    """Turn what the engine changed into rows. Must run on the thread that owns the
+    engine, so the writer thread never reads state that is still changing."""
+    batch = Batch()
+    devices = engine.devices
+    for dev_id, name in changes.properties:
+        dev = devices.get(dev_id)
+        if dev is not None and name in dev.properties:
+            batch.properties.append(property_row(dev_id, dev.properties[name]))
+    for dev_id in changes.devices:
+        dev = devices.get(dev_id)
+        if dev is not None:
+            batch.devices.append((dev_id, dev.state, dev.last_online_ms))
+    for dev_id in changes.outbox:
+        entry = engine.outbox.get(dev_id)
+        if entry is None:
+            batch.outbox_deletes.append((dev_id,))
+        else:
+            batch.outbox_upserts.append((dev_id, _dump(entry.patch), entry.revision))
+    batch.removed = [(dev_id,) for dev_id in changes.removed]
+    batch.events = [(e.ts_ms, e.device_id, e.property, e.kind, _dump(e.detail)) for e in changes.events]
+    batch.meta.append(("hlc", str(engine.clock.last)))
+    return batch
+
+
+_UPSERT_PROPERTY = "INSERT OR REPLACE INTO twin_property VALUES (" + ",".join("?" * 16) + ")"
+
+
+class Store:
+    """One connection, used by one thread at a time (the writer thread once running)."""
+
+    def __init__(self, path: str | Path, events_max: int = DEFAULT_EVENTS_MAX) -> None:
+        self.path = Path(path)
+        self.events_max = events_max
+        self.events_dropped = 0
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            # FULL: fsync the WAL at every commit, so an acknowledged value survives
+            # power loss, not only a process crash.
+            self.conn.execute("PRAGMA synchronous=FULL")
+            self.conn.execute("PRAGMA busy_timeout=5000")
+            migrate(self.conn)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open store {self.path}: {exc}") from exc
+        self.db = sqlite_utils.Database(self.conn)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+
+    # ----------------------------------------------------------------- writing
+    def commit(self, batch: Batch) -> None:
+        """Write a batch in one durable transaction. Raises :class:`StoreError`."""
+        try:
+            with self._transaction() as c:
+                if batch.removed:
+                    for table in ("twin_property", "device_state", "outbox"):
+                        c.executemany(f"DELETE FROM {table} WHERE device_id = ?", batch.removed)
+                if batch.properties:
+                    c.executemany(_UPSERT_PROPERTY, batch.properties)
+                if batch.devices:
+                    c.executemany("INSERT OR REPLACE INTO device_state VALUES (?,?,?)", batch.devices)
+                if batch.outbox_upserts:
+                    c.executemany("INSERT OR REPLACE INTO outbox VALUES (?,?,?)", batch.outbox_upserts)
+                if batch.outbox_deletes:
+                    c.executemany("DELETE FROM outbox WHERE device_id = ?", batch.outbox_deletes)
+                if batch.events:
+                    c.executemany(
+                        "INSERT INTO events (ts_ms, device_id, property, kind, detail) VALUES (?,?,?,?,?)",
+                        batch.events,
+                    )
+                    self._trim_events(c)
+                if batch.meta:
+                    c.executemany("INSERT OR REPLACE INTO meta VALUES (?,?)", batch.meta)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot write store {self.path}: {exc}") from exc
+
+    def _trim_events(self, c: sqlite3.Connection) -> None:
+        last = c.execute("SELECT max(id) FROM events").fetchone()[0] or 0
+        cur = c.execute("DELETE FROM events WHERE id <= ?", (last - self.events_max,))
+        self.events_dropped += max(cur.rowcount, 0)
+
+    def save_objects(self, rows: list[tuple[str, str, str, str, str | None, str]], source: str) -> None:
+        """Replace the stored objects of ``source`` (e.g. "manifest") with ``rows`` of
+        (kind, namespace, name, source, resource_version, body)."""
+        with self._transaction() as c:
+            c.execute("DELETE FROM objects WHERE source = ?", (source,))
+            c.executemany("INSERT OR REPLACE INTO objects VALUES (?,?,?,?,?,?)", rows)
+
+    def get_meta(self, key: str) -> str | None:
+        row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self._transaction() as c:
+            c.execute("INSERT OR REPLACE INTO meta VALUES (?,?)", (key, value))
+
+    # ----------------------------------------------------------------- loading
+    def load_into(self, engine: TwinEngine) -> None:
+        """Restore twin state, device state, outbox and clock into an engine whose
+        devices are already defined. Rows of devices no longer defined are ignored (the
+        caller removes them)."""
+        hlc = self.get_meta("hlc")
+        if hlc:
+            engine.clock.observe(Stamp.parse(hlc))
+        for row in self.db.query("SELECT * FROM twin_property"):
+            dev = engine.devices.get(row["device_id"])
+            prop = dev.properties.get(row["property"]) if dev else None
+            if prop is not None:
+                _restore_property(prop, row)
+        for row in self.db.query("SELECT * FROM device_state"):
+            dev = engine.devices.get(row["device_id"])
+            if dev is not None:
+                dev.state, dev.last_online_ms = row["state"], row["last_online_ms"]
+        for row in self.db.query("SELECT * FROM outbox"):
+            if row["device_id"] in engine.devices:
+                engine.outbox[row["device_id"]] = OutboxEntry(json.loads(row["patch"]), row["revision"])
+
+    def stored_device_ids(self) -> set[str]:
+        return {r[0] for r in self.conn.execute("SELECT DISTINCT device_id FROM twin_property")}
+
+
+def _restore_property(prop: PropertyTwin, row: dict[str, Any]) -> None:
+    prop.last_version = row["last_version"]
+    if row["reported_value"] is not None:
+        prop.reported = Reported(
+            json.loads(row["reported_value"]), row["reported_ts"], row["reported_version"]
+        )
+    if row["desired_value"] is not None:
+        prop.desired = Desired(
+            json.loads(row["desired_value"]),
+            row["desired_origin"],
+            Stamp.parse(row["desired_stamp"]),
+            bool(row["desired_acked"]),
+            row["desired_outbox_revision"],
+        )
+    prop.spec_desired = row["spec_desired"]
+    prop.write_state = WriteState(row["write_state"])
+    prop.write_reason = row["write_reason"]
+    prop.write_attempts = row["write_attempts"]
+    prop.next_write_ms = row["next_write_ms"]
+
+
+class StoreWriter:
+    """Runs :meth:`Store.commit` on one dedicated thread, so the event loop keeps
+    receiving while a commit (and its fsync) is under way."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer")
+
+    async def commit(self, batch: Batch) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._executor, self.store.commit, batch)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+
+
+# --------------------------------------------------------------------- reading
+def open_reader(path: str | Path) -> sqlite_utils.Database:
+    """A read-only view of a store, safe while the gateway writes to it (WAL)."""
+    p = Path(path)
+    if not p.exists():
+        raise StoreError(f"no store at {p} (has the gateway run with this config?)")
+    conn = sqlite3.connect(f"file:{p}?mode=ro", uri=True)
+    conn.execute("PRAGMA busy_timeout=5000")
+    return sqlite_utils.Database(conn)
+
+
+def read_twin(db: sqlite_utils.Database, device_id: str) -> dict[str, Any] | None:
+    """The stored twin of one device as a JSON-ready dict, or None if unknown."""
+    props = list(db.query("SELECT * FROM twin_property WHERE device_id = ? ORDER BY property", [device_id]))
+    if not props:
+        return None
+    state = next(iter(db.query("SELECT * FROM device_state WHERE device_id = ?", [device_id])), None)
+    twin: dict[str, Any] = {}
+    for row in props:
+        entry: dict[str, Any] = {}
+        if row["reported_value"] is not None:
+            entry["reported"] = {
+                "value": json.loads(row["reported_value"]),
+                "timestamp": row["reported_ts"],
+                "version": row["reported_version"],
+            }
+        if row["desired_value"] is not None:
+            entry["desired"] = {
+                "value": json.loads(row["desired_value"]),
+                "origin": row["desired_origin"],
+                "stamp": row["desired_stamp"],
+                "writeState": row["write_state"],
+                "writeReason": row["write_reason"],
+            }
+        twin[row["property"]] = entry
+    return {
+        "device": device_id,
+        "state": state["state"] if state else "unknown",
+        "lastOnlineMs": state["last_online_ms"] if state else None,
+        "twin": twin,
+    }

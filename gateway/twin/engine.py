@@ -1,0 +1,589 @@
+"""The twin engine: every rule about reported and desired state, in one place.
+
+Pure and sans-IO. Callers pass in values and the time; the engine updates twins in
+memory and records what changed (:class:`Changes`) for the caller to persist, publish
+and sync. Rules (DESIGN.md, "Twin rules"):
+
+* A reported value is checked and coerced against the model type; an accepted value gets
+  the property's next ``version`` (strictly increasing, persisted by the caller with the
+  value, so a version that anyone has seen is never given to another value).
+* Reported state belongs to the edge; nothing from the cloud changes it.
+* Desired writes come from the spec (``origin="cloud"``: the cloud, or local manifests
+  standing in for it) or from the edge (``origin="edge"``). Per property the later HLC
+  stamp wins; on equal stamps the cloud wins. The loser is recorded as a :class:`Conflict`
+  when it was a real concurrent change: an incoming write older than the one in effect,
+  or a cloud write replacing an edge write the cloud had not yet acknowledged.
+* A writable property whose desired value differs from reported has a pending write;
+  :meth:`TwinEngine.due_writes` hands out attempts with exponential backoff until the
+  device reports the desired value (applied) or the attempts run out (failed).
+* Every change is folded into the device's single pending status patch (the outbox).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any, Literal
+
+from deviceapi import Device, DeviceModel, PropertyType, Value, ValueRejected, coerce_value
+from deviceapi.values import value_to_text
+from gateway.twin.hlc import HybridClock, Stamp
+from gateway.twin.patch import compose_into
+
+Origin = Literal["cloud", "edge"]
+ORIGINS: tuple[Origin, ...] = ("cloud", "edge")
+DEVICE_STATES = ("online", "offline", "unknown")
+
+# Desired writes are retried with exponential backoff up to this many attempts.
+MAX_WRITE_ATTEMPTS = 8
+WRITE_BACKOFF_BASE_MS = 1_000
+WRITE_BACKOFF_MAX_MS = 60_000
+
+
+class TwinError(Exception):
+    """Base of the engine's errors; each names the device and property involved."""
+
+
+class UnknownDevice(TwinError):
+    def __init__(self, device_id: str) -> None:
+        super().__init__(f"unknown device {device_id!r} (not in the manifests for this node)")
+        self.device_id = device_id
+
+
+class DesiredRejected(TwinError):
+    def __init__(self, device_id: str, prop: str, reason: str) -> None:
+        super().__init__(f"desired value for {device_id}/{prop} rejected: {reason}")
+        self.device_id = device_id
+        self.property = prop
+        self.reason = reason
+
+
+class WriteState(StrEnum):
+    NONE = ""
+    PENDING = "pending"
+    APPLIED = "applied"
+    FAILED = "failed"
+
+
+@dataclass(slots=True)
+class Reported:
+    value: Value
+    timestamp: int  # ms since the epoch, from the mapper when it gave one
+    version: int
+
+
+@dataclass(slots=True)
+class Desired:
+    value: Value
+    origin: Origin
+    stamp: Stamp
+    # True once the cloud holds this write: always for cloud writes; for edge writes
+    # after the outbox revision carrying it is acknowledged.
+    acked: bool = True
+    outbox_revision: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Conflict:
+    """A desired write that lost under the rule; kept in the event log and status."""
+
+    device_id: str
+    property: str
+    winner: Desired
+    loser: Desired
+
+    def describe(self) -> str:
+        return (
+            f"{self.property}: {self.winner.origin} value {value_to_text(self.winner.value)!r} "
+            f"(stamp {self.winner.stamp}) won over {self.loser.origin} value "
+            f"{value_to_text(self.loser.value)!r} (stamp {self.loser.stamp}); "
+            "rule: later HLC stamp wins, ties go to the cloud"
+        )
+
+
+@dataclass(slots=True)
+class PropertyTwin:
+    name: str
+    type: PropertyType
+    writable: bool
+    minimum: float | None = None
+    maximum: float | None = None
+    reported: Reported | None = None
+    desired: Desired | None = None
+    last_version: int = 0
+    # Canonical text of the desired value last seen in the spec, so that re-reading an
+    # unchanged spec (restart, relist) is not mistaken for a new cloud write.
+    spec_desired: str | None = None
+    write_state: WriteState = WriteState.NONE
+    write_reason: str = ""
+    write_attempts: int = 0
+    next_write_ms: int | None = None
+    last_conflict: Conflict | None = None
+
+
+@dataclass(slots=True)
+class DeviceTwin:
+    id: str
+    namespace: str
+    name: str
+    model: str
+    protocol: str | None
+    properties: dict[str, PropertyTwin]
+    state: str = "unknown"
+    last_online_ms: int | None = None
+
+
+@dataclass(slots=True)
+class OutboxEntry:
+    """The one pending status patch of a device, and how often it has changed."""
+
+    patch: dict[str, Any]
+    revision: int
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    ts_ms: int
+    device_id: str
+    property: str
+    kind: str  # conflict | rejected | write_failed | state
+    detail: dict[str, Any]
+
+
+@dataclass(slots=True)
+class Changes:
+    """What changed since the last :meth:`TwinEngine.drain`, for the caller to persist."""
+
+    properties: set[tuple[str, str]] = field(default_factory=set)
+    devices: set[str] = field(default_factory=set)
+    outbox: set[str] = field(default_factory=set)
+    removed: set[str] = field(default_factory=set)
+    events: list[Event] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.properties or self.devices or self.outbox or self.removed or self.events)
+
+
+@dataclass(slots=True)
+class ReportOutcome:
+    accepted: dict[str, Reported]
+    rejected: dict[str, str]
+
+
+@dataclass(slots=True)
+class DesiredOutcome:
+    property: str
+    won: bool
+    desired: Desired  # the desired value in effect after the write
+    conflict: Conflict | None
+    write_pending: bool
+
+
+@dataclass(frozen=True, slots=True)
+class WriteRequest:
+    device_id: str
+    property: str
+    value: Value
+    attempt: int
+
+
+def canonical(value: Value) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
+def iso_ms(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+class TwinEngine:
+    """All device twins of one gateway, and the rules that change them."""
+
+    def __init__(
+        self,
+        clock: HybridClock | None = None,
+        jitter: Callable[[], float] = lambda: 0.5,
+    ) -> None:
+        self.clock = clock or HybridClock()
+        self.devices: dict[str, DeviceTwin] = {}
+        self.outbox: dict[str, OutboxEntry] = {}
+        self.changes = Changes()
+        self._jitter = jitter
+
+    # ----------------------------------------------------------------- definitions
+    def upsert_device(self, device: Device, model: DeviceModel) -> DeviceTwin:
+        """Define (or redefine) a device's twin from its spec and model, keeping the
+        state of properties that still exist. Spec desired values are applied separately
+        by :meth:`apply_spec`."""
+        dev_id = device.id
+        old = self.devices.get(dev_id)
+        props: dict[str, PropertyTwin] = {}
+        for mp in model.spec.properties:
+            prev = old.properties.get(mp.name) if old else None
+            twin = prev or PropertyTwin(name=mp.name, type=mp.type, writable=mp.writable)
+            twin.type, twin.writable = mp.type, mp.writable
+            twin.minimum, twin.maximum = mp.minimum, mp.maximum
+            props[mp.name] = twin
+        protocol = device.spec.protocol.protocolName if device.spec.protocol else None
+        twin_dev = DeviceTwin(
+            id=dev_id,
+            namespace=device.metadata.namespace,
+            name=device.metadata.name,
+            model=model.metadata.name,
+            protocol=protocol,
+            properties=props,
+            state=old.state if old else "unknown",
+            last_online_ms=old.last_online_ms if old else None,
+        )
+        self.devices[dev_id] = twin_dev
+        self.changes.devices.add(dev_id)
+        self.changes.properties.update((dev_id, name) for name in props)
+        return twin_dev
+
+    def remove_device(self, device_id: str) -> None:
+        if self.devices.pop(device_id, None) is not None:
+            self.outbox.pop(device_id, None)
+            self.changes.removed.add(device_id)
+
+    def device(self, device_id: str) -> DeviceTwin:
+        try:
+            return self.devices[device_id]
+        except KeyError:
+            raise UnknownDevice(device_id) from None
+
+    # ----------------------------------------------------------------- reported
+    def apply_reported(
+        self,
+        device_id: str,
+        values: Mapping[str, Any],
+        now_ms: int,
+        timestamp_ms: int | None = None,
+    ) -> ReportOutcome:
+        """Accept the reported values that fit their property; reject the rest with a
+        reason. Each accepted value gets the property's next version."""
+        dev = self.device(device_id)
+        accepted: dict[str, Reported] = {}
+        rejected: dict[str, str] = {}
+        twins_patch: dict[str, Any] = {}
+        ts = timestamp_ms if timestamp_ms is not None else now_ms
+        for name, raw in values.items():
+            prop = dev.properties.get(name)
+            if prop is None:
+                rejected[name] = f"not a property of DeviceModel {dev.model!r}"
+                continue
+            try:
+                value = coerce_value(raw, prop.type, prop.minimum, prop.maximum)
+            except ValueRejected as exc:
+                rejected[name] = exc.reason
+                continue
+            prop.last_version += 1
+            prop.reported = Reported(value, ts, prop.last_version)
+            accepted[name] = prop.reported
+            entry: dict[str, Any] = {"reported": self._reported_status(prop)}
+            if (
+                prop.write_state is WriteState.PENDING
+                and prop.desired is not None
+                and _same(prop.desired.value, value)
+            ):
+                prop.write_state, prop.write_reason = WriteState.APPLIED, ""
+                prop.next_write_ms = None
+                entry["observedDesired"] = self._desired_status(prop)
+            twins_patch[name] = entry
+            self.changes.properties.add((device_id, name))
+        for name, reason in rejected.items():
+            self._event(
+                now_ms,
+                device_id,
+                name,
+                "rejected",
+                {"value": _short(values[name]), "reason": reason},
+            )
+        if twins_patch:
+            self._compose(device_id, {"twins": twins_patch})
+        return ReportOutcome(accepted, rejected)
+
+    # ----------------------------------------------------------------- desired
+    def apply_desired(
+        self,
+        device_id: str,
+        prop_name: str,
+        raw: Any,
+        origin: Origin,
+        now_ms: int,
+        stamp: Stamp | None = None,
+    ) -> DesiredOutcome:
+        """Apply a desired write under the conflict rule. ``stamp`` is the write's HLC
+        stamp when it comes from elsewhere; a local write gets a fresh one."""
+        dev = self.device(device_id)
+        prop = dev.properties.get(prop_name)
+        if prop is None:
+            raise DesiredRejected(device_id, prop_name, f"not a property of DeviceModel {dev.model!r}")
+        if not prop.writable:
+            raise DesiredRejected(device_id, prop_name, "the property is ReadOnly in its model")
+        try:
+            value = coerce_value(raw, prop.type, prop.minimum, prop.maximum)
+        except ValueRejected as exc:
+            raise DesiredRejected(device_id, prop_name, exc.reason) from None
+        if stamp is None:
+            stamp = self.clock.now(now_ms)
+        else:
+            self.clock.observe(stamp)
+        incoming = Desired(value, origin, stamp, acked=origin == "cloud")
+        current = prop.desired
+        if current is not None and not _wins(incoming, current):
+            conflict = None
+            if (incoming.origin, incoming.stamp) != (current.origin, current.stamp) and not _same(
+                incoming.value, current.value
+            ):
+                conflict = Conflict(device_id, prop_name, winner=current, loser=incoming)
+                self._record_conflict(prop, conflict, now_ms)
+            return DesiredOutcome(prop_name, False, current, conflict, prop.write_state is WriteState.PENDING)
+
+        conflict = None
+        if (
+            current is not None
+            and current.origin == "edge"
+            and incoming.origin == "cloud"
+            and not current.acked
+            and not _same(current.value, value)
+        ):
+            conflict = Conflict(device_id, prop_name, winner=incoming, loser=current)
+            self._record_conflict(prop, conflict, now_ms)
+        prop.desired = incoming
+        if prop.reported is not None and _same(prop.reported.value, value):
+            prop.write_state, prop.write_reason, prop.next_write_ms = WriteState.APPLIED, "", None
+        else:
+            prop.write_state, prop.write_reason = WriteState.PENDING, ""
+            prop.write_attempts, prop.next_write_ms = 0, now_ms
+        self.changes.properties.add((device_id, prop_name))
+        entry = self._compose(
+            device_id, {"twins": {prop_name: {"observedDesired": self._desired_status(prop)}}}
+        )
+        incoming.outbox_revision = entry.revision
+        return DesiredOutcome(prop_name, True, incoming, conflict, prop.write_state is WriteState.PENDING)
+
+    def apply_spec(self, device: Device, now_ms: int, stamp: Stamp | None = None) -> list[DesiredOutcome]:
+        """Apply the desired values written in a Device spec. Only a spec value that
+        differs from the one last seen counts as a new cloud write."""
+        outcomes = []
+        for sp in device.spec.properties:
+            if sp.desired is None:
+                continue
+            prop = self.device(device.id).properties.get(sp.name)
+            if prop is None:
+                continue
+            value = coerce_value(sp.desired.value, prop.type, prop.minimum, prop.maximum)
+            text = canonical(value)
+            if text == prop.spec_desired:
+                continue
+            prop.spec_desired = text
+            self.changes.properties.add((device.id, sp.name))
+            outcomes.append(self.apply_desired(device.id, sp.name, value, "cloud", now_ms, stamp))
+        return outcomes
+
+    def deltas(self, device_id: str) -> dict[str, Value]:
+        """Desired values of writable properties that differ from reported."""
+        dev = self.device(device_id)
+        return {
+            name: p.desired.value
+            for name, p in dev.properties.items()
+            if p.writable
+            and p.desired is not None
+            and (p.reported is None or not _same(p.reported.value, p.desired.value))
+        }
+
+    # ----------------------------------------------------------------- writes
+    def due_writes(self, now_ms: int) -> list[WriteRequest]:
+        """Hand out the desired writes whose next attempt is due, scheduling the next
+        attempt with backoff; a write past its last attempt is marked failed."""
+        due: list[WriteRequest] = []
+        for dev in self.devices.values():
+            for prop in dev.properties.values():
+                if (
+                    prop.write_state is not WriteState.PENDING
+                    or prop.next_write_ms is None
+                    or prop.next_write_ms > now_ms
+                    or prop.desired is None
+                ):
+                    continue
+                if prop.write_attempts >= MAX_WRITE_ATTEMPTS:
+                    self._fail_write(dev.id, prop, now_ms)
+                    continue
+                prop.write_attempts += 1
+                backoff = min(WRITE_BACKOFF_MAX_MS, WRITE_BACKOFF_BASE_MS * 2 ** (prop.write_attempts - 1))
+                prop.next_write_ms = now_ms + int(backoff * (0.5 + self._jitter()))
+                self.changes.properties.add((dev.id, prop.name))
+                due.append(WriteRequest(dev.id, prop.name, prop.desired.value, prop.write_attempts))
+        return due
+
+    def next_write_due(self) -> int | None:
+        """When the next write attempt is due (ms), for the caller's timer."""
+        times = [
+            p.next_write_ms
+            for d in self.devices.values()
+            for p in d.properties.values()
+            if p.write_state is WriteState.PENDING and p.next_write_ms is not None
+        ]
+        return min(times) if times else None
+
+    def write_failed(self, device_id: str, prop_name: str, reason: str) -> None:
+        """A write attempt failed; keep the reason. Retries continue until the last."""
+        prop = self.device(device_id).properties[prop_name]
+        if prop.write_state is WriteState.PENDING and prop.write_reason != reason:
+            prop.write_reason = reason
+            self.changes.properties.add((device_id, prop_name))
+            self._compose(device_id, {"twins": {prop_name: {"observedDesired": self._desired_status(prop)}}})
+
+    def _fail_write(self, device_id: str, prop: PropertyTwin, now_ms: int) -> None:
+        prop.write_state = WriteState.FAILED
+        prop.write_reason = (
+            prop.write_reason
+            or f"device did not report the desired value after {prop.write_attempts} attempts"
+        )
+        prop.next_write_ms = None
+        self.changes.properties.add((device_id, prop.name))
+        self._event(now_ms, device_id, prop.name, "write_failed", {"reason": prop.write_reason})
+        self._compose(device_id, {"twins": {prop.name: {"observedDesired": self._desired_status(prop)}}})
+
+    # ----------------------------------------------------------------- device state
+    def set_state(self, device_id: str, state: str, now_ms: int) -> None:
+        """Record a device's connection state (online, offline or unknown)."""
+        state = state.strip().lower()
+        if state not in DEVICE_STATES:
+            raise TwinError(f"device {device_id}: state {state!r} is not one of {', '.join(DEVICE_STATES)}")
+        dev = self.device(device_id)
+        patch: dict[str, Any] = {}
+        if state == "online":
+            dev.last_online_ms = now_ms
+            patch["lastOnlineTime"] = iso_ms(now_ms)
+        if dev.state != state:
+            self._event(now_ms, device_id, "", "state", {"from": dev.state, "to": state})
+            dev.state = state
+            patch["state"] = state
+        if patch:
+            self.changes.devices.add(device_id)
+            self._compose(device_id, patch)
+
+    # ----------------------------------------------------------------- outbox
+    def outbox_acked(self, device_id: str, revision: int) -> bool:
+        """The cloud accepted the device's patch at ``revision``. Edge desired writes in
+        it are now known to the cloud. The entry leaves the outbox only if it has not
+        changed since; returns whether it left."""
+        dev = self.devices.get(device_id)
+        if dev is not None:
+            for name, prop in dev.properties.items():
+                d = prop.desired
+                if d is not None and not d.acked and d.outbox_revision <= revision:
+                    d.acked = True
+                    self.changes.properties.add((device_id, name))
+        entry = self.outbox.get(device_id)
+        if entry is None or entry.revision != revision:
+            return False
+        del self.outbox[device_id]
+        self.changes.outbox.add(device_id)
+        return True
+
+    def drain(self) -> Changes:
+        """Return what changed since the last call and start afresh."""
+        changes, self.changes = self.changes, Changes()
+        return changes
+
+    # ----------------------------------------------------------------- projections
+    def status_patch(self, device_id: str) -> dict[str, Any]:
+        """The whole status of a device as one patch (what a full resync would send)."""
+        dev = self.device(device_id)
+        twins: dict[str, Any] = {}
+        for name, prop in dev.properties.items():
+            entry: dict[str, Any] = {}
+            if prop.reported is not None:
+                entry["reported"] = self._reported_status(prop)
+            if prop.desired is not None:
+                entry["observedDesired"] = self._desired_status(prop)
+            if entry:
+                twins[name] = entry
+        patch: dict[str, Any] = {"state": dev.state, "twins": twins}
+        if dev.last_online_ms is not None:
+            patch["lastOnlineTime"] = iso_ms(dev.last_online_ms)
+        return patch
+
+    @staticmethod
+    def _reported_status(prop: PropertyTwin) -> dict[str, Any]:
+        rep = prop.reported
+        assert rep is not None
+        return {
+            "value": value_to_text(rep.value),
+            "metadata": {
+                "timestamp": str(rep.timestamp),
+                "version": str(rep.version),
+                "type": prop.type.value.lower(),
+            },
+        }
+
+    @staticmethod
+    def _desired_status(prop: PropertyTwin) -> dict[str, Any]:
+        d = prop.desired
+        assert d is not None
+        meta = {
+            "origin": d.origin,
+            "stamp": str(d.stamp),
+            "writeState": prop.write_state.value,
+            "writeReason": prop.write_reason,
+        }
+        return {"value": value_to_text(d.value), "metadata": meta}
+
+    # ----------------------------------------------------------------- internals
+    def _compose(self, device_id: str, patch: dict[str, Any]) -> OutboxEntry:
+        entry = self.outbox.get(device_id)
+        if entry is None:
+            entry = self.outbox[device_id] = OutboxEntry({}, 0)
+        compose_into(entry.patch, patch)
+        entry.revision += 1
+        self.changes.outbox.add(device_id)
+        return entry
+
+    def _record_conflict(self, prop: PropertyTwin, conflict: Conflict, now_ms: int) -> None:
+        prop.last_conflict = conflict
+        detail = {
+            "winner": _desired_json(conflict.winner),
+            "loser": _desired_json(conflict.loser),
+            "message": conflict.describe(),
+        }
+        self._event(now_ms, conflict.device_id, conflict.property, "conflict", detail)
+        self._compose(
+            conflict.device_id,
+            {
+                "conditions": {
+                    "DesiredConflict": {
+                        "type": "DesiredConflict",
+                        "status": "True",
+                        "reason": "ConcurrentDesiredWrites",
+                        "message": conflict.describe(),
+                        "lastTransitionTime": iso_ms(now_ms),
+                    }
+                }
+            },
+        )
+
+    def _event(self, ts_ms: int, device_id: str, prop: str, kind: str, detail: dict[str, Any]) -> None:
+        self.changes.events.append(Event(ts_ms, device_id, prop, kind, detail))
+
+
+def _wins(incoming: Desired, current: Desired) -> bool:
+    """The conflict rule: later stamp wins; on equal stamps the cloud wins."""
+    return (incoming.stamp, incoming.origin == "cloud") > (current.stamp, current.origin == "cloud")
+
+
+def _same(a: Value, b: Value) -> bool:
+    # bool is an int in Python: True == 1 must not count as the same value.
+    return type(a) is type(b) and a == b
+
+
+def _desired_json(d: Desired) -> dict[str, Any]:
+    return {"value": d.value, "origin": d.origin, "stamp": str(d.stamp)}
+
+
+def _short(raw: Any) -> Any:
+    text = raw if isinstance(raw, str) else json.dumps(raw, default=str)
+    return text if len(text) <= 200 else text[:200] + "..."

@@ -1,0 +1,197 @@
+"""The mapper SDK: what a device mapper plugin implements and what it may call.
+
+A mapper is a class registered in the ``edgetwin.mappers`` entry point group under its
+protocol name (the ``spec.protocol.protocolName`` of the devices it serves)::
+
+    [project.entry-points."edgetwin.mappers"]
+    acme = "acme_mapper:AcmeMapper"
+
+The gateway constructs it with a :class:`MapperHost` and the mapper's options from the
+gateway config, calls :meth:`Mapper.start` with the devices it serves, :meth:`Mapper.write`
+for desired values, and :meth:`Mapper.stop` at shutdown. The mapper reports through the
+host; a report returns once the values are durably committed to the twin store.
+
+Most mappers poll: subclass :class:`PollingMapper` and implement ``read`` (and ``write``
+for writable properties); it runs one loop per device at the device's collectCycle,
+marks devices online/offline and backs off with jitter while a device is unreachable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+from deviceapi import PropertyType, Value
+
+__all__ = [
+    "DeviceBinding",
+    "Mapper",
+    "MapperError",
+    "MapperHost",
+    "PollingMapper",
+    "PropertyBinding",
+    "PropertyType",
+    "ReportResult",
+    "Value",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_COLLECT_CYCLE_MS = 1_000
+
+
+class MapperError(Exception):
+    """A read or write failed; the message says why (shown in the twin and the log)."""
+
+
+@dataclass(frozen=True, slots=True)
+class PropertyBinding:
+    """One property of a device as a mapper sees it."""
+
+    name: str
+    type: PropertyType
+    writable: bool
+    unit: str = ""
+    minimum: float | None = None
+    maximum: float | None = None
+    # spec.properties[].visitors.configData: how to reach this property on the device.
+    visitor: Mapping[str, Any] = field(default_factory=dict)
+    collect_cycle_ms: int | None = None
+    report_cycle_ms: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceBinding:
+    """One device served by a mapper: its id, protocol config and properties."""
+
+    id: str
+    namespace: str
+    name: str
+    protocol: str
+    config: Mapping[str, Any]
+    properties: tuple[PropertyBinding, ...]
+
+    def get_property(self, name: str) -> PropertyBinding:
+        for prop in self.properties:
+            if prop.name == name:
+                return prop
+        raise KeyError(f"device {self.id} has no property {name!r}")
+
+    @property
+    def collect_cycle_ms(self) -> int:
+        cycles = [p.collect_cycle_ms for p in self.properties if p.collect_cycle_ms]
+        return min(cycles) if cycles else int(self.config.get("collectCycle", DEFAULT_COLLECT_CYCLE_MS))
+
+
+@dataclass(frozen=True, slots=True)
+class ReportResult:
+    """What the gateway made of a report: accepted values' versions, rejected reasons."""
+
+    versions: Mapping[str, int]
+    rejected: Mapping[str, str]
+
+
+class MapperHost(Protocol):
+    """What the gateway offers a mapper."""
+
+    async def report(
+        self, device_id: str, values: Mapping[str, Any], timestamp_ms: int | None = None
+    ) -> ReportResult:
+        """Report values read from a device; returns once they are committed."""
+        ...
+
+    async def set_state(self, device_id: str, state: str) -> None:
+        """Report the device's connection state: "online", "offline" or "unknown"."""
+        ...
+
+
+class Mapper(ABC):
+    """Base of every mapper plugin."""
+
+    protocol: ClassVar[str]
+
+    def __init__(self, host: MapperHost, options: Mapping[str, Any] | None = None) -> None:
+        self.host = host
+        self.options = dict(options or {})
+
+    @classmethod  # noqa: B027 (an optional hook)
+    def validate(cls, device: DeviceBinding) -> None:
+        """Check a device's protocol and visitor config; raise ``ValueError`` naming the
+        device, property and field that is wrong. Called before :meth:`start`."""
+
+    @abstractmethod
+    async def start(self, devices: list[DeviceBinding]) -> None:
+        """Begin serving ``devices``; return once running (work goes on in tasks)."""
+
+    @abstractmethod
+    async def stop(self) -> None:
+        """Stop all work and release connections."""
+
+    async def write(self, device: DeviceBinding, prop: str, value: Value) -> None:
+        """Write a desired value to the device, then report the value read back.
+        Raise :class:`MapperError` with the reason when it cannot be written."""
+        raise MapperError(f"{type(self).__name__} does not support writes")
+
+
+class PollingMapper(Mapper):
+    """A mapper that reads every device each collectCycle, one task per device."""
+
+    # Backoff while a device is unreachable.
+    retry_min_s: ClassVar[float] = 0.5
+    retry_max_s: ClassVar[float] = 30.0
+
+    def __init__(self, host: MapperHost, options: Mapping[str, Any] | None = None) -> None:
+        super().__init__(host, options)
+        self._tasks: list[asyncio.Task[None]] = []
+        self.devices: dict[str, DeviceBinding] = {}
+
+    @abstractmethod
+    async def read(self, device: DeviceBinding) -> dict[str, Any]:
+        """Read the device's properties. Raise :class:`MapperError` (or ``OSError`` /
+        ``TimeoutError``) when the device cannot be reached."""
+
+    async def start(self, devices: list[DeviceBinding]) -> None:
+        for device in devices:
+            self.devices[device.id] = device
+            self._tasks.append(asyncio.create_task(self._poll(device), name=f"poll {device.id}"))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+
+    async def _poll(self, device: DeviceBinding) -> None:
+        cycle_s = device.collect_cycle_ms / 1000
+        delay = self.retry_min_s
+        online: bool | None = None
+        next_at = time.monotonic()
+        while True:
+            try:
+                values = await self.read(device)
+            except (MapperError, OSError, TimeoutError) as exc:
+                if online is not False:
+                    log.warning("device unreachable", extra={"device": device.id, "error": str(exc)})
+                    await self.host.set_state(device.id, "offline")
+                    online = False
+                await asyncio.sleep(delay * random.uniform(0.5, 1.5))
+                delay = min(self.retry_max_s, delay * 2)
+                next_at = time.monotonic()
+                continue
+            delay = self.retry_min_s
+            if online is not True:
+                await self.host.set_state(device.id, "online")
+                online = True
+            if values:
+                await self.host.report(device.id, values, int(time.time() * 1000))
+            next_at += cycle_s
+            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
