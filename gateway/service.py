@@ -200,8 +200,9 @@ class Gateway:
             self.metrics.inc("commits")
         bus = self.bus
         if bus is not None:
-            for msg in acks:
-                bus.ack(msg)
+            # Results go out before the acknowledgements, on the same connection: a crash
+            # in between leaves the message unacknowledged, so it is redelivered and
+            # answered again, never acknowledged without an answer.
             for dev_id, prop in retained:
                 dev = self.engine.devices.get(dev_id)
                 rep = dev.properties[prop].reported if dev and prop in dev.properties else None
@@ -210,6 +211,8 @@ class Gateway:
                     bus.publish(topic, payloads.property_value(rep), 1, True)
             for topic, payload, qos, retain in pubs:
                 bus.publish(topic, payload, qos, retain)
+            for msg in acks:
+                bus.ack(msg)
         for w in waiters:
             if not w.done():
                 w.set_result(None)
