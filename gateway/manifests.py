@@ -71,8 +71,9 @@ def parse_object(doc: Any, where: str) -> Device | DeviceModel | None:
     kind = doc.get("kind")
     if kind not in ("Device", "DeviceModel"):
         return None
-    name = (doc.get("metadata") or {}).get("name", "?") if isinstance(doc.get("metadata"), dict) else "?"
-    where = f"{where}: {kind} {name}"
+    raw_meta = doc.get("metadata")
+    meta: dict[str, Any] = raw_meta if isinstance(raw_meta, dict) else {}
+    where = f"{where}: {kind} {meta.get('namespace', 'default')}/{meta.get('name', '?')}"
     cls: type[Device] | type[DeviceModel] = Device if kind == "Device" else DeviceModel
     try:
         return cls.model_validate(doc)

@@ -21,6 +21,12 @@ from typing import Any
 import paho.mqtt.client as paho
 import pytest
 import yaml
+from hypothesis import settings
+
+# Properties are judged on behaviour, never on how long one example took on a busy CI
+# machine; print_blob lets a failure be replayed exactly.
+settings.register_profile("edgetwin", deadline=None, print_blob=True)
+settings.load_profile("edgetwin")
 
 BIN = Path(sys.executable).parent
 EDGETWIN = str(BIN / "edgetwin")

@@ -1,0 +1,155 @@
+"""Configuration and manifests: good ones load, bad ones are refused naming what."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from deviceapi import ManifestError
+from gateway.config import ConfigError, load_config, parse_config
+from gateway.manifests import load_manifests
+from tests.conftest import THERMO_PROPS, device_doc, model_doc, run_cli, write_manifests
+
+BASE = {"node": "edge-a", "store": {"path": "s.db"}, "mqtt": {"url": "mqtt://127.0.0.1:1883"}}
+
+
+def test_minimal_config_and_relative_paths(tmp_path: Path) -> None:
+    (tmp_path / "m").mkdir()
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({**BASE, "manifests": "m"}))
+    cfg = load_config(path)
+    assert cfg.store.path == tmp_path / "s.db"
+    assert cfg.manifests == [tmp_path / "m"]
+    assert cfg.mqtt.host_port == ("127.0.0.1", 1883)
+    assert cfg.mqtt.protocol == "5"
+
+
+def test_embedded_broker_speaks_311() -> None:
+    cfg = parse_config({**BASE, "mqtt": {"embedded": {"host": "127.0.0.1", "port": 18883}}})
+    assert cfg.mqtt.host_port == ("127.0.0.1", 18883) and cfg.mqtt.protocol == "3.1.1"
+
+
+@pytest.mark.parametrize(
+    ("change", "key", "problem"),
+    [
+        ({"node": "Edge_A"}, "node", "DNS-1123"),
+        ({"store": {}}, "store.path", "is required"),
+        ({"mqtt": {"url": "tcp://x:1"}}, "mqtt.url", "mqtt://host:port"),
+        ({"mqtt": {"url": "mqtt://x:99999"}}, "mqtt.url", "bad port"),
+        ({"mqtt": {}}, "mqtt", "exactly one of url"),
+        ({"mqtt": {"url": "mqtt://x", "embedded": {}}}, "mqtt", "exactly one of url"),
+        ({"mqtt": {"url": "mqtt://x", "receive_maximum": 0}}, "mqtt.receive_maximum", "greater than"),
+        ({"mqtt": {"url": "mqtt://x", "tls": {"cert_file": "a.pem"}}}, "mqtt.tls", "go together"),
+        (
+            {"mqtt": {"url": "mqtt://x", "tls": {"ca_file": "missing.pem"}}},
+            "mqtt.tls.ca_file",
+            "does not exist",
+        ),
+        ({"manifests": ["nowhere"]}, "manifests.0", "does not exist"),
+        ({"colour": "blue"}, "colour", "is not a known key"),
+        ({"store": {"path": "s.db", "events_max": 5}}, "store.events_max", "greater than"),
+    ],
+)
+def test_bad_config_names_key(tmp_path: Path, change: dict, key: str, problem: str) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({**BASE, **change}))
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert err.value.key == key and problem in str(err.value)
+
+
+def test_unreadable_and_non_yaml_config(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(tmp_path / "nope.yaml")
+    (tmp_path / "c.yaml").write_text("node: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "c.yaml")
+
+
+def test_manifests_load_and_skip_other_nodes(tmp_path: Path) -> None:
+    write_manifests(
+        tmp_path / "a.yaml",
+        [model_doc("thermostat", "plant", THERMO_PROPS), device_doc("t1", "plant", "thermostat", "edge-a")],
+    )
+    write_manifests(tmp_path / "sub" / "b.yml", [device_doc("t2", "plant", "thermostat", "edge-b")])
+    result = load_manifests([tmp_path], "edge-a")
+    assert list(result.devices) == [("plant", "t1")]
+    assert result.foreign == ["plant/t2 (node edge-b)"]
+
+
+@pytest.mark.parametrize(
+    ("docs", "message"),
+    [
+        ([device_doc("t1", "plant", "missing", "edge-a")], "DeviceModel plant/missing is not defined"),
+        (
+            [
+                model_doc("thermostat", "plant", THERMO_PROPS),
+                device_doc("t1", "plant", "thermostat", "edge-a", properties=[{"name": "humidity"}]),
+            ],
+            "spec.properties[0].name: 'humidity' is not a property",
+        ),
+        (
+            [
+                model_doc("thermostat", "plant", THERMO_PROPS),
+                device_doc(
+                    "t1",
+                    "plant",
+                    "thermostat",
+                    "edge-a",
+                    properties=[{"name": "temperature", "desired": {"value": 1}}],
+                ),
+            ],
+            "ReadOnly",
+        ),
+        (
+            [
+                model_doc("thermostat", "plant", THERMO_PROPS),
+                device_doc(
+                    "t1",
+                    "plant",
+                    "thermostat",
+                    "edge-a",
+                    properties=[{"name": "setpoint", "desired": {"value": "hot"}}],
+                ),
+            ],
+            "spec.properties[0].desired.value: expected a number",
+        ),
+        ([model_doc("m", "plant", [{"name": "a/b", "type": "INT"}])], "spec.properties.0.name"),
+        ([model_doc("m", "plant", [{"name": "a", "type": "TEXT"}])], "spec.properties.0.type"),
+        (
+            [model_doc("m", "plant", [{"name": "a", "type": "INT"}, {"name": "a", "type": "INT"}])],
+            "listed twice",
+        ),
+        (
+            [{**device_doc("t1", "plant", "thermostat", "edge-a"), "spec": {"nodeName": "edge-a"}}],
+            "spec.deviceModelRef: is required",
+        ),
+        (
+            [model_doc("m", "plant", [{"name": "a", "type": "INT"}, {"name": "b", "type": "INT"}])] * 2,
+            "defined twice",
+        ),
+    ],
+)
+def test_bad_manifests_name_file_object_and_field(tmp_path: Path, docs: list, message: str) -> None:
+    write_manifests(tmp_path / "bad.yaml", docs)
+    with pytest.raises(ManifestError) as err:
+        load_manifests([tmp_path], "edge-a")
+    assert message in str(err.value)
+    if "defined twice" not in message:
+        assert "plant" in str(err.value)
+
+
+def test_config_check_cli(tmp_path: Path) -> None:
+    write_manifests(
+        tmp_path / "m" / "a.yaml",
+        [model_doc("thermostat", "plant", THERMO_PROPS), device_doc("t1", "plant", "thermostat", "edge-a")],
+    )
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({**BASE, "manifests": ["m"]}))
+    out = run_cli("config", "check", "--config", str(cfg))
+    assert out.returncode == 0 and "1 devices for this node" in out.stdout
+    write_manifests(tmp_path / "m" / "b.yaml", [device_doc("t9", "plant", "nope", "edge-a")])
+    out = run_cli("config", "check", "--config", str(cfg))
+    assert out.returncode == 2 and "DeviceModel plant/nope is not defined" in out.stderr

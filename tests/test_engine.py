@@ -1,0 +1,286 @@
+"""The twin engine's rules, with hypothesis where a rule is a property."""
+
+from __future__ import annotations
+
+import itertools
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+from deviceapi import Device, DeviceModel
+from gateway.store.store import Store, snapshot
+from gateway.twin.engine import (
+    MAX_WRITE_ATTEMPTS,
+    DesiredRejected,
+    TwinEngine,
+    UnknownDevice,
+    WriteState,
+)
+from gateway.twin.hlc import HybridClock, Stamp
+from gateway.twin.patch import apply_patch
+from tests.conftest import THERMO_PROPS, device_doc, model_doc
+
+MODEL = DeviceModel.model_validate(model_doc("thermostat", "plant", THERMO_PROPS))
+DEV_IDS = ["plant.t1", "plant.t2"]
+
+
+def device(name: str = "t1", desired: dict[str, Any] | None = None) -> Device:
+    props = [{"name": k, "desired": {"value": v}} for k, v in (desired or {}).items()]
+    return Device.model_validate(device_doc(name, "plant", "thermostat", "edge-a", properties=props))
+
+
+def engine_with(*names: str) -> TwinEngine:
+    engine = TwinEngine()
+    for name in names or ("t1",):
+        engine.upsert_device(device(name), MODEL)
+    engine.drain()
+    return engine
+
+
+# --------------------------------------------------------------------- reported
+def test_reported_values_are_coerced_versioned_and_rejected_with_reasons() -> None:
+    e = engine_with()
+    out = e.apply_reported("plant.t1", {"temperature": "21.5", "count": "x", "nope": 1}, now_ms=1000)
+    assert out.accepted["temperature"].value == 21.5 and out.accepted["temperature"].version == 1
+    assert "expected an integer" in out.rejected["count"]
+    assert "not a property" in out.rejected["nope"]
+    changes = e.drain()
+    assert {ev.kind for ev in changes.events} == {"rejected"}
+    assert e.devices["plant.t1"].properties["count"].last_version == 0
+    out = e.apply_reported("plant.t1", {"temperature": 22}, now_ms=2000, timestamp_ms=1500)
+    assert out.accepted["temperature"].version == 2
+    assert out.accepted["temperature"].timestamp == 1500
+
+
+def test_unknown_device() -> None:
+    with pytest.raises(UnknownDevice, match=r"plant\.zz"):
+        engine_with().apply_reported("plant.zz", {"count": 1}, 0)
+
+
+# --------------------------------------------------------------------- desired / conflicts
+def test_desired_rejections_name_the_reason() -> None:
+    e = engine_with()
+    with pytest.raises(DesiredRejected, match="ReadOnly"):
+        e.apply_desired("plant.t1", "temperature", 1, "edge", 0)
+    with pytest.raises(DesiredRejected, match="above the maximum"):
+        e.apply_desired("plant.t1", "setpoint", 99, "edge", 0)
+    with pytest.raises(DesiredRejected, match="not a property"):
+        e.apply_desired("plant.t1", "ghost", 1, "edge", 0)
+
+
+def test_cloud_write_over_unacked_edge_write_is_a_recorded_conflict() -> None:
+    e = engine_with()
+    e.apply_desired("plant.t1", "setpoint", 20, "edge", 0, Stamp(100))
+    out = e.apply_desired("plant.t1", "setpoint", 25, "cloud", 0, Stamp(200))
+    assert out.won and out.desired.value == 25.0
+    assert (
+        out.conflict is not None and out.conflict.loser.value == 20.0 and out.conflict.loser.origin == "edge"
+    )
+    changes = e.drain()
+    assert [ev.kind for ev in changes.events] == ["conflict"]
+    assert "DesiredConflict" in e.outbox["plant.t1"].patch["conditions"]
+
+
+def test_older_cloud_write_loses_to_newer_edge_write_and_is_recorded() -> None:
+    e = engine_with()
+    e.apply_desired("plant.t1", "setpoint", 20, "edge", 0, Stamp(300))
+    out = e.apply_desired("plant.t1", "setpoint", 25, "cloud", 0, Stamp(200))
+    assert not out.won and out.desired.value == 20.0
+    assert out.conflict is not None and out.conflict.loser.origin == "cloud"
+    assert "won over cloud value '25.0'" in out.conflict.describe()
+
+
+def test_equal_stamps_go_to_the_cloud() -> None:
+    e = engine_with()
+    e.apply_desired("plant.t1", "setpoint", 20, "edge", 0, Stamp(300, 1))
+    out = e.apply_desired("plant.t1", "setpoint", 25, "cloud", 0, Stamp(300, 1))
+    assert out.won and out.desired.origin == "cloud"
+    # ...and the edge cannot take it back with the same stamp.
+    out = e.apply_desired("plant.t1", "setpoint", 21, "edge", 0, Stamp(300, 1))
+    assert not out.won and out.desired.value == 25.0
+
+
+def test_no_conflict_when_cloud_already_had_the_edge_value() -> None:
+    e = engine_with()
+    e.apply_desired("plant.t1", "setpoint", 20, "edge", 0, Stamp(100))
+    rev = e.outbox["plant.t1"].revision
+    assert e.outbox_acked("plant.t1", rev)
+    out = e.apply_desired("plant.t1", "setpoint", 25, "cloud", 0, Stamp(200))
+    assert out.won and out.conflict is None
+
+
+def test_spec_replay_is_not_a_new_write() -> None:
+    e = engine_with()
+    spec = device("t1", {"setpoint": "22"})
+    assert len(e.apply_spec(spec, 1000)) == 1
+    e.apply_desired("plant.t1", "setpoint", 30, "edge", 2000)
+    assert e.apply_spec(spec, 3000) == []  # same spec seen again: the edge value stays
+    assert e.devices["plant.t1"].properties["setpoint"].desired.value == 30.0  # type: ignore[union-attr]
+    changed = device("t1", {"setpoint": "23"})
+    (out,) = e.apply_spec(changed, 4000)
+    assert out.won and out.desired.value == 23.0  # a later spec change wins again
+
+
+writes = st.lists(
+    st.tuples(st.sampled_from(["cloud", "edge"]), st.integers(0, 5), st.integers(0, 2), st.integers(5, 35)),
+    min_size=1,
+    max_size=6,
+    unique_by=lambda w: (w[0], w[1], w[2]),
+)
+
+
+@given(writes, st.randoms())
+def test_rule_is_order_insensitive(ws: list[tuple[str, int, int, int]], rnd: Any) -> None:
+    """Whatever order the writes arrive in, the one in effect is the max by
+    (stamp, cloud-on-tie): the rule needs no coordination between edge and cloud."""
+    winner = max(ws, key=lambda w: (Stamp(w[1], w[2]), w[0] == "cloud"))
+    shuffled = list(ws)
+    rnd.shuffle(shuffled)
+    e = engine_with()
+    for origin, wall, counter, value in shuffled:
+        e.apply_desired("plant.t1", "setpoint", value, origin, 0, Stamp(wall, counter))  # type: ignore[arg-type]
+    d = e.devices["plant.t1"].properties["setpoint"].desired
+    assert d is not None and (d.origin, d.stamp, d.value) == (
+        winner[0],
+        Stamp(winner[1], winner[2]),
+        float(winner[3]),
+    )
+
+
+@given(st.lists(st.tuples(st.integers(0, 10**6), st.booleans()), max_size=40))
+def test_hlc_is_monotonic_and_passes_what_it_saw(steps: list[tuple[int, bool]]) -> None:
+    clock = HybridClock()
+    last = Stamp(0, 0)
+    for wall, remote in steps:
+        if remote:
+            clock.observe(Stamp(wall, 3))
+            assert clock.last >= Stamp(wall, 3)
+        else:
+            s = clock.now(wall)
+            assert s > last
+            last = s
+        last = max(last, clock.last)
+
+
+def test_stamp_text_round_trip() -> None:
+    assert Stamp.parse(str(Stamp(1732640000000, 7))) == Stamp(1732640000000, 7)
+    with pytest.raises(ValueError, match="not an HLC stamp"):
+        Stamp.parse("yesterday")
+
+
+# --------------------------------------------------------------------- writes
+def test_write_is_retried_with_backoff_then_fails() -> None:
+    e = engine_with()
+    e.apply_desired("plant.t1", "setpoint", 21, "edge", 0)
+    now = 0
+    attempts = []
+    for _ in range(200):
+        due = e.due_writes(now)
+        attempts.extend((now, r.attempt) for r in due)
+        nxt = e.next_write_due()
+        if nxt is None:
+            break
+        now = nxt
+    assert [a for _, a in attempts] == list(range(1, MAX_WRITE_ATTEMPTS + 1))
+    gaps = [b[0] - a[0] for a, b in itertools.pairwise(attempts)]
+    assert gaps == sorted(gaps) and gaps[0] >= 500  # backoff grows
+    prop = e.devices["plant.t1"].properties["setpoint"]
+    assert prop.write_state is WriteState.FAILED and "after 8 attempts" in prop.write_reason
+    assert "write_failed" in [ev.kind for ev in e.drain().events]
+
+
+def test_write_applied_when_device_reports_desired_value() -> None:
+    e = engine_with()
+    out = e.apply_desired("plant.t1", "enabled", "true", "edge", 0)
+    assert out.write_pending and e.deltas("plant.t1") == {"enabled": True}
+    e.write_failed("plant.t1", "enabled", "device busy")
+    assert e.devices["plant.t1"].properties["enabled"].write_reason == "device busy"
+    e.apply_reported("plant.t1", {"enabled": 1}, 10)
+    prop = e.devices["plant.t1"].properties["enabled"]
+    assert prop.write_state is WriteState.APPLIED and prop.write_reason == ""
+    assert e.deltas("plant.t1") == {}
+    assert (
+        e.outbox["plant.t1"].patch["twins"]["enabled"]["observedDesired"]["metadata"]["writeState"]
+        == "applied"
+    )
+
+
+# --------------------------------------------------------------------- durability
+class VersionMachine(RuleBasedStateMachine):
+    """Reports, commits, clean restarts and crashes (uncommitted work thrown away).
+    Versions that were ever committed are strictly increasing and never name two
+    values; the outbox stays one entry per device, and applying it to what the cloud
+    acknowledged gives the edge's status."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dir = tempfile.TemporaryDirectory()
+        self.path = Path(self.dir.name) / "s.db"
+        self.store = Store(self.path)
+        self.engine = self._fresh()
+        self.committed: dict[tuple[str, str], dict[int, Any]] = {}
+        self.cloud: dict[str, dict[str, Any]] = {d: {} for d in DEV_IDS}
+
+    def _fresh(self) -> TwinEngine:
+        engine = TwinEngine()
+        for dev_id in DEV_IDS:
+            engine.upsert_device(device(dev_id.split(".")[1]), MODEL)
+        self.store.load_into(engine)
+        engine.drain()
+        return engine
+
+    @rule(dev=st.sampled_from(DEV_IDS), prop=st.sampled_from(["count", "label"]), value=st.integers(0, 9))
+    def report(self, dev: str, prop: str, value: int) -> None:
+        self.engine.apply_reported(dev, {prop: value}, 1000)
+
+    @rule(dev=st.sampled_from(DEV_IDS), value=st.integers(5, 35))
+    def desire(self, dev: str, value: int) -> None:
+        self.engine.apply_desired(dev, "setpoint", value, "edge", 1000)
+
+    @rule()
+    def commit(self) -> None:
+        self.store.commit(snapshot(self.engine, self.engine.drain()))
+        for dev in self.engine.devices.values():
+            for name, p in dev.properties.items():
+                if p.reported is not None:
+                    seen = self.committed.setdefault((dev.id, name), {})
+                    v = p.reported.version
+                    assert seen.get(v, p.reported.value) == p.reported.value, "a version named two values"
+                    assert all(v >= old for old in seen), "versions went backwards"
+                    seen[v] = p.reported.value
+
+    @rule()
+    def crash(self) -> None:
+        self.engine = self._fresh()  # whatever was not committed is gone
+
+    @rule(dev=st.sampled_from(DEV_IDS))
+    def cloud_acks(self, dev: str) -> None:
+        self.commit()  # the uplink only ever sends what is committed
+        entry = self.engine.outbox.get(dev)
+        if entry is not None:
+            self.cloud[dev] = apply_patch(self.cloud[dev], entry.patch)
+            assert self.engine.outbox_acked(dev, entry.revision)
+            assert dev not in self.engine.outbox
+
+    @invariant()
+    def outbox_bounded_and_converges(self) -> None:
+        assert set(self.engine.outbox) <= set(DEV_IDS)
+        for dev in DEV_IDS:
+            entry = self.engine.outbox.get(dev)
+            cloud = apply_patch(self.cloud[dev], entry.patch) if entry else self.cloud[dev]
+            assert set(cloud.get("twins", {})) <= {p["name"] for p in THERMO_PROPS}
+            want = self.engine.status_patch(dev)["twins"]
+            assert cloud.get("twins", {}) == want
+
+    def teardown(self) -> None:
+        self.store.close()
+        self.dir.cleanup()
+
+
+VersionMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
+TestVersions = VersionMachine.TestCase

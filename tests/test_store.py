@@ -1,0 +1,85 @@
+"""The SQLite store: schema migrations, durability settings, bounds, round trips."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from gateway.store.schema import SCHEMA_VERSION, SchemaTooNew
+from gateway.store.store import Store, StoreError, open_reader, read_twin, snapshot
+from gateway.twin.engine import Event, TwinEngine
+from tests.test_engine import MODEL, device
+
+
+def test_fresh_store_is_wal_full_sync_and_current(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s.db")
+    assert store.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert store.conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    assert store.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    store.close()
+
+
+def test_refuses_a_store_from_a_newer_edgetwin(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    Store(path).close()
+    with sqlite3.connect(path) as conn:
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    with pytest.raises(SchemaTooNew, match="newer than this edgetwin"):
+        Store(path)
+
+
+def test_unwritable_store_names_the_path(tmp_path: Path) -> None:
+    bad = tmp_path / "file"
+    bad.write_text("x")
+    with pytest.raises(StoreError, match=str(bad / "s.db")):
+        Store(bad / "s.db")
+
+
+def test_round_trip_restores_twins_outbox_and_clock(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    store = Store(path)
+    e = TwinEngine()
+    e.upsert_device(device("t1"), MODEL)
+    e.apply_reported("plant.t1", {"temperature": 20.5, "label": "x"}, 1000)
+    e.apply_reported("plant.t1", {"temperature": 21}, 2000)
+    e.apply_desired("plant.t1", "setpoint", 22, "edge", 3000)
+    e.set_state("plant.t1", "online", 3000)
+    store.commit(snapshot(e, e.drain()))
+    store.close()
+
+    store = Store(path)
+    fresh = TwinEngine()
+    fresh.upsert_device(device("t1"), MODEL)
+    store.load_into(fresh)
+    p = fresh.devices["plant.t1"].properties
+    assert p["temperature"].reported is not None and p["temperature"].reported.value == 21.0
+    assert p["temperature"].last_version == 2
+    assert p["setpoint"].desired is not None and p["setpoint"].desired.value == 22.0
+    assert fresh.devices["plant.t1"].state == "online"
+    assert fresh.outbox["plant.t1"].patch == e.outbox["plant.t1"].patch
+    assert fresh.clock.last >= e.clock.last
+    # The next version continues after the stored one.
+    assert fresh.apply_reported("plant.t1", {"temperature": 1}, 4000).accepted["temperature"].version == 3
+    twin = read_twin(open_reader(path), "plant.t1")
+    assert twin is not None and twin["twin"]["label"]["reported"]["value"] == "x"
+    store.close()
+
+
+def test_event_log_keeps_the_newest_rows(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s.db", events_max=100)
+    e = TwinEngine()
+    for batch in range(5):
+        changes = e.drain()
+        changes.events = [Event(i, "plant.t1", "p", "rejected", {"i": batch * 60 + i}) for i in range(60)]
+        store.commit(snapshot(e, changes))
+    rows = store.conn.execute("SELECT count(*), min(id), max(id) FROM events").fetchone()
+    assert rows == (100, 201, 300)
+    assert store.events_dropped == 200
+    store.close()
+
+
+def test_reader_reports_missing_store(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="no store at"):
+        open_reader(tmp_path / "absent.db")
