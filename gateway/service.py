@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import random
@@ -39,7 +40,7 @@ from mappers.sdk import MapperError, ReportResult
 
 log = logging.getLogger(__name__)
 
-METRICS_INTERVAL_S = 5.0
+METRICS_INTERVAL_S = 1.0
 
 
 def now_ms() -> int:
@@ -85,6 +86,7 @@ class Gateway:
             self.engine.upsert_device(device, model)
             self.definitions[device.id] = (device, model)
         self.store.load_into(self.engine)
+        self.engine.seed_revisions(now_ms() * 1000)
         for stale in self.store.stored_device_ids() - set(self.engine.devices):
             self.engine.changes.removed.add(stale)
         now = now_ms()
@@ -139,6 +141,10 @@ class Gateway:
             self._spawn(self._write_scheduler(), "writes")
             self._spawn(self._metrics_publisher(), "metrics")
             await self.mappers.start(list(self.definitions.values()))
+            # Start-up objects (manifests, twins) live for the whole run: keep them out
+            # of the cyclic collector's full passes, which otherwise stall the loop.
+            gc.collect()
+            gc.freeze()
             self.ready.set()
             stopper = asyncio.ensure_future(stop.wait())
             await asyncio.wait({stopper, committer}, return_when=asyncio.FIRST_COMPLETED)
@@ -175,8 +181,12 @@ class Gateway:
 
     # ----------------------------------------------------------------- commit
     async def _committer(self) -> None:
+        linger = self.cfg.store.commit_linger_ms / 1000
         while True:
             await self._dirty.wait()
+            if linger:
+                # Gather a little more work per fsync; bounded, so latency stays low.
+                await asyncio.sleep(linger)
             await self._commit_once()
 
     async def _commit_once(self) -> None:
@@ -189,6 +199,7 @@ class Gateway:
         waiters, self._waiters = self._waiters, []
         if changes:
             assert self.writer is not None
+            started = time.perf_counter()
             batch = snapshot(self.engine, changes)
             try:
                 await self.writer.commit(batch)
@@ -198,6 +209,8 @@ class Gateway:
                     w.cancel()
                 raise
             self.metrics.inc("commits")
+            self.metrics.peak("commit_ms_max", (time.perf_counter() - started) * 1000)
+            self.metrics.peak("commit_batch_max", len(acks))
         bus = self.bus
         if bus is not None:
             # Results go out before the acknowledgements, on the same connection: a crash
@@ -216,6 +229,8 @@ class Gateway:
         for w in waiters:
             if not w.done():
                 w.set_result(None)
+        if changes:
+            self.metrics.peak("commit_cycle_ms_max", (time.perf_counter() - started) * 1000)
 
     def _committed(self) -> asyncio.Future[None]:
         """A future resolved by the commit that includes everything done so far."""
@@ -309,7 +324,7 @@ class Gateway:
         body = payloads.update_result(
             upd.event_id, now, dev, outcome.accepted, outcome.rejected, desired_info
         )
-        self._pubs.append((topics.twin_update_result(dev_id), body, 1, False))
+        self._pubs.append((topics.twin_update_result(dev_id), body, self.cfg.mqtt.result_qos, False))
         self._acks.append(msg)
         self._dirty.set()
 
@@ -397,7 +412,7 @@ class Gateway:
             await asyncio.sleep(METRICS_INTERVAL_S)
             if self.metrics.changed and self.bus is not None and self.bus.connected.is_set():
                 self.metrics.changed = False
-                body = json.dumps(self.metrics.snapshot()).encode()
+                body = json.dumps(self.metrics.snapshot(reset_peaks=True)).encode()
                 self.bus.publish(topics.gateway_metrics(self.node), body, 1, True)
 
 

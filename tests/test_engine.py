@@ -173,6 +173,25 @@ def test_stamp_text_round_trip() -> None:
         Stamp.parse("yesterday")
 
 
+def test_late_duplicate_ack_never_removes_a_newer_entry() -> None:
+    e = engine_with()
+    e.apply_reported("plant.t1", {"count": 1}, 0)
+    first = e.outbox["plant.t1"].revision
+    assert e.outbox_acked("plant.t1", first)
+    e.apply_reported("plant.t1", {"count": 2}, 0)
+    assert not e.outbox_acked("plant.t1", first)  # the same ack, delivered twice
+    assert e.outbox["plant.t1"].patch["twins"]["count"]["reported"]["value"] == "2"
+
+
+def test_ack_of_an_older_revision_keeps_the_entry_until_it_is_current() -> None:
+    e = engine_with()
+    e.apply_reported("plant.t1", {"count": 1}, 0)
+    sent = e.outbox["plant.t1"].revision
+    e.apply_reported("plant.t1", {"count": 2}, 0)  # changed while in flight
+    assert not e.outbox_acked("plant.t1", sent)
+    assert e.devices["plant.t1"].properties["count"].outbox_rev == e.outbox["plant.t1"].revision
+
+
 # --------------------------------------------------------------------- writes
 def test_write_is_retried_with_backoff_then_fails() -> None:
     e = engine_with()

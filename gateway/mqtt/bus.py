@@ -1,28 +1,38 @@
-"""The gateway's MQTT connection: aiomqtt for the connection, subscriptions and the
-message stream, with paho's manual acknowledgement turned on deliberately.
+"""The gateway's MQTT connection: paho-mqtt with manual acknowledgement and its own
+network thread, feeding the asyncio service in batches.
 
-Why not plain aiomqtt: it acknowledges a QoS 1 message as soon as it is queued, so a
-crash between receipt and commit would lose it. Here the PUBACK is sent only when the
-service calls :meth:`MqttBus.ack` after the store commit; until then the broker keeps the
-message in our persistent session and redelivers it after a crash or reconnect.
+Two deliberate choices, both measured (docs/architecture.md, "MQTT bus"):
 
-Outgoing messages are handed to paho without awaiting their PUBACK (awaiting each one
-would serialise the hot path); paho's queue is bounded by ``max_queued_outgoing`` and a
-message that does not fit is dropped and counted. While disconnected nothing is queued:
-the service republishes every retained value and pending delta on reconnect.
+* Acknowledge after commit. paho's ``manual_ack`` is on: the PUBACK of a QoS 1 message is
+  sent only when the service calls :meth:`MqttBus.ack` after the store commit. Until then
+  the broker keeps the message in our persistent session and redelivers it after a crash
+  or reconnect. (aiomqtt acknowledges as soon as a message is queued.)
+* paho's network thread, not aiomqtt's event-loop integration. With aiomqtt every write
+  wakes the loop through a self-pipe and each readable event reads one packet: on this
+  project's reference machine a bare aiomqtt consumer peaked at ~1,900 msg/s against
+  ~7,800 msg/s for the same consumer on paho's thread (scripts/bench/ingest.py shows the
+  gateway figures). The thread parses packets; the loop gets them in batches through
+  ``call_soon_threadsafe``; acks and publishes go through paho's thread-safe API.
+
+Reconnects back off exponentially with jitter; the persistent session (MQTT 5 session
+expiry, or clean_session=False on 3.1.1) keeps subscriptions and unacknowledged messages.
+Outgoing messages are bounded by ``max_queued_outgoing``; one that does not fit is dropped
+and counted, and every retained value is republished on reconnect.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import collections
 import logging
 import random
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
-import aiomqtt
 import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -33,6 +43,7 @@ log = logging.getLogger(__name__)
 
 RECONNECT_MIN_S = 0.5
 RECONNECT_MAX_S = 30.0
+CONNECT_TIMEOUT_S = 10.0
 
 
 @dataclass(slots=True)
@@ -59,57 +70,94 @@ class MqttBus:
         self.metrics = metrics
         self.will = will
         self.connected = asyncio.Event()
-        self._client: aiomqtt.Client | None = None
-        self._paho: paho.Client | None = None
+        self._loop = asyncio.get_running_loop()
         self._generation = 0
+        self._inbox: collections.deque[Inbound] = collections.deque()
+        self._drain_scheduled = False
+        self._on_message: Callable[[Inbound], None] = lambda m: None
+        self._session: asyncio.Future[int] | None = None
+        self._client = self._make_client()
 
-    def _broker_text(self) -> str:
-        host, port = self.cfg.host_port
-        return f"{host}:{port}"
-
-    def _make_client(self) -> aiomqtt.Client:
-        host, port = self.cfg.host_port
+    # ----------------------------------------------------------------- client
+    def _make_client(self) -> paho.Client:
         v5 = self.cfg.protocol == "5"
-        props = None
-        if v5:
-            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-            props.SessionExpiryInterval = min(self.cfg.session_expiry // 1000, 0xFFFFFFFF)
-            props.ReceiveMaximum = self.cfg.receive_maximum
-        tls_params = None
-        if self.cfg.use_tls:
-            tls = self.cfg.tls
-            tls_params = aiomqtt.TLSParameters(
-                ca_certs=str(tls.ca_file) if tls and tls.ca_file else None,
-                certfile=str(tls.cert_file) if tls and tls.cert_file else None,
-                keyfile=str(tls.key_file) if tls and tls.key_file else None,
-            )
-        will = None
-        if self.will is not None:
-            will = aiomqtt.Will(self.will[0], self.will[1], qos=1, retain=True)
-        client = aiomqtt.Client(
-            host,
-            port,
-            identifier=self.client_id,
-            username=self.cfg.username,
-            password=self.cfg.password,
-            protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
+        client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
             # A persistent session: the broker keeps our subscriptions and unacknowledged
             # messages across disconnects and gateway restarts.
             clean_session=None if v5 else False,
-            clean_start=False if v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
-            properties=props,
-            keepalive=self.cfg.keepalive,
-            tls_params=tls_params,
-            tls_insecure=self.cfg.tls.insecure if self.cfg.tls else None,
-            will=will,
-            max_queued_outgoing_messages=self.cfg.max_queued_outgoing,
-            timeout=10,
+            reconnect_on_failure=False,  # reconnects are ours, with jitter
+            manual_ack=True,
         )
-        inner = getattr(client, "_client", None)
-        if not isinstance(inner, paho.Client):
-            raise RuntimeError("aiomqtt no longer exposes its paho client; pin aiomqtt<3")
-        inner.manual_ack_set(True)
+        client.enable_logger(logging.getLogger("paho"))
+        client.max_inflight_messages_set(self.cfg.max_inflight_outgoing)
+        client.max_queued_messages_set(self.cfg.max_queued_outgoing)
+        if self.cfg.username is not None:
+            client.username_pw_set(self.cfg.username, self.cfg.password)
+        if self.cfg.use_tls:
+            tls = self.cfg.tls
+            client.tls_set(
+                ca_certs=str(tls.ca_file) if tls and tls.ca_file else None,
+                certfile=str(tls.cert_file) if tls and tls.cert_file else None,
+                keyfile=str(tls.key_file) if tls and tls.key_file else None,
+                cert_reqs=ssl.CERT_REQUIRED,
+            )
+            if tls is not None and tls.insecure:
+                client.tls_insecure_set(True)
+        if self.will is not None:
+            client.will_set(self.will[0], self.will[1], qos=1, retain=True)
+        client.on_connect = self._handle_connect
+        client.on_disconnect = self._handle_disconnect
+        client.on_message = self._handle_message
         return client
+
+    def _connect_properties(self) -> Properties | None:
+        if self.cfg.protocol != "5":
+            return None
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = min(self.cfg.session_expiry // 1000, 0xFFFFFFFF)
+        props.ReceiveMaximum = self.cfg.receive_maximum
+        return props
+
+    # ----------------------------------------------------------------- network thread
+    def _handle_connect(self, c: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        if reason.is_failure:
+            self._resolve_session(f"broker refused the connection: {reason}")
+            return
+        # Bumped here, on the network thread, before any message of this connection is
+        # tagged with it (acks of earlier connections' messages are then skipped).
+        self._generation += 1
+        c.subscribe([(topic, 1) for topic in self.subscriptions])
+        self._loop.call_soon_threadsafe(self._connected)
+
+    def _handle_disconnect(self, c: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        self._resolve_session(str(reason))
+
+    def _handle_message(self, c: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        self._inbox.append(Inbound(msg.topic, bytes(msg.payload), msg.qos, msg.mid, self._generation))
+        if not self._drain_scheduled:
+            self._drain_scheduled = True
+            self._loop.call_soon_threadsafe(self._drain)
+
+    def _resolve_session(self, why: str) -> None:
+        def resolve() -> None:
+            if self._session is not None and not self._session.done():
+                self._session.set_exception(ConnectionError(why))
+
+        self._loop.call_soon_threadsafe(resolve)
+
+    # ----------------------------------------------------------------- event loop
+    def _connected(self) -> None:
+        self.connected.set()
+        self.metrics.inc("mqtt_connects")
+
+    def _drain(self) -> None:
+        self._drain_scheduled = False
+        inbox, handle = self._inbox, self._on_message
+        while inbox:
+            handle(inbox.popleft())
 
     async def run(
         self,
@@ -118,78 +166,88 @@ class MqttBus:
     ) -> None:
         """Connect, subscribe and deliver messages forever, reconnecting with backoff and
         jitter. Returns only when cancelled."""
+        self._on_message = on_message
+        host, port = self.cfg.host_port
         delay = RECONNECT_MIN_S
+        client = self._client
         while True:
-            client = self._make_client()
+            self._session = self._loop.create_future()
             try:
-                async with client:
-                    self._generation += 1
-                    self._client, self._paho = client, client._client
-                    for topic in self.subscriptions:
-                        await client.subscribe(topic, qos=1)
-                    self.connected.set()
-                    self.metrics.inc("mqtt_connects")
-                    log.info("mqtt connected", extra={"broker": self._broker_text()})
-                    delay = RECONNECT_MIN_S
-                    await on_connect()
-                    generation = self._generation
-                    async for message in client.messages:
-                        payload = message.payload
-                        if not isinstance(payload, bytes | bytearray):
-                            payload = str(payload).encode() if payload is not None else b""
-                        on_message(
-                            Inbound(
-                                str(message.topic),
-                                bytes(payload),
-                                message.qos,
-                                message.mid,
-                                generation,
-                            )
-                        )
-            except aiomqtt.MqttError as exc:
+                await asyncio.wait_for(
+                    asyncio.to_thread(
+                        client.connect,
+                        host,
+                        port,
+                        keepalive=self.cfg.keepalive,
+                        clean_start=False if self.cfg.protocol == "5" else paho.MQTT_CLEAN_START_FIRST_ONLY,
+                        properties=self._connect_properties(),
+                    ),
+                    CONNECT_TIMEOUT_S,
+                )
+                client.loop_start()
+                await asyncio.wait_for(self._wait_connected(), CONNECT_TIMEOUT_S)
+                log.info("mqtt connected", extra={"broker": f"{host}:{port}", "protocol": self.cfg.protocol})
+                delay = RECONNECT_MIN_S
+                await on_connect()
+                await self._session  # until the connection is lost
+            except asyncio.CancelledError:
+                await asyncio.to_thread(self._stop_network)
+                raise
+            except (OSError, ConnectionError, TimeoutError) as exc:
                 self.metrics.inc("mqtt_disconnects")
                 log.warning(
                     "mqtt connection lost; reconnecting",
                     extra={
-                        "broker": self._broker_text(),
-                        "error": str(exc),
+                        "broker": f"{host}:{port}",
+                        "error": str(exc) or type(exc).__name__,
                         "retry_s": round(delay, 1),
                     },
                 )
-            finally:
-                self.connected.clear()
-                self._client, self._paho = None, None
+            self.connected.clear()
+            await asyncio.to_thread(self._stop_network)
             await asyncio.sleep(delay * random.uniform(0.5, 1.5))
             delay = min(RECONNECT_MAX_S, delay * 2)
+
+    async def _wait_connected(self) -> None:
+        assert self._session is not None
+        waiter: asyncio.Future[Any] = asyncio.ensure_future(self.connected.wait())
+        session: asyncio.Future[Any] = self._session
+        try:
+            await asyncio.wait({waiter, session}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+        if self._session.done():
+            self._session.result()  # raises the reason
+
+    def _stop_network(self) -> None:
+        self._client.loop_stop()
+        if self._client.is_connected():
+            self._client.disconnect()
 
     def ack(self, msg: Inbound) -> None:
         """Acknowledge a message whose effects are committed. A message from an earlier
         connection is not acknowledged: the broker redelivers it, and applying it twice
         is harmless."""
-        if msg.qos == 0 or msg.generation != self._generation or self._paho is None:
+        if msg.qos == 0 or msg.generation != self._generation or not self.connected.is_set():
             return
-        self._paho.ack(msg.mid, msg.qos)
+        self._client.ack(msg.mid, msg.qos)
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> bool:
         """Hand a message to the connection without waiting for its PUBACK. Returns False
         (and counts it) when it cannot be sent now."""
-        client = self._paho
-        if client is None:
+        if not self.connected.is_set():
             self.metrics.inc("publish_dropped_disconnected")
             return False
-        info = client.publish(topic, payload, qos, retain)
+        info = self._client.publish(topic, payload, qos, retain)
         if info.rc != paho.MQTT_ERR_SUCCESS:
-            self.metrics.inc(
-                "publish_dropped_queue_full" if info.rc == paho.MQTT_ERR_QUEUE_SIZE else "publish_failed"
-            )
+            kind = "queue_full" if info.rc == paho.MQTT_ERR_QUEUE_SIZE else "failed"
+            self.metrics.inc(f"publish_dropped_{kind}")
             return False
         return True
 
     async def close(self, final: tuple[str, bytes] | None = None) -> None:
         """Publish ``final`` (e.g. the gateway's offline status) and disconnect."""
-        client = self._client
-        if client is None:
-            return
-        if final is not None:
-            with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
-                await client.publish(final[0], final[1], qos=1, retain=True, timeout=2)
+        if final is not None and self.connected.is_set():
+            info = self._client.publish(final[0], final[1], qos=1, retain=True)
+            await asyncio.to_thread(info.wait_for_publish, 2.0)
+        await asyncio.to_thread(self._stop_network)

@@ -30,13 +30,17 @@ MIGRATIONS: list[tuple[str, list[str]]] = [
                 spec_desired TEXT,
                 write_state TEXT NOT NULL DEFAULT '', write_reason TEXT NOT NULL DEFAULT '',
                 write_attempts INTEGER NOT NULL DEFAULT 0, next_write_ms INTEGER,
+                outbox_rev INTEGER,
                 PRIMARY KEY (device_id, property)) WITHOUT ROWID""",
             """CREATE TABLE device_state (
                 device_id TEXT PRIMARY KEY, state TEXT NOT NULL,
                 last_online_ms INTEGER) WITHOUT ROWID""",
-            # The outbox: at most one composed pending status patch per device.
+            # The outbox: at most one composed pending status patch per device. Stored in
+            # two parts: twin_property.outbox_rev marks the properties pending (their
+            # current status is the composition), and this row holds the device-level
+            # fields (state, lastOnlineTime, conditions) and the revision.
             """CREATE TABLE outbox (
-                device_id TEXT PRIMARY KEY, patch TEXT NOT NULL,
+                device_id TEXT PRIMARY KEY, device_patch TEXT NOT NULL,
                 revision INTEGER NOT NULL) WITHOUT ROWID""",
             # Bounded event log (conflicts, rejected values, failed writes, state changes).
             """CREATE TABLE events (

@@ -12,8 +12,11 @@ the event log keeps the newest ``events_max`` rows and drops the oldest beyond t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
 import sqlite3
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -27,13 +30,14 @@ from gateway.store.schema import migrate
 from gateway.twin.engine import (
     Changes,
     Desired,
-    OutboxEntry,
     PropertyTwin,
     Reported,
     TwinEngine,
     WriteState,
 )
 from gateway.twin.hlc import Stamp
+
+log = logging.getLogger(__name__)
 
 DEFAULT_EVENTS_MAX = 10_000
 
@@ -89,6 +93,7 @@ def property_row(device_id: str, p: PropertyTwin) -> tuple[Any, ...]:
         p.write_reason,
         p.write_attempts,
         p.next_write_ms,
+        p.outbox_rev,
     )
 
 
@@ -110,14 +115,15 @@ def snapshot(engine: TwinEngine, changes: Changes) -> Batch:
         if entry is None:
             batch.outbox_deletes.append((dev_id,))
         else:
-            batch.outbox_upserts.append((dev_id, _dump(entry.patch), entry.revision))
+            device_part = {k: v for k, v in entry.patch.items() if k != "twins"}
+            batch.outbox_upserts.append((dev_id, _dump(device_part), entry.revision))
     batch.removed = [(dev_id,) for dev_id in changes.removed]
     batch.events = [(e.ts_ms, e.device_id, e.property, e.kind, _dump(e.detail)) for e in changes.events]
     batch.meta.append(("hlc", str(engine.clock.last)))
     return batch
 
 
-_UPSERT_PROPERTY = "INSERT OR REPLACE INTO twin_property VALUES (" + ",".join("?" * 16) + ")"
+_UPSERT_PROPERTY = "INSERT OR REPLACE INTO twin_property VALUES (" + ",".join("?" * 17) + ")"
 
 
 class Store:
@@ -135,6 +141,9 @@ class Store:
             # power loss, not only a process crash.
             self.conn.execute("PRAGMA synchronous=FULL")
             self.conn.execute("PRAGMA busy_timeout=5000")
+            # Checkpoints run on their own connection and thread (Checkpointer), so the
+            # commit path never stalls copying the WAL into the database.
+            self.conn.execute("PRAGMA wal_autocheckpoint=0")
             migrate(self.conn)
         except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"cannot open store {self.path}: {exc}") from exc
@@ -156,29 +165,55 @@ class Store:
     # ----------------------------------------------------------------- writing
     def commit(self, batch: Batch) -> None:
         """Write a batch in one durable transaction. Raises :class:`StoreError`."""
+        self.stage(batch)
+        self.finish()
+
+    def stage(self, batch: Batch) -> None:
+        """Open a transaction and write ``batch`` into it, not yet durable. Cheap: it is
+        meant for the event loop's thread, leaving only :meth:`finish` (the fsync) to the
+        writer thread, so the two threads do not fight over the GIL row by row."""
         try:
-            with self._transaction() as c:
-                if batch.removed:
-                    for table in ("twin_property", "device_state", "outbox"):
-                        c.executemany(f"DELETE FROM {table} WHERE device_id = ?", batch.removed)
-                if batch.properties:
-                    c.executemany(_UPSERT_PROPERTY, batch.properties)
-                if batch.devices:
-                    c.executemany("INSERT OR REPLACE INTO device_state VALUES (?,?,?)", batch.devices)
-                if batch.outbox_upserts:
-                    c.executemany("INSERT OR REPLACE INTO outbox VALUES (?,?,?)", batch.outbox_upserts)
-                if batch.outbox_deletes:
-                    c.executemany("DELETE FROM outbox WHERE device_id = ?", batch.outbox_deletes)
-                if batch.events:
-                    c.executemany(
-                        "INSERT INTO events (ts_ms, device_id, property, kind, detail) VALUES (?,?,?,?,?)",
-                        batch.events,
-                    )
-                    self._trim_events(c)
-                if batch.meta:
-                    c.executemany("INSERT OR REPLACE INTO meta VALUES (?,?)", batch.meta)
+            self.conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
             raise StoreError(f"cannot write store {self.path}: {exc}") from exc
+        try:
+            self._write(batch)
+        except BaseException as exc:
+            self.conn.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.Error):
+                raise StoreError(f"cannot write store {self.path}: {exc}") from exc
+            raise
+
+    def finish(self) -> None:
+        """Commit the staged transaction durably (fsync). Raises :class:`StoreError`."""
+        try:
+            self.conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            with contextlib.suppress(sqlite3.Error):
+                self.conn.execute("ROLLBACK")
+            raise StoreError(f"cannot commit store {self.path}: {exc}") from exc
+
+    def _write(self, batch: Batch) -> None:
+        c = self.conn
+        if batch.removed:
+            for table in ("twin_property", "device_state", "outbox"):
+                c.executemany(f"DELETE FROM {table} WHERE device_id = ?", batch.removed)
+        if batch.properties:
+            c.executemany(_UPSERT_PROPERTY, batch.properties)
+        if batch.devices:
+            c.executemany("INSERT OR REPLACE INTO device_state VALUES (?,?,?)", batch.devices)
+        if batch.outbox_upserts:
+            c.executemany("INSERT OR REPLACE INTO outbox VALUES (?,?,?)", batch.outbox_upserts)
+        if batch.outbox_deletes:
+            c.executemany("DELETE FROM outbox WHERE device_id = ?", batch.outbox_deletes)
+        if batch.events:
+            c.executemany(
+                "INSERT INTO events (ts_ms, device_id, property, kind, detail) VALUES (?,?,?,?,?)",
+                batch.events,
+            )
+            self._trim_events(c)
+        if batch.meta:
+            c.executemany("INSERT OR REPLACE INTO meta VALUES (?,?)", batch.meta)
 
     def _trim_events(self, c: sqlite3.Connection) -> None:
         last = c.execute("SELECT max(id) FROM events").fetchone()[0] or 0
@@ -217,9 +252,14 @@ class Store:
             dev = engine.devices.get(row["device_id"])
             if dev is not None:
                 dev.state, dev.last_online_ms = row["state"], row["last_online_ms"]
-        for row in self.db.query("SELECT * FROM outbox"):
-            if row["device_id"] in engine.devices:
-                engine.outbox[row["device_id"]] = OutboxEntry(json.loads(row["patch"]), row["revision"])
+        stored = {r["device_id"]: r for r in self.db.query("SELECT * FROM outbox")}
+        for dev_id in engine.devices:
+            outbox_row = stored.get(dev_id)
+            if outbox_row is None:
+                engine.restore_outbox(dev_id, 0, {})
+            else:
+                device_patch = json.loads(outbox_row["device_patch"])
+                engine.restore_outbox(dev_id, outbox_row["revision"], device_patch)
 
     def stored_device_ids(self) -> set[str]:
         return {r[0] for r in self.conn.execute("SELECT DISTINCT device_id FROM twin_property")}
@@ -244,21 +284,60 @@ def _restore_property(prop: PropertyTwin, row: dict[str, Any]) -> None:
     prop.write_reason = row["write_reason"]
     prop.write_attempts = row["write_attempts"]
     prop.next_write_ms = row["next_write_ms"]
+    prop.outbox_rev = row["outbox_rev"]
+
+
+class Checkpointer:
+    """Copies the WAL into the database on its own connection and thread, concurrently
+    with commits (a PASSIVE checkpoint never blocks the writer). Bound: the WAL is
+    checkpointed every ``interval_s``; past ``truncate_bytes`` it is truncated, which may
+    make one commit wait."""
+
+    def __init__(self, path: Path, interval_s: float = 0.5, truncate_bytes: int = 64 << 20) -> None:
+        self.path, self.interval_s, self.truncate_bytes = path, interval_s, truncate_bytes
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="store-checkpoint", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA busy_timeout=5000")
+        wal = Path(f"{self.path}-wal")
+        try:
+            while not self._stop.wait(self.interval_s):
+                try:
+                    size = wal.stat().st_size if wal.exists() else 0
+                    mode = "TRUNCATE" if size > self.truncate_bytes else "PASSIVE"
+                    conn.execute(f"PRAGMA wal_checkpoint({mode})")
+                except sqlite3.Error as exc:
+                    log.warning("wal checkpoint failed", extra={"store": str(self.path), "error": str(exc)})
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 class StoreWriter:
-    """Runs :meth:`Store.commit` on one dedicated thread, so the event loop keeps
-    receiving while a commit (and its fsync) is under way."""
+    """Group commit without blocking the event loop: a batch is staged on the loop's
+    thread, and its COMMIT (the fsync, which releases the GIL) runs on one dedicated
+    thread while the loop goes on receiving. One commit at a time."""
 
     def __init__(self, store: Store) -> None:
         self.store = store
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer")
+        self._checkpointer = Checkpointer(store.path)
 
     async def commit(self, batch: Batch) -> None:
-        await asyncio.get_running_loop().run_in_executor(self._executor, self.store.commit, batch)
+        self.store.stage(batch)
+        await asyncio.get_running_loop().run_in_executor(self._executor, self.store.finish)
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
+        self._checkpointer.close()
 
 
 # --------------------------------------------------------------------- reading

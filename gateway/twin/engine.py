@@ -122,6 +122,10 @@ class PropertyTwin:
     write_attempts: int = 0
     next_write_ms: int | None = None
     last_conflict: Conflict | None = None
+    # Revision of the device's outbox entry that last took this property; None once
+    # the cloud acknowledged it. Persisted with the row, so the outbox is rebuilt from
+    # the twin rows at start instead of rewriting a whole patch on every commit.
+    outbox_rev: int | None = None
 
 
 @dataclass(slots=True)
@@ -211,6 +215,9 @@ class TwinEngine:
         self.outbox: dict[str, OutboxEntry] = {}
         self.changes = Changes()
         self._jitter = jitter
+        # Outbox revisions come from one counter for all devices, so an acknowledgement
+        # of an old entry can never match a newer one (see seed_revisions).
+        self._revision = 0
 
     # ----------------------------------------------------------------- definitions
     def upsert_device(self, device: Device, model: DeviceModel) -> DeviceTwin:
@@ -281,7 +288,7 @@ class TwinEngine:
             prop.last_version += 1
             prop.reported = Reported(value, ts, prop.last_version)
             accepted[name] = prop.reported
-            entry: dict[str, Any] = {"reported": self._reported_status(prop)}
+            entry: dict[str, Any] = {"reported": reported_status(prop)}
             if (
                 prop.write_state is WriteState.PENDING
                 and prop.desired is not None
@@ -289,7 +296,7 @@ class TwinEngine:
             ):
                 prop.write_state, prop.write_reason = WriteState.APPLIED, ""
                 prop.next_write_ms = None
-                entry["observedDesired"] = self._desired_status(prop)
+                entry["observedDesired"] = desired_status(prop)
             twins_patch[name] = entry
             self.changes.properties.add((device_id, name))
         for name, reason in rejected.items():
@@ -358,9 +365,7 @@ class TwinEngine:
             prop.write_state, prop.write_reason = WriteState.PENDING, ""
             prop.write_attempts, prop.next_write_ms = 0, now_ms
         self.changes.properties.add((device_id, prop_name))
-        entry = self._compose(
-            device_id, {"twins": {prop_name: {"observedDesired": self._desired_status(prop)}}}
-        )
+        entry = self._compose(device_id, {"twins": {prop_name: {"observedDesired": desired_status(prop)}}})
         incoming.outbox_revision = entry.revision
         return DesiredOutcome(prop_name, True, incoming, conflict, prop.write_state is WriteState.PENDING)
 
@@ -434,7 +439,7 @@ class TwinEngine:
         if prop.write_state is WriteState.PENDING and prop.write_reason != reason:
             prop.write_reason = reason
             self.changes.properties.add((device_id, prop_name))
-            self._compose(device_id, {"twins": {prop_name: {"observedDesired": self._desired_status(prop)}}})
+            self._compose(device_id, {"twins": {prop_name: {"observedDesired": desired_status(prop)}}})
 
     def _fail_write(self, device_id: str, prop: PropertyTwin, now_ms: int) -> None:
         prop.write_state = WriteState.FAILED
@@ -445,7 +450,7 @@ class TwinEngine:
         prop.next_write_ms = None
         self.changes.properties.add((device_id, prop.name))
         self._event(now_ms, device_id, prop.name, "write_failed", {"reason": prop.write_reason})
-        self._compose(device_id, {"twins": {prop.name: {"observedDesired": self._desired_status(prop)}}})
+        self._compose(device_id, {"twins": {prop.name: {"observedDesired": desired_status(prop)}}})
 
     # ----------------------------------------------------------------- device state
     def set_state(self, device_id: str, state: str, now_ms: int) -> None:
@@ -483,7 +488,41 @@ class TwinEngine:
             return False
         del self.outbox[device_id]
         self.changes.outbox.add(device_id)
+        if dev is not None:
+            for name, prop in dev.properties.items():
+                if prop.outbox_rev is not None:
+                    prop.outbox_rev = None
+                    self.changes.properties.add((device_id, name))
         return True
+
+    def seed_revisions(self, floor: int) -> None:
+        """Start outbox revisions above ``floor`` (at start: the wall clock in
+        microseconds, so no revision from before a restart comes back)."""
+        self._revision = max(self._revision, floor)
+
+    def restore_outbox(self, device_id: str, revision: int, device_patch: dict[str, Any]) -> None:
+        """Rebuild a device's pending patch from its stored parts: the device-level
+        fields, and the current status of every property still pending. Each property
+        entry sets whole objects, so the latest values are the composition."""
+        dev = self.device(device_id)
+        twins: dict[str, Any] = {}
+        revisions = [revision]
+        for name, prop in dev.properties.items():
+            if prop.outbox_rev is None:
+                continue
+            revisions.append(prop.outbox_rev)
+            entry: dict[str, Any] = {}
+            if prop.reported is not None:
+                entry["reported"] = reported_status(prop)
+            if prop.desired is not None:
+                entry["observedDesired"] = desired_status(prop)
+            twins[name] = entry
+        patch = dict(device_patch)
+        if twins:
+            patch["twins"] = twins
+        if patch:
+            self.outbox[device_id] = OutboxEntry(patch, max(revisions))
+            self._revision = max(self._revision, max(revisions))
 
     def drain(self) -> Changes:
         """Return what changed since the last call and start afresh."""
@@ -498,9 +537,9 @@ class TwinEngine:
         for name, prop in dev.properties.items():
             entry: dict[str, Any] = {}
             if prop.reported is not None:
-                entry["reported"] = self._reported_status(prop)
+                entry["reported"] = reported_status(prop)
             if prop.desired is not None:
-                entry["observedDesired"] = self._desired_status(prop)
+                entry["observedDesired"] = desired_status(prop)
             if entry:
                 twins[name] = entry
         patch: dict[str, Any] = {"state": dev.state, "twins": twins}
@@ -508,39 +547,23 @@ class TwinEngine:
             patch["lastOnlineTime"] = iso_ms(dev.last_online_ms)
         return patch
 
-    @staticmethod
-    def _reported_status(prop: PropertyTwin) -> dict[str, Any]:
-        rep = prop.reported
-        assert rep is not None
-        return {
-            "value": value_to_text(rep.value),
-            "metadata": {
-                "timestamp": str(rep.timestamp),
-                "version": str(rep.version),
-                "type": prop.type.value.lower(),
-            },
-        }
-
-    @staticmethod
-    def _desired_status(prop: PropertyTwin) -> dict[str, Any]:
-        d = prop.desired
-        assert d is not None
-        meta = {
-            "origin": d.origin,
-            "stamp": str(d.stamp),
-            "writeState": prop.write_state.value,
-            "writeReason": prop.write_reason,
-        }
-        return {"value": value_to_text(d.value), "metadata": meta}
-
     # ----------------------------------------------------------------- internals
     def _compose(self, device_id: str, patch: dict[str, Any]) -> OutboxEntry:
         entry = self.outbox.get(device_id)
         if entry is None:
             entry = self.outbox[device_id] = OutboxEntry({}, 0)
         compose_into(entry.patch, patch)
-        entry.revision += 1
-        self.changes.outbox.add(device_id)
+        self._revision += 1
+        entry.revision = self._revision
+        twins = patch.get("twins")
+        if twins:
+            props = self.devices[device_id].properties
+            for name in twins:
+                props[name].outbox_rev = entry.revision
+                self.changes.properties.add((device_id, name))
+        if len(patch) > (1 if twins else 0):
+            # Device-level fields (state, conditions) live in the outbox row.
+            self.changes.outbox.add(device_id)
         return entry
 
     def _record_conflict(self, prop: PropertyTwin, conflict: Conflict, now_ms: int) -> None:
@@ -568,6 +591,33 @@ class TwinEngine:
 
     def _event(self, ts_ms: int, device_id: str, prop: str, kind: str, detail: dict[str, Any]) -> None:
         self.changes.events.append(Event(ts_ms, device_id, prop, kind, detail))
+
+
+def reported_status(prop: PropertyTwin) -> dict[str, Any]:
+    """A property's reported value as Device status shows it (KubeEdge: strings)."""
+    rep = prop.reported
+    assert rep is not None
+    return {
+        "value": value_to_text(rep.value),
+        "metadata": {
+            "timestamp": str(rep.timestamp),
+            "version": str(rep.version),
+            "type": prop.type.value.lower(),
+        },
+    }
+
+
+def desired_status(prop: PropertyTwin) -> dict[str, Any]:
+    """The desired value in effect as Device status shows it (``observedDesired``)."""
+    d = prop.desired
+    assert d is not None
+    meta = {
+        "origin": d.origin,
+        "stamp": str(d.stamp),
+        "writeState": prop.write_state.value,
+        "writeReason": prop.write_reason,
+    }
+    return {"value": value_to_text(d.value), "metadata": meta}
 
 
 def _wins(incoming: Desired, current: Desired) -> bool:
