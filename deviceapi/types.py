@@ -22,8 +22,8 @@ _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 # Property names become MQTT topic levels: no '/', '+', '#', no leading '$'.
 _PROPERTY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, None: 1}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, None: 1}
 
 
 class ManifestError(ValueError):
@@ -51,8 +51,8 @@ class AccessMode(StrEnum):
 
 
 def parse_duration_ms(raw: Any) -> int:
-    """A cycle as milliseconds: an integer is milliseconds (as in KubeEdge); text may
-    carry a unit (``500ms``, ``10s``, ``1.5m``, ``1h``)."""
+    """A duration as milliseconds: an integer is milliseconds (as in KubeEdge); text may
+    carry a unit (``500ms``, ``10s``, ``1.5m``, ``1h``, ``7d``)."""
     if isinstance(raw, bool):
         raise ValueError("expected a duration such as 1000 (ms) or '10s'")
     if isinstance(raw, int | float):

@@ -127,7 +127,7 @@ class Gateway:
         try:
             self.load()
             assert self.store is not None
-            self.writer = StoreWriter(self.store)
+            self.writer = StoreWriter(self.store, self.cfg.store.commit_mode)
             self.bus = MqttBus(
                 self.cfg.mqtt,
                 self.cfg.mqtt.client_id or f"edgetwin-{self.node}",

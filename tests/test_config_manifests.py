@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from deviceapi import ManifestError
+from deviceapi.types import parse_duration_ms
 from gateway.config import ConfigError, load_config, parse_config
 from gateway.manifests import load_manifests
 from tests.conftest import THERMO_PROPS, device_doc, model_doc, run_cli, write_manifests
@@ -24,6 +25,20 @@ def test_minimal_config_and_relative_paths(tmp_path: Path) -> None:
     assert cfg.manifests == [tmp_path / "m"]
     assert cfg.mqtt.host_port == ("127.0.0.1", 1883)
     assert cfg.mqtt.protocol == "5"
+
+
+@pytest.mark.parametrize(
+    ("text", "ms"),
+    [(250, 250), ("250", 250), ("500ms", 500), ("10s", 10_000), ("1.5m", 90_000), ("7d", 604_800_000)],
+)
+def test_durations(text: object, ms: int) -> None:
+    assert parse_duration_ms(text) == ms
+
+
+@pytest.mark.parametrize("bad", ["soon", "-1s", 0, True, "10 parsecs"])
+def test_bad_durations(bad: object) -> None:
+    with pytest.raises(ValueError, match="duration"):
+        parse_duration_ms(bad)
 
 
 def test_embedded_broker_speaks_311() -> None:

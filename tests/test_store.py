@@ -83,3 +83,36 @@ def test_event_log_keeps_the_newest_rows(tmp_path: Path) -> None:
 def test_reader_reports_missing_store(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="no store at"):
         open_reader(tmp_path / "absent.db")
+
+
+async def test_auto_commit_mode_moves_slow_fsyncs_off_the_loop(tmp_path: Path) -> None:
+    import threading
+    import time as _time
+
+    from gateway.store.store import StoreWriter
+
+    store = Store(tmp_path / "s.db")
+    writer = StoreWriter(store, "auto")
+    threads: list[str] = []
+    real_finish = store.finish
+    delay = {"s": 0.0}
+
+    def finish() -> None:
+        threads.append(threading.current_thread().name)
+        _time.sleep(delay["s"])
+        real_finish()
+
+    store.finish = finish  # type: ignore[method-assign]
+    e = TwinEngine()
+    e.upsert_device(device("t1"), MODEL)
+    for _ in range(3):
+        e.apply_reported("plant.t1", {"count": 1}, 0)
+        await writer.commit(snapshot(e, e.drain()))
+    assert threads == ["MainThread"] * 3  # fast fsyncs: inline
+    delay["s"] = 0.02  # a slow SD card
+    for _ in range(6):
+        e.apply_reported("plant.t1", {"count": 2}, 0)
+        await writer.commit(snapshot(e, e.drain()))
+    assert threads[-1].startswith("store-writer") and not writer.inline
+    writer.close()
+    store.close()

@@ -7,8 +7,9 @@ For 10 devices x 10 properties and 1,000 devices x 10 properties it prints:
   * sustained updates/s: a publisher process sends one-property QoS 1 updates as fast as
     the broker takes them; counted when the gateway's update result arrives (results are
     published only after the durable commit, WAL + synchronous=FULL);
-  * p50/p99 latency publish -> result at a fixed rate (an upper bound on publish ->
-    commit: it includes the result's trip back through the broker);
+  * p50/p99 latency publish -> result over 10 s at a fixed rate, after a warm-up (an
+    upper bound on publish -> commit: it includes the result's trip back through the
+    broker);
   * the same traffic through the same broker with no gateway (subscriber receives the
     publisher's messages directly) as the baseline, and the ratio.
 Then the gateway's RSS with 100 idle devices. The gateway is pinned to one core.
@@ -38,6 +39,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 EDGETWIN = str(Path(sys.executable).parent / "edgetwin")
 NODE = "bench"
+LATENCY_S = 10  # seconds of fixed-rate traffic for the latency figures
 
 
 def free_port() -> int:
@@ -216,16 +218,18 @@ def bench_shape(tmp: Path, port: int, devices: int, updates: int, rate: float) -
     topics = [f"$hw/events/device/b.d{i}/twin/update" for i in range(devices)]
     raw_topics = [f"bench/raw/d{i}" for i in range(devices)]
     # Baseline first: the same publisher straight to a subscriber, same broker.
+    # Steady state at a fixed rate first (after a warm-up), then the flood.
     rx = Receiver(port, "bench/raw/#")
+    base_lat = run_phase(port, raw_topics, rx, int(rate * LATENCY_S), rate)
     base_max = run_phase(port, raw_topics, rx, updates, 0)
-    base_lat = run_phase(port, raw_topics, rx, int(rate * 5), rate)
     rx.close()
     gw = start_gateway(tmp, port, devices, 10)
     try:
         rx = Receiver(port, "$hw/events/device/+/twin/update/result")
         run_phase(port, topics, rx, min(updates, 2000), 0)  # warm-up
+        time.sleep(2)
+        gw_lat = run_phase(port, topics, rx, int(rate * LATENCY_S), rate)
         gw_max = run_phase(port, topics, rx, updates, 0)
-        gw_lat = run_phase(port, topics, rx, int(rate * 5), rate)
         rx.close()
     finally:
         gw.terminate()

@@ -1,0 +1,45 @@
+"""Shipped files stay true to the code: CRDs, example config and manifests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from deviceapi import AccessMode, PropertyType
+from gateway.config import parse_config
+from gateway.manifests import load_manifests
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+
+
+def _crd(name: str) -> dict:
+    return yaml.safe_load((DEPLOY / "crds" / name).read_text())
+
+
+def test_crd_enums_match_the_python_types() -> None:
+    model = _crd("devicemodels.edgetwin.io.yaml")["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    item = model["properties"]["spec"]["properties"]["properties"]["items"]["properties"]
+    assert set(item["type"]["enum"]) == {t.value for t in PropertyType}
+    assert set(item["accessMode"]["enum"]) == {m.value for m in AccessMode}
+
+
+def test_device_crd_has_status_subresource_columns_and_node_selector() -> None:
+    version = _crd("devices.edgetwin.io.yaml")["spec"]["versions"][0]
+    assert version["subresources"] == {"status": {}}
+    columns = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"]}
+    assert columns["Node"] == ".spec.nodeName" and columns["State"] == ".status.state"
+    assert {"jsonPath": ".spec.nodeName"} in version["selectableFields"]
+    status = version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]
+    twin = status["twins"]["items"]["properties"]
+    assert {"propertyName", "reported", "observedDesired"} <= set(twin)
+
+
+def test_example_config_and_manifests_load(tmp_path: Path) -> None:
+    data = yaml.safe_load((DEPLOY / "examples" / "gateway.yaml").read_text())
+    data["manifests"] = [str(DEPLOY / "examples" / "manifests")]
+    cfg = parse_config(data, "example")
+    assert cfg.node == "edge-01"
+    manifests = load_manifests(cfg.manifests, cfg.node)
+    assert ("plant", "thermostat-hall") in manifests.devices
