@@ -10,10 +10,11 @@ only and is not part of what a manifest may set.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 API_GROUP = "edgetwin.io"
 API_VERSION = f"{API_GROUP}/v1alpha1"
@@ -34,6 +35,19 @@ class ManifestError(ValueError):
         super().__init__(f"{where}: {problem}")
         self.where = where
         self.problem = problem
+
+
+def first_problem(exc: ValidationError, unknown: str = "is not a known field") -> tuple[str, str]:
+    """The first error of a pydantic validation as (dotted key, problem), worded for
+    people: missing keys are "required", extra keys are ``unknown``."""
+    err = exc.errors()[0]
+    key = ".".join(str(p) for p in err["loc"])
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    if err["type"] == "missing":
+        msg = "is required"
+    elif err["type"] == "extra_forbidden":
+        msg = unknown
+    return key, msg
 
 
 class PropertyType(StrEnum):
@@ -106,6 +120,14 @@ def _check_property_name(v: str) -> str:
     return v
 
 
+def _check_unique(names: Iterable[str]) -> None:
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise ValueError(f"property {name!r} is listed twice")
+        seen.add(name)
+
+
 def _limit(v: Any) -> float | None:
     # KubeEdge writes minimum/maximum as strings; accept both.
     if v is None or v == "":
@@ -152,11 +174,7 @@ class DeviceModelSpec(_Strict):
 
     @model_validator(mode="after")
     def _unique(self) -> DeviceModelSpec:
-        seen: set[str] = set()
-        for prop in self.properties:
-            if prop.name in seen:
-                raise ValueError(f"property {prop.name!r} is listed twice")
-            seen.add(prop.name)
+        _check_unique(p.name for p in self.properties)
         return self
 
 
@@ -220,11 +238,7 @@ class DeviceSpec(_Strict):
 
     @model_validator(mode="after")
     def _unique(self) -> DeviceSpec:
-        seen: set[str] = set()
-        for prop in self.properties:
-            if prop.name in seen:
-                raise ValueError(f"property {prop.name!r} is listed twice")
-            seen.add(prop.name)
+        _check_unique(p.name for p in self.properties)
         return self
 
 

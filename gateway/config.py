@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from deviceapi.types import parse_duration_ms
+from deviceapi.types import first_problem, parse_duration_ms
 
 _NODE = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 
@@ -173,13 +173,7 @@ def parse_config(data: Any, source: str = "", base: Path | None = None) -> Gatew
     try:
         cfg = GatewayConfig.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        key = ".".join(str(p) for p in err["loc"])
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "missing":
-            msg = "is required"
-        elif err["type"] == "extra_forbidden":
-            msg = "is not a known key"
+        key, msg = first_problem(exc, unknown="is not a known key")
         raise ConfigError(key, msg, source) from None
     if base is not None:
         cfg.store.path = _resolve(base, cfg.store.path)

@@ -15,7 +15,7 @@ import yaml
 from pydantic import ValidationError
 
 from deviceapi import Device, DeviceModel, ManifestError
-from deviceapi.types import check_device_against_model
+from deviceapi.types import check_device_against_model, first_problem
 
 log = logging.getLogger(__name__)
 
@@ -53,17 +53,6 @@ def _files(paths: list[Path]) -> list[Path]:
     return found
 
 
-def _pydantic_problem(exc: ValidationError) -> str:
-    err = exc.errors()[0]
-    key = ".".join(str(p) for p in err["loc"])
-    msg = err["msg"].removeprefix("Value error, ")
-    if err["type"] == "missing":
-        msg = "is required"
-    elif err["type"] == "extra_forbidden":
-        msg = "is not a known field"
-    return f"{key}: {msg}"
-
-
 def parse_object(doc: Any, where: str) -> Device | DeviceModel | None:
     """Validate one YAML document; documents of other kinds are ignored (None)."""
     if not isinstance(doc, dict):
@@ -78,7 +67,8 @@ def parse_object(doc: Any, where: str) -> Device | DeviceModel | None:
     try:
         return cls.model_validate(doc)
     except ValidationError as exc:
-        raise ManifestError(where, _pydantic_problem(exc)) from None
+        key, msg = first_problem(exc)
+        raise ManifestError(where, f"{key}: {msg}") from None
 
 
 def load_manifests(paths: list[Path], node: str) -> ManifestSet:

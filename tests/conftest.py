@@ -23,6 +23,8 @@ import pytest
 import yaml
 from hypothesis import settings
 
+from edgetwin.demo import free_port
+
 # Properties are judged on behaviour, never on how long one example took on a busy CI
 # machine; print_blob lets a failure be replayed exactly.
 settings.register_profile("edgetwin", deadline=None, print_blob=True)
@@ -30,12 +32,6 @@ settings.load_profile("edgetwin")
 
 BIN = Path(sys.executable).parent
 EDGETWIN = str(BIN / "edgetwin")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_port(port: int, timeout: float = 10.0) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -116,14 +117,12 @@ def test_twin_set_produces_delta_and_is_shown(gateway: GatewayProcess, mosquitto
 
     # The mapper applies it and reports the new actual value: the write is confirmed.
     publish(mosquitto.port, TOPIC_UPDATE, update_payload({"setpoint": "21.5"}, "ev-sp"))
-    deadline_twin = None
     for _ in range(50):
-        deadline_twin = twin_get(gateway)
-        if deadline_twin["twin"]["setpoint"]["desired"]["writeState"] == "applied":
+        twin = twin_get(gateway)
+        if twin["twin"]["setpoint"]["desired"]["writeState"] == "applied":
             break
-        subprocess.run(["sleep", "0.1"], check=True)
-    assert deadline_twin is not None
-    assert deadline_twin["twin"]["setpoint"]["desired"]["writeState"] == "applied"
+        time.sleep(0.1)
+    assert twin["twin"]["setpoint"]["desired"]["writeState"] == "applied"
 
 
 def test_twin_set_rejects_read_only_and_out_of_range(gateway: GatewayProcess) -> None:

@@ -511,12 +511,7 @@ class TwinEngine:
             if prop.outbox_rev is None:
                 continue
             revisions.append(prop.outbox_rev)
-            entry: dict[str, Any] = {}
-            if prop.reported is not None:
-                entry["reported"] = reported_status(prop)
-            if prop.desired is not None:
-                entry["observedDesired"] = desired_status(prop)
-            twins[name] = entry
+            twins[name] = property_status(prop)
         patch = dict(device_patch)
         if twins:
             patch["twins"] = twins
@@ -535,12 +530,7 @@ class TwinEngine:
         dev = self.device(device_id)
         twins: dict[str, Any] = {}
         for name, prop in dev.properties.items():
-            entry: dict[str, Any] = {}
-            if prop.reported is not None:
-                entry["reported"] = reported_status(prop)
-            if prop.desired is not None:
-                entry["observedDesired"] = desired_status(prop)
-            if entry:
+            if entry := property_status(prop):
                 twins[name] = entry
         patch: dict[str, Any] = {"state": dev.state, "twins": twins}
         if dev.last_online_ms is not None:
@@ -618,6 +608,16 @@ def desired_status(prop: PropertyTwin) -> dict[str, Any]:
         "writeReason": prop.write_reason,
     }
     return {"value": value_to_text(d.value), "metadata": meta}
+
+
+def property_status(prop: PropertyTwin) -> dict[str, Any]:
+    """A property's whole status entry: reported and observedDesired, where present."""
+    entry: dict[str, Any] = {}
+    if prop.reported is not None:
+        entry["reported"] = reported_status(prop)
+    if prop.desired is not None:
+        entry["observedDesired"] = desired_status(prop)
+    return entry
 
 
 def _wins(incoming: Desired, current: Desired) -> bool:

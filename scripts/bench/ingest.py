@@ -36,16 +36,12 @@ from typing import Any
 import paho.mqtt.client as paho
 import yaml
 
+from edgetwin.demo import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 EDGETWIN = str(Path(sys.executable).parent / "edgetwin")
 NODE = "bench"
 LATENCY_S = 10  # seconds of fixed-rate traffic for the latency figures
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_port(port: int) -> None:
