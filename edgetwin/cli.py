@@ -21,6 +21,7 @@ from deviceapi import ManifestError
 from deviceapi.types import split_device_id
 from gateway.config import ConfigError, GatewayConfig, load_config
 from gateway.mapper_host import MapperLoadError
+from gateway.mqtt.broker import BrokerStartError
 from gateway.store.schema import SchemaTooNew
 from gateway.store.store import StoreError
 
@@ -278,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # a bad argument, e.g. a device id
         print(f"edgetwin: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except (StoreError, SchemaTooNew, MapperLoadError) as exc:
+    except (StoreError, SchemaTooNew, MapperLoadError, BrokerStartError) as exc:
         print(f"edgetwin: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:

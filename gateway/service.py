@@ -2,9 +2,9 @@
 
 Flow of a reported value: MQTT message (or a mapper's report) -> engine applies it in
 memory -> the committer writes everything that changed since its last commit in one
-durable transaction (group commit) -> only then are the MQTT messages acknowledged, the
-results, deltas and retained values published, and mapper reports released. A crash at
-any point before the commit loses nothing: the broker redelivers what was not
+durable transaction (group commit) -> only then are retained values, answers and deltas
+published, then the MQTT messages acknowledged, and mapper reports released. A crash at
+any point before the acknowledgement loses nothing: the broker redelivers what was not
 acknowledged, and mappers read again.
 
 Bounds: in-flight MQTT messages are bounded by the session's Receive Maximum (MQTT 5) or
@@ -71,6 +71,9 @@ class Gateway:
         self._writing: set[tuple[str, str]] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._ratelimit = logs.RateLimit()
+        # One commit at a time: the committer and the final commit at shutdown share the
+        # store's one connection.
+        self._commit_lock = asyncio.Lock()
 
     # ----------------------------------------------------------------- start-up
     def load(self) -> None:
@@ -86,6 +89,7 @@ class Gateway:
             self.engine.upsert_device(device, model)
             self.definitions[device.id] = (device, model)
         self.store.load_into(self.engine)
+        self.store.prune(self.engine)
         self.engine.seed_revisions(now_ms() * 1000)
         for stale in self.store.stored_device_ids() - set(self.engine.devices):
             self.engine.changes.removed.add(stale)
@@ -191,6 +195,10 @@ class Gateway:
 
     async def _commit_once(self) -> None:
         """Commit what changed, then release what waited on it."""
+        async with self._commit_lock:
+            await self._commit_locked()
+
+    async def _commit_locked(self) -> None:
         self._dirty.clear()
         changes = self.engine.drain()
         acks, self._acks = self._acks, []
@@ -399,8 +407,12 @@ class Gateway:
             await self._committed()  # the desired value is durable before we act on it
             await self.mappers.by_device[dev_id].write(self.mappers.bindings[dev_id], prop, value)
             self.metrics.inc("mapper_writes")
-        except (MapperError, OSError, TimeoutError) as exc:
+        except Exception as exc:
+            # A mapper's own failure (MapperError, I/O) or a bug in a third-party
+            # plugin: either way the attempt failed, the reason is kept, retries go on.
             self.metrics.inc("mapper_write_errors")
+            if not isinstance(exc, MapperError | OSError | TimeoutError):
+                log.error("mapper write raised", extra={"device": dev_id, "property": prop}, exc_info=exc)
             self.engine.write_failed(dev_id, prop, str(exc) or type(exc).__name__)
             self._dirty.set()
         finally:

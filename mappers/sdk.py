@@ -178,7 +178,9 @@ class PollingMapper(Mapper):
         while True:
             try:
                 values = await self.read(device)
-            except (MapperError, OSError, TimeoutError) as exc:
+            except Exception as exc:  # a bug in read() must not end the device's polling
+                if not isinstance(exc, MapperError | OSError | TimeoutError):
+                    log.error("read raised", extra={"device": device.id}, exc_info=exc)
                 if online is not False:
                     log.warning("device unreachable", extra={"device": device.id, "error": str(exc)})
                     await self.host.set_state(device.id, "offline")

@@ -40,6 +40,22 @@ class BusyMapper(PollingMapper):
         raise MapperError("device busy (Modbus exception 6)")
 
 
+class BuggyMapper(PollingMapper):
+    """A plugin with bugs: read() raises on its first call, write() always raises."""
+
+    protocol: ClassVar[str] = "buggy"
+    reads = 0
+
+    async def read(self, device: DeviceBinding) -> dict[str, Any]:
+        type(self).reads += 1
+        if type(self).reads == 1:
+            raise ValueError("unexpected register layout")
+        return {"count": type(self).reads}
+
+    async def write(self, device: DeviceBinding, prop: str, value: Value) -> None:
+        raise KeyError(prop)
+
+
 async def wait_until(pred: Any, within: float = 10.0) -> None:
     deadline = time.monotonic() + within
     while not pred():
@@ -52,7 +68,8 @@ async def wait_until(pred: Any, within: float = 10.0) -> None:
 async def gateway(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Gateway]:
     # The busy mapper stands in for an installed plugin; discovery itself is tested above.
     monkeypatch.setattr(
-        "gateway.mapper_host.discover", lambda: {"virtual": VirtualMapper, "busy": BusyMapper}
+        "gateway.mapper_host.discover",
+        lambda: {"virtual": VirtualMapper, "busy": BusyMapper, "buggy": BuggyMapper},
     )
     manifests = write_manifests(
         tmp_path / "m.yaml",
@@ -83,13 +100,25 @@ async def gateway(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncItera
                 properties=[{"name": "enabled", "desired": {"value": True}}],
             ),
             device_doc("ext-1", "plant", "thermostat", NODE),
+            device_doc(
+                "buggy-1",
+                "plant",
+                "thermostat",
+                NODE,
+                protocol={"protocolName": "buggy"},
+                properties=[
+                    {"name": "count", "collectCycle": "50ms"},
+                    {"name": "setpoint", "desired": {"value": 20}},
+                ],
+            ),
         ],
     )
     port = free_port()
     cfg = parse_config(
         {
             "node": NODE,
-            "store": {"path": str(tmp_path / "s.db")},
+            # The threaded commit path; the MQTT tests run the default (auto: inline here).
+            "store": {"path": str(tmp_path / "s.db"), "commit_mode": "thread"},
             "mqtt": {"embedded": {"host": "127.0.0.1", "port": port}},
             "manifests": [str(manifests)],
             "mappers": {"virtual": {"offline": {"plant.sim-off": True}}},
@@ -123,6 +152,14 @@ async def test_failed_writes_keep_the_reason_and_retry(gateway: Gateway) -> None
     assert prop.write_state is WriteState.PENDING
     assert prop.write_reason == "device busy (Modbus exception 6)"
     assert gateway.metrics.counters["mapper_write_errors"] >= 2
+
+
+async def test_plugin_bugs_do_not_stop_polling_and_are_kept_as_reasons(gateway: Gateway) -> None:
+    props = gateway.engine.devices["plant.buggy-1"].properties
+    await wait_until(lambda: props["count"].reported is not None and props["count"].reported.version >= 3)
+    await wait_until(lambda: props["setpoint"].write_reason != "")
+    assert props["setpoint"].write_reason == "'setpoint'"  # the KeyError, as the plugin raised it
+    assert props["setpoint"].write_state is WriteState.PENDING
 
 
 async def test_hw_topics_work_on_the_embedded_broker(gateway: Gateway) -> None:

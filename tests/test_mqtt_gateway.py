@@ -224,6 +224,22 @@ def test_malformed_payloads_are_rejected_counted_and_nothing_else_lost(
     assert "rejected MQTT message" in log and "not JSON" in log
 
 
+def test_embedded_broker_port_taken_is_a_clear_error(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text(
+            f"node: edge-a\nstore: {{path: s.db}}\nmqtt: {{embedded: {{host: 127.0.0.1, port: {port}}}}}\n"
+        )
+        out = run_cli("gateway", "run", "--config", str(cfg))
+    assert out.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in out.stderr and "Traceback" not in out.stderr
+
+
 def test_bad_config_exits_2_naming_the_key(tmp_path: Path) -> None:
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("node: edge-a\nstore: {path: x.db}\nmqtt: {url: 'http://nope'}\n")

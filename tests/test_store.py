@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from deviceapi import DeviceModel
 from gateway.store.schema import SCHEMA_VERSION, SchemaTooNew
 from gateway.store.store import Store, StoreError, open_reader, read_twin, snapshot
 from gateway.twin.engine import Event, TwinEngine
+from tests.conftest import THERMO_PROPS, model_doc
 from tests.test_engine import MODEL, device
 
 
@@ -64,6 +66,26 @@ def test_round_trip_restores_twins_outbox_and_clock(tmp_path: Path) -> None:
     assert fresh.apply_reported("plant.t1", {"temperature": 1}, 4000).accepted["temperature"].version == 3
     twin = read_twin(open_reader(path), "plant.t1")
     assert twin is not None and twin["twin"]["label"]["reported"]["value"] == "x"
+    store.close()
+
+
+def test_prune_drops_rows_of_properties_gone_from_the_model(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s.db")
+    e = TwinEngine()
+    e.upsert_device(device("t1"), MODEL)
+    e.apply_reported("plant.t1", {"label": "x", "count": 1}, 0)
+    store.commit(snapshot(e, e.drain()))
+    smaller = DeviceModel.model_validate(
+        model_doc("thermostat", "plant", [p for p in THERMO_PROPS if p["name"] != "label"])
+    )
+    fresh = TwinEngine()
+    fresh.upsert_device(device("t1"), smaller)
+    store.load_into(fresh)
+    store.prune(fresh)
+    twin = read_twin(open_reader(tmp_path / "s.db"), "plant.t1")
+    assert (
+        twin is not None and "label" not in twin["twin"] and twin["twin"]["count"]["reported"]["value"] == 1
+    )
     store.close()
 
 

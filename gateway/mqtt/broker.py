@@ -16,6 +16,10 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
+class BrokerStartError(RuntimeError):
+    """The embedded broker could not start (e.g. its port is taken)."""
+
+
 class EmbeddedBroker:
     def __init__(self, host: str, port: int) -> None:
         self.host, self.port = host, port
@@ -50,7 +54,20 @@ class EmbeddedBroker:
             },
         }
         self._broker = _Broker(config)
-        await self._broker.start()
+        # amqtt logs its own traceback when it cannot start; the error raised below says
+        # it in one line, so its logger is quiet for the start only.
+        amqtt_log = logging.getLogger("amqtt.broker")
+        level = amqtt_log.level
+        amqtt_log.setLevel(logging.CRITICAL)
+        try:
+            await self._broker.start()
+        except Exception as exc:
+            self._broker = None
+            raise BrokerStartError(
+                f"embedded MQTT broker cannot listen on {self.host}:{self.port}: {exc}"
+            ) from exc
+        finally:
+            amqtt_log.setLevel(level)
         log.info("embedded broker listening", extra={"bind": f"{self.host}:{self.port}"})
 
     async def stop(self) -> None:

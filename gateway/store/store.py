@@ -262,6 +262,17 @@ class Store:
                 device_patch = json.loads(outbox_row["device_patch"])
                 engine.restore_outbox(dev_id, outbox_row["revision"], device_patch)
 
+    def prune(self, engine: TwinEngine) -> None:
+        """Delete twin rows of properties no longer in their device's model."""
+        orphans = [
+            (dev_id, name)
+            for dev_id, name in self.conn.execute("SELECT device_id, property FROM twin_property")
+            if dev_id in engine.devices and name not in engine.devices[dev_id].properties
+        ]
+        if orphans:
+            with self._transaction() as c:
+                c.executemany("DELETE FROM twin_property WHERE device_id = ? AND property = ?", orphans)
+
     def stored_device_ids(self) -> set[str]:
         return {r[0] for r in self.conn.execute("SELECT DISTINCT device_id FROM twin_property")}
 
