@@ -221,6 +221,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return asyncio.run(run_demo(duration=args.duration, live=not args.no_live))
 
 
+# --------------------------------------------------------------------- simulators
+def cmd_sim_modbus(args: argparse.Namespace) -> int:
+    from mappers.modbus.sim import serve
+
+    try:
+        asyncio.run(serve(args.host, args.port, args.unit))
+    except KeyboardInterrupt:
+        pass
+    except OSError as exc:
+        raise CliError(f"cannot serve on {args.host}:{args.port}: {exc}") from None
+    return 0
+
+
 # --------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -258,6 +271,13 @@ def build_parser() -> argparse.ArgumentParser:
     check = cfg.add_parser("check", help="validate a config and its manifests")
     check.add_argument("--config", required=True, type=Path)
     check.set_defaults(func=cmd_config_check)
+
+    sim = sub.add_parser("sim", help="device simulators").add_subparsers(dest="kind", required=True)
+    modbus = sim.add_parser("modbus", help="a Modbus TCP boiler controller whose values move")
+    modbus.add_argument("--host", default="127.0.0.1")
+    modbus.add_argument("--port", type=int, default=5020)
+    modbus.add_argument("--unit", type=int, default=1)
+    modbus.set_defaults(func=cmd_sim_modbus)
 
     demo = sub.add_parser("demo", help="run a self-contained demo with simulated devices")
     demo.add_argument("--duration", type=float, default=None, help="stop after this many seconds")

@@ -1,9 +1,10 @@
 """``edgetwin demo``: the gateway on embedded defaults with simulated devices.
 
 An embedded MQTT broker on a free loopback port, a temporary store, the demo manifests
-(served by the ``virtual`` mapper through the mapper SDK) and a live view of the twins.
-Every 15 s the demo sets a new edge-local desired setpoint on the boiler through MQTT,
-exactly as ``edgetwin twin set`` does, so the desired -> write -> reported path shows.
+(simulated devices served by the ``virtual`` mapper), a Modbus boiler simulator served
+by the real Modbus mapper, and a live view of the twins. Every 15 s the demo sets a new
+edge-local desired setpoint on both boilers through MQTT, exactly as ``edgetwin twin
+set`` does, so the desired -> write -> read back -> reported path shows.
 """
 
 from __future__ import annotations
@@ -18,9 +19,12 @@ import time
 from importlib import resources
 from pathlib import Path
 
+import yaml
+
 from gateway.config import parse_config
 from gateway.service import Gateway
 from gateway.twin.engine import TwinEngine
+from mappers.modbus.sim import BoilerSimulator, boiler_manifests
 
 SETPOINTS = (55.0, 70.0, 62.5, 80.0)
 
@@ -60,25 +64,33 @@ async def _set_desired(host: str, port: int, value: float) -> None:
 
     body = payloads.twin_set_request(payloads.new_event_id(), int(time.time() * 1000), {"setpoint": value})
     async with aiomqtt.Client(host, port) as client:
-        await client.publish(topics.twin_update("plant.boiler-1"), body, qos=1)
+        for device in ("plant.boiler-1", "plant.boiler-mb"):
+            await client.publish(topics.twin_update(device), body, qos=1)
 
 
 async def run_demo(duration: float | None = None, live: bool = True) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="edgetwin-demo-"))
     manifests = resources.files("edgetwin") / "demo_manifests"
     port = free_port()
+    # A simulated Modbus boiler on its own port, served by the real Modbus mapper.
+    sim = BoilerSimulator("127.0.0.1", free_port())
+    await sim.start()
+    (tmp / "modbus.yaml").write_text(yaml.safe_dump_all(boiler_manifests("demo-node", sim.host, sim.port)))
     cfg = parse_config(
         {
             "node": "demo-node",
             "store": {"path": str(tmp / "store.db")},
             "mqtt": {"embedded": {"host": "127.0.0.1", "port": port}},
-            "manifests": [str(manifests)],
+            "manifests": [str(manifests), str(tmp / "modbus.yaml")],
             "mappers": {"virtual": {"seed": 7}},
         },
         "demo",
     )
     live = live and sys.stdout.isatty()
-    print(f"edgetwin demo: store {tmp / 'store.db'}, MQTT broker on 127.0.0.1:{port}")
+    print(
+        f"edgetwin demo: store {tmp / 'store.db'}, MQTT broker on 127.0.0.1:{port}, "
+        f"Modbus boiler simulator on {sim.host}:{sim.port}"
+    )
     print(f"  watch it:  mosquitto_sub -h 127.0.0.1 -p {port} -t 'edgetwin/#' -v")
     gateway = Gateway(cfg)
     stop = asyncio.Event()
@@ -110,4 +122,5 @@ async def run_demo(duration: float | None = None, live: bool = True) -> int:
         stop.set()
         with contextlib.suppress(asyncio.CancelledError):
             await runner
+        await sim.stop()
     return 0

@@ -373,6 +373,10 @@ class Gateway:
         self.engine.set_state(dev_id, state, now_ms())
         await self._committed()
 
+    async def report_errors(self, dev_id: str, errors: Mapping[str, str]) -> None:
+        self.engine.set_read_errors(dev_id, errors, now_ms())
+        await self._committed()
+
     # ----------------------------------------------------------------- desired writes
     async def _write_scheduler(self) -> None:
         """Hand due desired writes to the device's mapper, or to external mappers as a
@@ -444,3 +448,6 @@ class _Host:
 
     async def set_state(self, device_id: str, state: str) -> None:
         await self._gw.set_state(device_id, state)
+
+    async def report_errors(self, device_id: str, errors: Mapping[str, str]) -> None:
+        await self._gw.report_errors(device_id, errors)

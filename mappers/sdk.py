@@ -111,6 +111,11 @@ class MapperHost(Protocol):
         """Report the device's connection state: "online", "offline" or "unknown"."""
         ...
 
+    async def report_errors(self, device_id: str, errors: Mapping[str, str]) -> None:
+        """Mark properties that could not be read, with the reason (e.g. a Modbus
+        exception); the mark stays until a value for the property is reported."""
+        ...
+
 
 class Mapper(ABC):
     """Base of every mapper plugin."""

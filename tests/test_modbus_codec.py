@@ -67,6 +67,8 @@ def test_string_bit_scale_mask() -> None:
     assert decode(bit, [0b1000]) is True and decode(bit, [0b0111]) is False
     assert encode(bit, True, current=[0b0001]) == [0b1001]
     assert encode(bit, False, current=[0b1111]) == [0b0111]
+    assert decode(vis(scale=0.01), [188]) == 1.88
+    assert decode(vis(scale=0.1), [3]) == 0.3
     tenth = vis(dataType="int16", scale=0.1, offset=-40)
     assert decode(tenth, [0xFFFB]) == pytest.approx(-40.5)  # -5 * 0.1 - 40
     assert encode(tenth, 21.5) == [615]
@@ -118,7 +120,18 @@ def test_float64_round_trip_every_order(x: float, orders: tuple[str, str]) -> No
 @given(st.floats(width=32, allow_nan=False, allow_infinity=False), st.sampled_from(ORDERS))
 def test_float32_round_trip_every_order(x: float, orders: tuple[str, str]) -> None:
     v = vis(dataType="float32", byteOrder=orders[0], wordOrder=orders[1])
-    assert decode(v, encode(v, x)) == struct.unpack(">f", struct.pack(">f", x))[0]
+    regs = encode(v, x)
+    got = decode(v, regs)
+    # The same float32 bits, written as the shortest decimal.
+    assert struct.pack(">f", got) == struct.pack(">f", x)
+    assert encode(v, got) == regs
+    assert len(repr(got)) <= len(repr(struct.unpack(">f", struct.pack(">f", x))[0]))
+
+
+def test_float32_reads_as_the_decimal_the_device_meant() -> None:
+    v = vis(dataType="float32")
+    assert decode(v, encode(v, 34.7)) == 34.7
+    assert decode(v, encode(v, 0.1)) == 0.1
 
 
 @given(st.lists(st.integers(0, 0xFFFF), min_size=2, max_size=2), st.sampled_from(ORDERS))

@@ -76,6 +76,7 @@ class MqttBus:
         self._drain_scheduled = False
         self._on_message: Callable[[Inbound], None] = lambda m: None
         self._session: asyncio.Future[int] | None = None
+        self._closing = False
         self._client = self._make_client()
 
     # ----------------------------------------------------------------- client
@@ -194,6 +195,8 @@ class MqttBus:
                 await asyncio.to_thread(self._stop_network)
                 raise
             except (OSError, ConnectionError, TimeoutError) as exc:
+                if self._closing:
+                    return
                 self.metrics.inc("mqtt_disconnects")
                 log.warning(
                     "mqtt connection lost; reconnecting",
@@ -247,6 +250,7 @@ class MqttBus:
 
     async def close(self, final: tuple[str, bytes] | None = None) -> None:
         """Publish ``final`` (e.g. the gateway's offline status) and disconnect."""
+        self._closing = True
         if final is not None and self.connected.is_set():
             info = self._client.publish(final[0], final[1], qos=1, retain=True)
             await asyncio.to_thread(info.wait_for_publish, 2.0)

@@ -156,6 +156,8 @@ def _full_twin(dev: DeviceTwin) -> dict[str, Any]:
         entry: dict[str, Any] = {"metadata": {"type": prop.type.value.lower()}}
         if prop.reported is not None:
             entry = _actual(prop, prop.reported)
+        if prop.read_error:
+            entry["metadata"]["readError"] = prop.read_error
         if prop.desired is not None:
             d = prop.desired
             entry["expected"] = {

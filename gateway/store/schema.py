@@ -30,7 +30,7 @@ MIGRATIONS: list[tuple[str, list[str]]] = [
                 spec_desired TEXT,
                 write_state TEXT NOT NULL DEFAULT '', write_reason TEXT NOT NULL DEFAULT '',
                 write_attempts INTEGER NOT NULL DEFAULT 0, next_write_ms INTEGER,
-                outbox_rev INTEGER,
+                outbox_rev INTEGER, read_error TEXT NOT NULL DEFAULT '',
                 PRIMARY KEY (device_id, property)) WITHOUT ROWID""",
             """CREATE TABLE device_state (
                 device_id TEXT PRIMARY KEY, state TEXT NOT NULL,

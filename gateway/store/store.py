@@ -95,6 +95,7 @@ def property_row(device_id: str, p: PropertyTwin) -> tuple[Any, ...]:
         p.write_attempts,
         p.next_write_ms,
         p.outbox_rev,
+        p.read_error,
     )
 
 
@@ -124,7 +125,7 @@ def snapshot(engine: TwinEngine, changes: Changes) -> Batch:
     return batch
 
 
-_UPSERT_PROPERTY = "INSERT OR REPLACE INTO twin_property VALUES (" + ",".join("?" * 17) + ")"
+_UPSERT_PROPERTY = "INSERT OR REPLACE INTO twin_property VALUES (" + ",".join("?" * 18) + ")"
 
 
 class Store:
@@ -297,6 +298,7 @@ def _restore_property(prop: PropertyTwin, row: dict[str, Any]) -> None:
     prop.write_attempts = row["write_attempts"]
     prop.next_write_ms = row["next_write_ms"]
     prop.outbox_rev = row["outbox_rev"]
+    prop.read_error = row["read_error"]
 
 
 class Checkpointer:
@@ -410,6 +412,8 @@ def read_twin(db: sqlite_utils.Database, device_id: str) -> dict[str, Any] | Non
                 "writeState": row["write_state"],
                 "writeReason": row["write_reason"],
             }
+        if row["read_error"]:
+            entry["readError"] = row["read_error"]
         twin[row["property"]] = entry
     return {
         "device": device_id,

@@ -126,6 +126,9 @@ class PropertyTwin:
     # the cloud acknowledged it. Persisted with the row, so the outbox is rebuilt from
     # the twin rows at start instead of rewriting a whole patch on every commit.
     outbox_rev: int | None = None
+    # Why the last read of this property failed ("" when it did not); cleared by the
+    # next accepted value. The other properties of the device keep reporting.
+    read_error: str = ""
 
 
 @dataclass(slots=True)
@@ -289,6 +292,9 @@ class TwinEngine:
             prop.reported = Reported(value, ts, prop.last_version)
             accepted[name] = prop.reported
             entry: dict[str, Any] = {"reported": reported_status(prop)}
+            if prop.read_error:
+                prop.read_error = ""
+                entry["readError"] = None
             if (
                 prop.write_state is WriteState.PENDING
                 and prop.desired is not None
@@ -310,6 +316,21 @@ class TwinEngine:
         if twins_patch:
             self._compose(device_id, {"twins": twins_patch})
         return ReportOutcome(accepted, rejected)
+
+    def set_read_errors(self, device_id: str, errors: Mapping[str, str], now_ms: int) -> None:
+        """Mark properties whose read failed, with the reason; a property not named
+        keeps its state. The mark stays until a value for it is accepted."""
+        dev = self.device(device_id)
+        twins: dict[str, Any] = {}
+        for name, reason in errors.items():
+            prop = dev.properties.get(name)
+            if prop is None or prop.read_error == reason:
+                continue
+            prop.read_error = reason
+            twins[name] = {"readError": reason}
+            self._event(now_ms, device_id, name, "read_error", {"reason": reason})
+        if twins:
+            self._compose(device_id, {"twins": twins})
 
     # ----------------------------------------------------------------- desired
     def apply_desired(
@@ -617,6 +638,8 @@ def property_status(prop: PropertyTwin) -> dict[str, Any]:
         entry["reported"] = reported_status(prop)
     if prop.desired is not None:
         entry["observedDesired"] = desired_status(prop)
+    if prop.read_error:
+        entry["readError"] = prop.read_error
     return entry
 
 

@@ -99,6 +99,8 @@ def decode(v: Visitor, registers: Sequence[int] = (), bits: Sequence[bool] = ())
     if dt == "string":
         return data.split(b"\x00", 1)[0].decode("latin-1").rstrip(" ")
     raw: int | float = struct.unpack(">" + _STRUCT[dt], data)[0]
+    if dt == "float32":
+        raw = shortest_float32(float(raw))
     if dt in INTEGER_TYPES:
         assert isinstance(raw, int)
         if v.mask is not None:
@@ -110,7 +112,9 @@ def decode(v: Visitor, registers: Sequence[int] = (), bits: Sequence[bool] = ())
     # Integer raw values with integral scale/offset stay integers (INT properties).
     if dt in INTEGER_TYPES and float(v.scale).is_integer() and float(v.offset).is_integer():
         return int(value)
-    return value
+    # 15 significant digits (what a double guarantees) drop the noise of the scaling
+    # arithmetic: 188 * 0.01 is 1.88, not 1.8800000000000001.
+    return float(f"{value:.15g}")
 
 
 def encode(v: Visitor, value: Value, current: Sequence[int] = ()) -> list[int]:
@@ -163,6 +167,19 @@ def encode(v: Visitor, value: Value, current: Sequence[int] = ()) -> list[int]:
         except (struct.error, OverflowError):
             raise CodecError(f"{value!r} is out of range for {dt}") from None
     return _bytes_to_registers(data, v.byteOrder, v.wordOrder)
+
+
+def shortest_float32(x: float) -> float:
+    """The shortest decimal that is the same float32 as ``x`` (a device's 34.7 reads as
+    34.7, not 34.70000076293945); it encodes back to the identical bits."""
+    if not math.isfinite(x):
+        return x
+    bits = struct.pack(">f", x)
+    for digits in range(1, 10):
+        candidate = float(f"{x:.{digits}g}")
+        if struct.pack(">f", candidate) == bits:
+            return candidate
+    return x
 
 
 def encode_bit(value: Value) -> bool:

@@ -1,0 +1,346 @@
+"""The Modbus mapper runtime: polling, writes and faults on pymodbus's async clients.
+
+* One client and one lock per endpoint (TCP host:port, or serial line): one request at a
+  time per connection, as real devices and RS-485 lines need; several unit ids on one
+  line share it. Writes take the same lock, so they are serialized with polling.
+* One poll task per device and collect cycle, reading the planned requests
+  (``planner``). An exception response to a merged request is narrowed down: its
+  properties are read one by one, only the failing ones are marked (``readError``) and
+  from then on read alone; the others keep reporting.
+* A lost connection or timeout marks the device offline and retries with exponential
+  backoff and jitter; the next successful cycle marks it online. Each endpoint fails on
+  its own: a dead device never holds another endpoint's lock.
+* Reporting per property: every cycle, or on change (beyond ``deadband``), and in any
+  case after ``reportCycle`` of silence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
+from pymodbus.exceptions import ModbusException
+from pymodbus.framer import FramerType
+
+from mappers.modbus.codec import CodecError, decode, encode, encode_bit
+from mappers.modbus.config import BIT_TABLES, Connection, Visitor, parse_connection, parse_visitor
+from mappers.modbus.planner import ReadRequest, Span, plan_reads
+from mappers.sdk import DeviceBinding, Mapper, MapperError, PropertyBinding, Value
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CYCLE_MS = 1000
+RETRY_MIN_S = 0.5
+RETRY_MAX_S = 30.0
+
+EXCEPTION_NAMES = {
+    1: "illegal function",
+    2: "illegal data address",
+    3: "illegal data value",
+    4: "device failure",
+    5: "acknowledge",
+    6: "device busy",
+    8: "memory parity error",
+    10: "gateway path unavailable",
+    11: "gateway target failed to respond",
+}
+
+
+class LinkDown(Exception):
+    """The endpoint cannot be reached (connect failure, timeout, lost connection)."""
+
+
+class DeviceException(Exception):
+    """The device answered with a Modbus exception response."""
+
+    def __init__(self, code: int) -> None:
+        self.code = code
+        super().__init__(f"Modbus exception {code} ({EXCEPTION_NAMES.get(code, 'unknown')})")
+
+
+def link_key(conn: Connection) -> str:
+    if conn.transport == "rtu":
+        return f"serial:{conn.serialPort}"
+    return f"{conn.transport}:{conn.host}:{conn.port}"
+
+
+class Link:
+    """One connection to an endpoint, used by one request at a time."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.lock = asyncio.Lock()
+        self.requests = 0
+        timeout = conn.timeout / 1000
+        self.client: AsyncModbusTcpClient | AsyncModbusSerialClient
+        if conn.transport == "rtu":
+            assert conn.serialPort is not None
+            self.client = AsyncModbusSerialClient(
+                conn.serialPort,
+                baudrate=conn.baudrate,
+                parity=conn.parity,
+                stopbits=conn.stopbits,
+                bytesize=conn.bytesize,
+                timeout=timeout,
+                retries=conn.retries,
+                reconnect_delay=0,
+            )
+        else:
+            assert conn.host is not None
+            self.client = AsyncModbusTcpClient(
+                conn.host,
+                port=conn.port,
+                framer=FramerType.RTU if conn.transport == "rtu-over-tcp" else FramerType.SOCKET,
+                timeout=timeout,
+                retries=conn.retries,
+                reconnect_delay=0,
+            )
+
+    async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Run one request; raises :class:`LinkDown` or :class:`DeviceException`."""
+        async with self.lock:
+            client = self.client
+            if not client.connected:
+                try:
+                    ok = await asyncio.wait_for(client.connect(), self.conn.timeout / 1000 + 1)
+                except (OSError, TimeoutError, ModbusException) as exc:
+                    raise LinkDown(f"cannot connect: {exc or type(exc).__name__}") from None
+                if not ok:
+                    raise LinkDown("cannot connect")
+            self.requests += 1
+            try:
+                result = await getattr(client, method)(*args, **kwargs)
+            except (ModbusException, OSError, TimeoutError) as exc:
+                client.close()
+                raise LinkDown(str(exc) or type(exc).__name__) from None
+            finally:
+                if self.conn.interFrameDelay:
+                    await asyncio.sleep(self.conn.interFrameDelay / 1000)
+            if result.isError():
+                code = getattr(result, "exception_code", 0)
+                if not code:
+                    client.close()
+                    raise LinkDown(str(result))
+                raise DeviceException(int(code))
+            return result
+
+    async def read(self, table: str, address: int, count: int, unit: int) -> list[Any]:
+        method = {
+            "coil": "read_coils",
+            "discrete_input": "read_discrete_inputs",
+            "holding_register": "read_holding_registers",
+            "input_register": "read_input_registers",
+        }[table]
+        result = await self.call(method, address, count=count, device_id=unit)
+        values = result.bits if table in BIT_TABLES else result.registers
+        return list(values[:count])
+
+    def close(self) -> None:
+        self.client.close()
+
+
+@dataclass
+class _Reporting:
+    value: Any = None
+    at: float = 0.0
+
+
+@dataclass
+class DeviceRuntime:
+    binding: DeviceBinding
+    conn: Connection
+    link: Link
+    props: dict[str, tuple[PropertyBinding, Visitor]]
+    reporting: dict[str, _Reporting] = field(default_factory=dict)
+    # Properties that failed inside a merged request: read alone from then on.
+    alone: set[str] = field(default_factory=set)
+
+    def spans(self, names: Sequence[str]) -> list[Span]:
+        return [
+            Span(n, self.props[n][1].table, self.props[n][1].address, self.props[n][1].count) for n in names
+        ]
+
+    def plan(self, names: Sequence[str]) -> list[ReadRequest]:
+        together = [n for n in names if n not in self.alone]
+        plan = plan_reads(
+            self.spans(together),
+            max_gap=self.conn.maxGap,
+            max_registers=self.conn.maxRegisters,
+            max_bits=self.conn.maxBits,
+        )
+        return plan + [
+            ReadRequest(s.table, s.address, s.count, (s,))
+            for s in self.spans(sorted(self.alone & set(names)))
+        ]
+
+
+class ModbusMapper(Mapper):
+    """Modbus TCP, RTU and RTU over TCP devices (``protocolName: modbus``)."""
+
+    protocol: ClassVar[str] = "modbus"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.links: dict[str, Link] = {}
+        self.devices: dict[str, DeviceRuntime] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @classmethod
+    def validate(cls, device: DeviceBinding) -> None:
+        parse_connection(device.id, device.config)
+        for prop in device.properties:
+            if prop.visitor:
+                parse_visitor(device.id, prop)
+
+    async def start(self, devices: list[DeviceBinding]) -> None:
+        for device in devices:
+            conn = parse_connection(device.id, device.config)
+            link = self.links.setdefault(link_key(conn), Link(conn))
+            props = {p.name: (p, parse_visitor(device.id, p)) for p in device.properties if p.visitor}
+            rt = self.devices[device.id] = DeviceRuntime(device, conn, link, props)
+            cycles: dict[int, list[str]] = {}
+            for name, (p, _) in props.items():
+                cycles.setdefault(p.collect_cycle_ms or DEFAULT_CYCLE_MS, []).append(name)
+            for cycle_ms, names in cycles.items():
+                self._tasks.append(
+                    asyncio.create_task(self._poll(rt, cycle_ms, names), name=f"modbus {device.id}")
+                )
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        for link in self.links.values():
+            link.close()
+
+    # ----------------------------------------------------------------- polling
+    async def read_once(
+        self, rt: DeviceRuntime, names: Sequence[str]
+    ) -> tuple[dict[str, Any], dict[str, str]]:
+        """Read ``names`` once: values and per-property errors. Raises LinkDown."""
+        values: dict[str, Any] = {}
+        errors: dict[str, str] = {}
+        unit = rt.conn.unitId
+        for req in rt.plan(names):
+            try:
+                data = await rt.link.read(req.table, req.address, req.count, unit)
+            except DeviceException as exc:
+                if len(req.members) == 1:
+                    errors[req.members[0].key] = str(exc)
+                    continue
+                # Narrow it down: read each member alone; only the failing ones stay alone.
+                for span in req.members:
+                    try:
+                        part = await rt.link.read(span.table, span.address, span.count, unit)
+                    except DeviceException as one:
+                        rt.alone.add(span.key)
+                        errors[span.key] = str(one)
+                        continue
+                    self._decode_into(rt, span, part, values, errors)
+                continue
+            for span in req.members:
+                self._decode_into(rt, span, data[req.slice_for(span)], values, errors)
+        return values, errors
+
+    @staticmethod
+    def _decode_into(
+        rt: DeviceRuntime, span: Span, data: list[Any], values: dict[str, Any], errors: dict[str, str]
+    ) -> None:
+        visitor = rt.props[span.key][1]
+        try:
+            if span.table in BIT_TABLES:
+                values[span.key] = decode(visitor, bits=data)
+            else:
+                values[span.key] = decode(visitor, registers=data)
+        except CodecError as exc:
+            errors[span.key] = f"cannot decode: {exc}"
+
+    def _due(self, rt: DeviceRuntime, values: Mapping[str, Any], now: float) -> dict[str, Any]:
+        """The values to report now under each property's strategy."""
+        out: dict[str, Any] = {}
+        for name, value in values.items():
+            prop, visitor = rt.props[name]
+            state = rt.reporting.setdefault(name, _Reporting())
+            silence = prop.report_cycle_ms / 1000 if prop.report_cycle_ms else None
+            changed = state.at == 0.0 or _changed(state.value, value, visitor.deadband)
+            if visitor.report == "cycle" or changed or (silence is not None and now - state.at >= silence):
+                out[name] = value
+                state.value, state.at = value, now
+        return out
+
+    async def _poll(self, rt: DeviceRuntime, cycle_ms: int, names: list[str]) -> None:
+        host, dev_id = self.host, rt.binding.id
+        delay = RETRY_MIN_S
+        online: bool | None = None
+        next_at = time.monotonic()
+        while True:
+            try:
+                values, errors = await self.read_once(rt, names)
+            except LinkDown as exc:
+                if online is not False:
+                    log.warning("modbus device unreachable", extra={"device": dev_id, "error": str(exc)})
+                    await host.set_state(dev_id, "offline")
+                    online = False
+                await asyncio.sleep(delay * random.uniform(0.5, 1.5))
+                delay = min(RETRY_MAX_S, delay * 2)
+                next_at = time.monotonic()
+                continue
+            delay = RETRY_MIN_S
+            if online is not True:
+                await host.set_state(dev_id, "online")
+                online = True
+            if errors:
+                await host.report_errors(dev_id, errors)
+            due = self._due(rt, values, time.monotonic())
+            if due:
+                await host.report(dev_id, due, int(time.time() * 1000))
+            next_at += cycle_ms / 1000
+            now = time.monotonic()
+            if next_at < now:  # overran: skip the missed cycles instead of bursting
+                next_at = now
+            await asyncio.sleep(next_at - now)
+
+    # ----------------------------------------------------------------- writes
+    async def write(self, device: DeviceBinding, prop: str, value: Value) -> None:
+        rt = self.devices[device.id]
+        if prop not in rt.props:
+            raise MapperError(f"{prop} has no Modbus visitor")
+        visitor = rt.props[prop][1]
+        unit, link = rt.conn.unitId, rt.link
+        try:
+            if visitor.table == "coil":
+                await link.call("write_coil", visitor.address, encode_bit(value), device_id=unit)
+            elif visitor.table == "holding_register":
+                current: list[int] = []
+                if visitor.mask is not None or visitor.dataType == "bit":
+                    current = await link.read("holding_register", visitor.address, visitor.count, unit)
+                regs = encode(visitor, value, current)
+                if len(regs) == 1:
+                    await link.call("write_register", visitor.address, regs[0], device_id=unit)
+                else:
+                    await link.call("write_registers", visitor.address, regs, device_id=unit)
+            else:
+                raise MapperError(f"{visitor.table} cannot be written")
+            # Read back: the twin shows what the device holds, not what was sent.
+            data = await link.read(visitor.table, visitor.address, visitor.count, unit)
+        except (CodecError, DeviceException, LinkDown) as exc:
+            raise MapperError(f"write of {prop} failed: {exc}") from None
+        back = decode(visitor, bits=data) if visitor.table in BIT_TABLES else decode(visitor, registers=data)
+        rt.reporting.pop(prop, None)
+        await self.host.report(device.id, {prop: back}, int(time.time() * 1000))
+
+
+def _changed(old: Any, new: Any, deadband: float | None) -> bool:
+    if deadband is not None and isinstance(old, int | float) and isinstance(new, int | float):
+        return abs(new - old) > deadband
+    return bool(old != new or type(old) is not type(new))
