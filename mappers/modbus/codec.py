@@ -177,8 +177,11 @@ def shortest_float32(x: float) -> float:
     bits = struct.pack(">f", x)
     for digits in range(1, 10):
         candidate = float(f"{x:.{digits}g}")
-        if struct.pack(">f", candidate) == bits:
-            return candidate
+        try:
+            if struct.pack(">f", candidate) == bits:
+                return candidate
+        except (OverflowError, struct.error):  # rounded past the float32 range
+            continue
     return x
 
 
