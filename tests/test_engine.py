@@ -303,3 +303,17 @@ class VersionMachine(RuleBasedStateMachine):
 
 VersionMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
 TestVersions = VersionMachine.TestCase
+
+
+def test_read_errors_mark_one_property_until_a_value_arrives() -> None:
+    e = engine_with()
+    e.set_read_errors("plant.t1", {"count": "Modbus exception 2 (illegal data address)"}, 0)
+    prop = e.devices["plant.t1"].properties["count"]
+    assert prop.read_error.startswith("Modbus exception 2")
+    assert e.outbox["plant.t1"].patch["twins"]["count"]["readError"] == prop.read_error
+    assert [ev.kind for ev in e.drain().events] == ["read_error"]
+    e.set_read_errors("plant.t1", {"count": prop.read_error}, 1)  # the same again: nothing new
+    assert not e.drain().events
+    e.apply_reported("plant.t1", {"count": 5}, 2)
+    assert prop.read_error == ""
+    assert "readError" not in apply_patch({}, e.outbox["plant.t1"].patch)["twins"]["count"]
