@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import random
 import ssl
@@ -253,5 +254,8 @@ class MqttBus:
         self._closing = True
         if final is not None and self.connected.is_set():
             info = self._client.publish(final[0], final[1], qos=1, retain=True)
-            await asyncio.to_thread(info.wait_for_publish, 2.0)
+            if info.rc == paho.MQTT_ERR_SUCCESS:
+                # Best effort: the will says "offline" anyway if this does not get out.
+                with contextlib.suppress(ValueError, RuntimeError):
+                    await asyncio.to_thread(info.wait_for_publish, 2.0)
         await asyncio.to_thread(self._stop_network)
