@@ -172,7 +172,8 @@ async def main(seconds: float) -> None:
         )
         fewer = naive / planned
         print(
-            f"  requests per cycle      {planned} planned vs {naive} naive (one per property): {fewer:.0f}x fewer"
+            f"  requests per cycle      {planned} planned vs {naive} naive (one per property): "
+            f"{fewer:.0f}x fewer"
         )
     finally:
         await server.shutdown()  # type: ignore[no-untyped-call]
