@@ -204,13 +204,22 @@ def _report_set(dev_id: str, doc: dict[str, Any]) -> int:
 # --------------------------------------------------------------------- config check
 def cmd_config_check(args: argparse.Namespace) -> int:
     from gateway.manifests import load_manifests
+    from gateway.mapper_host import validate_devices
 
     cfg = load_config(args.config)
     manifests = load_manifests(cfg.manifests, cfg.node)
+    try:
+        missing = validate_devices([(d, manifests.model_for(d)) for d in manifests.devices.values()])
+    except MapperLoadError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
     print(
         f"config ok: node {cfg.node}, {len(manifests.models)} models, "
         f"{len(manifests.devices)} devices for this node, {len(manifests.foreign)} for other nodes"
     )
+    if missing:
+        print(
+            f"note: no mapper installed for {', '.join(missing)}; those devices are left to external mappers"
+        )
     return 0
 
 

@@ -75,6 +75,25 @@ def binding(device: Device, model: DeviceModel) -> DeviceBinding:
     )
 
 
+def validate_devices(devices: list[tuple[Device, DeviceModel]]) -> list[str]:
+    """Check every device against its installed mapper's ``validate``; returns the
+    protocols no installed mapper serves. Raises :class:`MapperLoadError`."""
+    available = discover()
+    missing: list[str] = []
+    for device, model in devices:
+        if device.spec.protocol is None:
+            continue
+        name = device.spec.protocol.protocolName
+        if name not in available:
+            missing.append(name)
+            continue
+        try:
+            available[name].validate(binding(device, model))
+        except ValueError as exc:
+            raise MapperLoadError(str(exc)) from None
+    return sorted(set(missing))
+
+
 class MapperSet:
     """The running mapper instances of one gateway, and which device each serves."""
 

@@ -168,3 +168,19 @@ def test_config_check_cli(tmp_path: Path) -> None:
     write_manifests(tmp_path / "m" / "b.yaml", [device_doc("t9", "plant", "nope", "edge-a")])
     out = run_cli("config", "check", "--config", str(cfg))
     assert out.returncode == 2 and "DeviceModel plant/nope is not defined" in out.stderr
+    # A mapper's own checks run too: a Modbus visitor on a read-only table for a
+    # ReadWrite property is refused, naming device, property and field.
+    bad = device_doc(
+        "t9",
+        "plant",
+        "thermostat",
+        "edge-a",
+        protocol={"protocolName": "modbus", "configData": {"host": "127.0.0.1"}},
+        properties=[
+            {"name": "setpoint", "visitors": {"configData": {"table": "input_register", "address": 3}}}
+        ],
+    )
+    write_manifests(tmp_path / "m" / "b.yaml", [bad])
+    out = run_cli("config", "check", "--config", str(cfg))
+    assert out.returncode == 2
+    assert "device plant.t9 property setpoint: visitors.configData.table" in out.stderr

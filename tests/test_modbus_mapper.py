@@ -9,6 +9,7 @@ import contextlib
 import math
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
@@ -388,3 +389,77 @@ async def test_rtu_over_a_pseudo_terminal(pty_pair: tuple[str, str]) -> None:
             await mapper.stop()
     finally:
         await server.shutdown()
+
+
+async def test_report_strategies_cycle_change_deadband_and_silence() -> None:
+    props = [
+        PropertyBinding(
+            "every", PropertyType.INT, False, visitor={"table": "holding_register", "address": 0}
+        ),
+        PropertyBinding(
+            "changes",
+            PropertyType.INT,
+            False,
+            visitor={"table": "holding_register", "address": 1, "report": "change"},
+        ),
+        PropertyBinding(
+            "band",
+            PropertyType.FLOAT,
+            False,
+            visitor={
+                "table": "holding_register",
+                "address": 2,
+                "report": "change",
+                "deadband": 0.5,
+                "scale": 0.1,
+            },
+            report_cycle_ms=10_000,
+        ),
+    ]
+    dev = DeviceBinding("plant.rep", "plant", "rep", "modbus", {"host": "127.0.0.1", "port": 1}, tuple(props))
+    mapper = ModbusMapper(RecordingHost())
+    await mapper.start([dev])  # nothing listens on port 1: the poll task only retries
+    rt = mapper.devices["plant.rep"]
+    try:
+        assert mapper.due_reports(rt, {"every": 1, "changes": 1, "band": 20.0}, now=100.0) == {
+            "every": 1,
+            "changes": 1,
+            "band": 20.0,
+        }
+        assert mapper.due_reports(rt, {"every": 1, "changes": 1, "band": 20.4}, now=101.0) == {"every": 1}
+        assert mapper.due_reports(rt, {"every": 1, "changes": 2, "band": 20.6}, now=102.0) == {
+            "every": 1,
+            "changes": 2,
+            "band": 20.6,
+        }
+        # Within the deadband, but reportCycle (10 s) of silence has passed.
+        assert mapper.due_reports(rt, {"every": 1, "changes": 2, "band": 20.7}, now=112.7) == {
+            "every": 1,
+            "band": 20.7,
+        }
+    finally:
+        await mapper.stop()
+
+
+def test_sim_modbus_cli_serves_the_boiler() -> None:
+    port = free_port()
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "edgetwin"), "sim", "modbus", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        assert proc.stdout is not None
+        assert b"boiler simulator on" in proc.stdout.readline()
+
+        async def read() -> list[int]:
+            client = AsyncModbusTcpClient("127.0.0.1", port=port)
+            await client.connect()
+            result = await client.read_holding_registers(0, count=2, device_id=1)
+            client.close()
+            return list(result.registers)
+
+        assert asyncio.run(read()) == [650, 1]  # setpoint 65.0 degC, mode 1
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -265,7 +265,7 @@ class ModbusMapper(Mapper):
         except CodecError as exc:
             errors[span.key] = f"cannot decode: {exc}"
 
-    def _due(self, rt: DeviceRuntime, values: Mapping[str, Any], now: float) -> dict[str, Any]:
+    def due_reports(self, rt: DeviceRuntime, values: Mapping[str, Any], now: float) -> dict[str, Any]:
         """The values to report now under each property's strategy."""
         out: dict[str, Any] = {}
         for name, value in values.items():
@@ -301,7 +301,7 @@ class ModbusMapper(Mapper):
                 online = True
             if errors:
                 await host.report_errors(dev_id, errors)
-            due = self._due(rt, values, time.monotonic())
+            due = self.due_reports(rt, values, time.monotonic())
             if due:
                 await host.report(dev_id, due, int(time.time() * 1000))
             next_at += cycle_ms / 1000
