@@ -43,3 +43,15 @@ def test_example_config_and_manifests_load(tmp_path: Path) -> None:
     assert cfg.node == "edge-01"
     manifests = load_manifests(cfg.manifests, cfg.node)
     assert ("plant", "thermostat-hall") in manifests.devices
+
+
+def test_modbus_doc_example_loads_and_validates(tmp_path: Path) -> None:
+    from gateway.mapper_host import validate_devices
+
+    text = (ROOT / "docs" / "mappers" / "modbus.md").read_text()
+    example = text.split("```yaml\n", 1)[1].split("```", 1)[0]  # the power meter
+    (tmp_path / "meter.yaml").write_text(example)
+    manifests = load_manifests([tmp_path / "meter.yaml"], "edge-01")
+    devices = [(d, manifests.model_for(d)) for d in manifests.devices.values()]
+    assert len(devices) == 1
+    assert validate_devices(devices) == []
