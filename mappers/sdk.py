@@ -40,6 +40,7 @@ __all__ = [
     "PropertyType",
     "ReportResult",
     "Value",
+    "cancel_tasks",
 ]
 
 log = logging.getLogger(__name__)
@@ -145,6 +146,16 @@ class Mapper(ABC):
         raise MapperError(f"{type(self).__name__} does not support writes")
 
 
+async def cancel_tasks(tasks: list[asyncio.Task[None]]) -> None:
+    """Cancel a mapper's tasks, wait until they have ended, and forget them."""
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    tasks.clear()
+
+
 class PollingMapper(Mapper):
     """A mapper that reads every device each collectCycle, one task per device."""
 
@@ -168,12 +179,7 @@ class PollingMapper(Mapper):
             self._tasks.append(asyncio.create_task(self._poll(device), name=f"poll {device.id}"))
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks.clear()
+        await cancel_tasks(self._tasks)
 
     async def _poll(self, device: DeviceBinding) -> None:
         cycle_s = device.collect_cycle_ms / 1000

@@ -255,6 +255,17 @@ class GatewayProcess:
             return self.proc.wait()
 
 
+async def eventually(pred: Callable[[], Any], within: float = 10.0) -> None:
+    """Wait (asynchronously) until ``pred()`` is true, or fail after ``within`` s."""
+    import asyncio
+
+    deadline = time.monotonic() + within
+    while not pred():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"condition not reached within {within}s")
+        await asyncio.sleep(0.02)
+
+
 def run_cli(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
     return subprocess.run([EDGETWIN, *args], capture_output=True, text=True, timeout=timeout)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, ClassVar
@@ -19,7 +18,15 @@ from gateway.service import Gateway
 from gateway.twin.engine import WriteState
 from mappers.sdk import DeviceBinding, MapperError, PollingMapper, Value
 from mappers.virtual import VirtualMapper
-from tests.conftest import THERMO_PROPS, device_doc, free_port, model_doc, run_cli, write_manifests
+from tests.conftest import (
+    THERMO_PROPS,
+    device_doc,
+    eventually,
+    free_port,
+    model_doc,
+    run_cli,
+    write_manifests,
+)
 
 NODE = "edge-m"
 
@@ -54,14 +61,6 @@ class BuggyMapper(PollingMapper):
 
     async def write(self, device: DeviceBinding, prop: str, value: Value) -> None:
         raise KeyError(prop)
-
-
-async def wait_until(pred: Any, within: float = 10.0) -> None:
-    deadline = time.monotonic() + within
-    while not pred():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not reached")
-        await asyncio.sleep(0.05)
 
 
 @pytest.fixture
@@ -136,19 +135,19 @@ async def gateway(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncItera
 
 async def test_mapper_reports_and_desired_write_round_trip(gateway: Gateway) -> None:
     props = gateway.engine.devices["plant.sim-1"].properties
-    await wait_until(lambda: props["count"].reported is not None and props["count"].reported.version >= 5)
+    await eventually(lambda: props["count"].reported is not None and props["count"].reported.version >= 5)
     values = [props["count"].reported.value]  # type: ignore[union-attr]
-    await wait_until(lambda: props["count"].reported.value > values[0])  # type: ignore[union-attr]
+    await eventually(lambda: props["count"].reported.value > values[0])  # type: ignore[union-attr]
     # Desired from the manifest went to the mapper, which wrote and reported it back.
-    await wait_until(lambda: props["setpoint"].write_state is WriteState.APPLIED)
+    await eventually(lambda: props["setpoint"].write_state is WriteState.APPLIED)
     assert props["setpoint"].reported is not None and props["setpoint"].reported.value == 18.5
     assert gateway.engine.devices["plant.sim-1"].state == "online"
-    await wait_until(lambda: gateway.engine.devices["plant.sim-off"].state == "offline")
+    await eventually(lambda: gateway.engine.devices["plant.sim-off"].state == "offline")
 
 
 async def test_failed_writes_keep_the_reason_and_retry(gateway: Gateway) -> None:
     prop = gateway.engine.devices["plant.busy-1"].properties["enabled"]
-    await wait_until(lambda: prop.write_attempts >= 2, within=10)
+    await eventually(lambda: prop.write_attempts >= 2, within=10)
     assert prop.write_state is WriteState.PENDING
     assert prop.write_reason == "device busy (Modbus exception 6)"
     assert gateway.metrics.counters["mapper_write_errors"] >= 2
@@ -156,8 +155,8 @@ async def test_failed_writes_keep_the_reason_and_retry(gateway: Gateway) -> None
 
 async def test_plugin_bugs_do_not_stop_polling_and_are_kept_as_reasons(gateway: Gateway) -> None:
     props = gateway.engine.devices["plant.buggy-1"].properties
-    await wait_until(lambda: props["count"].reported is not None and props["count"].reported.version >= 3)
-    await wait_until(lambda: props["setpoint"].write_reason != "")
+    await eventually(lambda: props["count"].reported is not None and props["count"].reported.version >= 3)
+    await eventually(lambda: props["setpoint"].write_reason != "")
     assert props["setpoint"].write_reason == "'setpoint'"  # the KeyError, as the plugin raised it
     assert props["setpoint"].write_state is WriteState.PENDING
 

@@ -7,7 +7,6 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import aiomqtt
 import pytest
@@ -22,16 +21,9 @@ from gateway.store.store import open_reader, read_twin
 from gateway.twin.engine import WriteState
 from mappers.modbus.mapper import ModbusMapper
 from mappers.modbus.sim import BoilerSimulator, boiler_manifests
+from tests.conftest import eventually
 
 NODE = "edge-mb"
-
-
-async def until(pred: Any, within: float = 10.0) -> None:
-    deadline = time.monotonic() + within
-    while not pred():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not reached")
-        await asyncio.sleep(0.05)
 
 
 def test_modbus_mapper_is_found_through_entry_points() -> None:
@@ -76,14 +68,14 @@ async def test_values_reach_the_twin_store_and_a_bad_address_is_marked(
 ) -> None:
     gw, _ = running
     props = gw.engine.devices["plant.boiler-mb"].properties
-    await until(
+    await eventually(
         lambda: all(
             props[p].reported is not None for p in ("supply_temp", "pressure", "setpoint", "run", "alarm")
         )
     )
     assert props["setpoint"].reported.value == 65.0  # type: ignore[union-attr]
     assert props["run"].reported.value is True  # type: ignore[union-attr]
-    await until(lambda: props["ghost"].read_error != "")
+    await eventually(lambda: props["ghost"].read_error != "")
     assert props["ghost"].read_error == "Modbus exception 2 (illegal data address)"
     assert gw.engine.devices["plant.boiler-mb"].state == "online"
     twin = read_twin(open_reader(gw.cfg.store.path), "plant.boiler-mb")
@@ -97,12 +89,12 @@ async def test_edge_desired_setpoint_is_written_to_the_device(
 ) -> None:
     gw, sim = running
     prop = gw.engine.devices["plant.boiler-mb"].properties["setpoint"]
-    await until(lambda: prop.reported is not None)
+    await eventually(lambda: prop.reported is not None)
     # As `edgetwin twin set` does it: an edge desired value over MQTT.
     host, port = gw.cfg.mqtt.host_port
     body = payloads.twin_set_request("set-1", int(time.time() * 1000), {"setpoint": "72.5"})
     async with aiomqtt.Client(host, port) as client:
         await client.publish(topics.twin_update("plant.boiler-mb"), body, qos=1)
-    await until(lambda: prop.write_state is WriteState.APPLIED)
+    await eventually(lambda: prop.write_state is WriteState.APPLIED)
     assert sim.setpoint == 72.5  # landed in the device's holding register
     assert prop.reported is not None and prop.reported.value == 72.5

@@ -26,6 +26,7 @@ from deviceapi import PropertyType
 from edgetwin.demo import free_port
 from mappers.modbus.mapper import ModbusMapper
 from mappers.sdk import DeviceBinding, PropertyBinding, ReportResult
+from tests.conftest import eventually
 
 DT = ModbusClientMixin.DATATYPE
 
@@ -156,14 +157,6 @@ def sim_device(
     )
 
 
-async def until(pred: Any, within: float = 10.0) -> None:
-    deadline = time.monotonic() + within
-    while not pred():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not reached")
-        await asyncio.sleep(0.02)
-
-
 @contextlib.asynccontextmanager
 async def tcp_server(
     device: SimDevice, port: int, counter: list[int] | None = None
@@ -195,7 +188,7 @@ async def test_every_type_and_order_decodes_exactly_over_tcp() -> None:
     async with tcp_server(sim_device(CASES), port):
         mapper, host = await run_mapper([binding("plant.all", {"host": "127.0.0.1", "port": port}, CASES)])
         try:
-            await until(lambda: len(host.values.get("plant.all", {})) == len(CASES))
+            await eventually(lambda: len(host.values.get("plant.all", {})) == len(CASES))
         finally:
             await mapper.stop()
     got = host.values["plant.all"]
@@ -256,7 +249,7 @@ async def test_hundred_registers_in_three_blocks_and_forty_coils_take_four_reque
             [binding("plant.b", {"host": "127.0.0.1", "port": port}, cases, cycle_ms=200)]
         )
         try:
-            await until(lambda: len(host.values.get("plant.b", {})) == 140)
+            await eventually(lambda: len(host.values.get("plant.b", {})) == 140)
             before, cycles_before = counter[0], len(host.reports)
             await asyncio.sleep(2.0)
             cycles = len(host.reports) - cycles_before
@@ -281,11 +274,11 @@ async def test_illegal_address_marks_only_that_property() -> None:
         dev = binding("plant.x", {"host": "127.0.0.1", "port": port, "maxGap": 100}, [*cases, bad])
         mapper, host = await run_mapper([dev])
         try:
-            await until(
+            await eventually(
                 lambda: "ghost" in host.errors.get("plant.x", {}) and len(host.values.get("plant.x", {})) == 2
             )
             reports = len(host.reports)
-            await until(lambda: len(host.reports) >= reports + 3)  # the others keep reporting
+            await eventually(lambda: len(host.reports) >= reports + 3)  # the others keep reporting
         finally:
             await mapper.stop()
     assert host.errors["plant.x"]["ghost"] == "Modbus exception 2 (illegal data address)"
@@ -300,13 +293,13 @@ async def test_server_restart_is_followed_by_reconnect_within_5s() -> None:
         mapper, host = await run_mapper(
             [binding("plant.r", {"host": "127.0.0.1", "port": port, "timeout": "300ms"}, cases)]
         )
-        await until(lambda: bool(host.reports))
+        await eventually(lambda: bool(host.reports))
     try:
-        await until(lambda: host.states["plant.r"][-1] == "offline")
+        await eventually(lambda: host.states["plant.r"][-1] == "offline")
         async with tcp_server(sim_device(cases), port):
             restarted = time.monotonic()
             count = len(host.reports)
-            await until(lambda: len(host.reports) > count, within=5.0)
+            await eventually(lambda: len(host.reports) > count, within=5.0)
             assert time.monotonic() - restarted < 5.0
             assert host.states["plant.r"][-1] == "online"
     finally:
@@ -320,7 +313,7 @@ async def test_a_dead_device_does_not_slow_the_others() -> None:
     async def cycle_rate(devices: list[DeviceBinding]) -> float:
         mapper, host = await run_mapper(devices)
         try:
-            await until(lambda: bool(host.reports))
+            await eventually(lambda: bool(host.reports))
             start = len([r for r in host.reports if r[1] == "plant.alive"])
             await asyncio.sleep(2.0)
             return (len([r for r in host.reports if r[1] == "plant.alive"]) - start) / 2.0
@@ -380,7 +373,7 @@ async def test_rtu_over_a_pseudo_terminal(pty_pair: tuple[str, str]) -> None:
         )
         mapper, host = await run_mapper([dev])
         try:
-            await until(lambda: len(host.values.get("plant.rtu", {})) == len(cases))
+            await eventually(lambda: len(host.values.get("plant.rtu", {})) == len(cases))
             for name, _, _, _, expected in cases:
                 assert host.values["plant.rtu"][name] == expected, name
             await mapper.write(dev, "setpoint", 55.5)

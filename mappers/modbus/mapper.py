@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
@@ -32,7 +31,7 @@ from pymodbus.framer import FramerType
 from mappers.modbus.codec import CodecError, decode, encode, encode_bit
 from mappers.modbus.config import BIT_TABLES, Connection, Visitor, parse_connection, parse_visitor
 from mappers.modbus.planner import ReadRequest, Span, plan_reads
-from mappers.sdk import DeviceBinding, Mapper, MapperError, PropertyBinding, Value
+from mappers.sdk import DeviceBinding, Mapper, MapperError, PropertyBinding, Value, cancel_tasks
 
 log = logging.getLogger(__name__)
 
@@ -214,12 +213,7 @@ class ModbusMapper(Mapper):
                 )
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks.clear()
+        await cancel_tasks(self._tasks)
         for link in self.links.values():
             link.close()
 
