@@ -11,6 +11,7 @@ Inbound payloads follow KubeEdge's device twin messages, so existing mappers wor
 from __future__ import annotations
 
 import json
+import math
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,11 +56,20 @@ def _event_id(doc: dict[str, Any]) -> str:
     return event_id[:128]
 
 
+# Year 9999: later "timestamps" are garbage and would overflow date conversions.
+MAX_TIMESTAMP_MS = 253_402_300_799_999
+
+
 def _timestamp(doc: dict[str, Any]) -> int | None:
     ts = doc.get("timestamp")
     if ts is None:
         return None
-    if isinstance(ts, bool) or not isinstance(ts, int | float) or ts < 0:
+    if (
+        isinstance(ts, bool)
+        or not isinstance(ts, int | float)
+        or not math.isfinite(ts)
+        or not 0 <= ts <= MAX_TIMESTAMP_MS
+    ):
         raise PayloadError("bad_shape", f"timestamp must be milliseconds since the epoch, got {ts!r:.40}")
     return int(ts)
 
