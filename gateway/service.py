@@ -217,6 +217,9 @@ class Gateway:
                     w.cancel()
                 raise
             self.metrics.inc("commits")
+            if self.store is not None and self.store.events_dropped:
+                # The event log's bound: oldest rows dropped so far (a running total).
+                self.metrics.counters["events_dropped"] = self.store.events_dropped
             self.metrics.peak("commit_ms_max", (time.perf_counter() - started) * 1000)
             self.metrics.peak("commit_batch_max", len(acks))
         bus = self.bus

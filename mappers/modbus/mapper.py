@@ -160,6 +160,9 @@ class DeviceRuntime:
     reporting: dict[str, _Reporting] = field(default_factory=dict)
     # Properties that failed inside a merged request: read alone from then on.
     alone: set[str] = field(default_factory=set)
+    # Plans per group of names, with the size of ``alone`` they were made for (it only
+    # grows, so a different size means the plan is stale).
+    _plans: dict[tuple[str, ...], tuple[int, list[ReadRequest]]] = field(default_factory=dict)
 
     def spans(self, names: Sequence[str]) -> list[Span]:
         return [
@@ -167,6 +170,15 @@ class DeviceRuntime:
         ]
 
     def plan(self, names: Sequence[str]) -> list[ReadRequest]:
+        key = tuple(names)
+        cached = self._plans.get(key)
+        if cached is not None and cached[0] == len(self.alone):
+            return cached[1]
+        plan = self._make_plan(names)
+        self._plans[key] = (len(self.alone), plan)
+        return plan
+
+    def _make_plan(self, names: Sequence[str]) -> list[ReadRequest]:
         together = [n for n in names if n not in self.alone]
         plan = plan_reads(
             self.spans(together),
@@ -201,7 +213,10 @@ class ModbusMapper(Mapper):
     async def start(self, devices: list[DeviceBinding]) -> None:
         for device in devices:
             conn = parse_connection(device.id, device.config)
-            link = self.links.setdefault(link_key(conn), Link(conn))
+            # Devices on one endpoint (units on a line or behind a gateway) share its
+            # connection, opened with the first device's settings.
+            key = link_key(conn)
+            link = self.links.get(key) or self.links.setdefault(key, Link(conn))
             props = {p.name: (p, parse_visitor(device.id, p)) for p in device.properties if p.visitor}
             rt = self.devices[device.id] = DeviceRuntime(device, conn, link, props)
             cycles: dict[int, list[str]] = {}
