@@ -76,7 +76,7 @@ def cmd_twin_get(args: argparse.Namespace) -> int:
         print(json.dumps(twin, indent=2))
         return 0
     print(f"device {dev_id}  state {twin['state']}")
-    rows = [("PROPERTY", "REPORTED", "VERSION", "AGE", "DESIRED", "ORIGIN", "WRITE")]
+    rows = [("PROPERTY", "REPORTED", "VERSION", "AGE", "DESIRED", "ORIGIN", "WRITE", "READ ERROR")]
     now = time.time() * 1000
     for name, entry in twin["twin"].items():
         rep, des = entry.get("reported"), entry.get("desired")
@@ -91,8 +91,27 @@ def cmd_twin_get(args: argparse.Namespace) -> int:
                 (des["writeState"] + (f" ({des['writeReason']})" if des["writeReason"] else ""))
                 if des
                 else "-",
+                entry.get("readError", "-"),
             )
         )
+    _print_table(rows)
+    return 0
+
+
+def cmd_twin_events(args: argparse.Namespace) -> int:
+    from gateway.store.store import open_reader, read_events
+
+    cfg = load_config(args.config)
+    dev_id = _device_arg(args.device) if args.device else None
+    events = read_events(open_reader(cfg.store.path), dev_id, args.kind, args.limit)
+    if args.json:
+        print(json.dumps(events, indent=2))
+        return 0
+    rows = [("TIME", "DEVICE", "PROPERTY", "KIND", "DETAIL")]
+    for ev in events:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ev["ts_ms"] / 1000))
+        detail = ev["detail"].get("message") or ev["detail"].get("reason") or json.dumps(ev["detail"])
+        rows.append((when, ev["device"], ev["property"] or "-", ev["kind"], str(detail)))
     _print_table(rows)
     return 0
 
@@ -269,6 +288,13 @@ def build_parser() -> argparse.ArgumentParser:
     lst = twin.add_parser("list", help="list devices and their state")
     lst.add_argument("--config", required=True, type=Path)
     lst.set_defaults(func=cmd_twin_list)
+    events = twin.add_parser("events", help="the local event log: conflicts, rejected values, failed writes")
+    events.add_argument("device", nargs="?", help="NAMESPACE/NAME (all devices if omitted)")
+    events.add_argument("--kind", choices=["conflict", "rejected", "write_failed", "read_error", "state"])
+    events.add_argument("--limit", type=int, default=50, help="newest N events (default 50)")
+    events.add_argument("--json", action="store_true")
+    events.add_argument("--config", required=True, type=Path)
+    events.set_defaults(func=cmd_twin_events)
     set_ = twin.add_parser("set", help="set edge-local desired values, applied by the running gateway")
     set_.add_argument("device", help="NAMESPACE/NAME")
     set_.add_argument("assignments", nargs="+", metavar="PROP=VALUE")

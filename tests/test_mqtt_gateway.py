@@ -249,3 +249,23 @@ def test_bad_config_exits_2_naming_the_key(tmp_path: Path) -> None:
     cfg.write_text("node: edge-a\nstore: {path: x.db}\nmqtt: {url: 'mqtt://127.0.0.1:1'}\nmanifest: []\n")
     out = run_cli("gateway", "run", "--config", str(cfg))
     assert out.returncode == 2 and "manifest: is not a known key" in out.stderr
+
+
+def test_twin_events_shows_the_local_event_log(gateway: GatewayProcess, mosquitto: Mosquitto) -> None:
+    dev = "plant.thermo-1"
+    col = Collector(mosquitto.port, [f"$hw/events/device/{dev}/twin/update/result"])
+    publish(
+        mosquitto.port, f"$hw/events/device/{dev}/twin/update", update_payload({"temperature": "999"}, "hot")
+    )
+    col.json_on(f"$hw/events/device/{dev}/twin/update/result", where=lambda d: d.get("event_id") == "hot")
+    col.close()
+    out = run_cli(
+        "twin", "events", "plant/thermo-1", "--kind", "rejected", "--json", "--config", str(gateway.config)
+    )
+    assert out.returncode == 0, out.stderr
+    events = json.loads(out.stdout)
+    assert any(
+        e["property"] == "temperature" and "above the maximum 150" in e["detail"]["reason"] for e in events
+    )
+    text = run_cli("twin", "events", "--config", str(gateway.config))
+    assert text.returncode == 0 and "rejected" in text.stdout and "above the maximum 150" in text.stdout

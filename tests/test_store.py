@@ -138,3 +138,23 @@ async def test_auto_commit_mode_moves_slow_fsyncs_off_the_loop(tmp_path: Path) -
     assert threads[-1].startswith("store-writer") and not writer.inline
     writer.close()
     store.close()
+
+
+def test_read_events_filters_and_orders(tmp_path: Path) -> None:
+    from gateway.store.store import read_events
+
+    store = Store(tmp_path / "s.db")
+    e = TwinEngine()
+    changes = e.drain()
+    changes.events = [
+        Event(1, "plant.a", "p", "rejected", {"reason": "r1"}),
+        Event(2, "plant.b", "p", "conflict", {"message": "m"}),
+        Event(3, "plant.a", "q", "rejected", {"reason": "r2"}),
+        Event(4, "plant.a", "", "state", {"from": "unknown", "to": "online"}),
+    ]
+    store.commit(snapshot(e, changes))
+    db = open_reader(tmp_path / "s.db")
+    assert [ev["ts_ms"] for ev in read_events(db)] == [1, 2, 3, 4]
+    assert [ev["detail"]["reason"] for ev in read_events(db, "plant.a", "rejected")] == ["r1", "r2"]
+    assert [ev["ts_ms"] for ev in read_events(db, limit=2)] == [3, 4]  # the newest, oldest first
+    store.close()

@@ -389,6 +389,32 @@ def open_reader(path: str | Path) -> sqlite_utils.Database:
     return sqlite_utils.Database(conn)
 
 
+def read_events(
+    db: sqlite_utils.Database, device_id: str | None = None, kind: str | None = None, limit: int = 50
+) -> list[dict[str, Any]]:
+    """The newest ``limit`` events, oldest first, optionally of one device and kind."""
+    where, params = [], []
+    if device_id is not None:
+        where.append("device_id = ?")
+        params.append(device_id)
+    if kind is not None:
+        where.append("kind = ?")
+        params.append(kind)
+    sql = "SELECT * FROM events" + (" WHERE " + " AND ".join(where) if where else "")
+    rows = list(db.query(sql + " ORDER BY id DESC LIMIT ?", [*params, max(0, limit)]))
+    return [
+        {
+            "id": r["id"],
+            "ts_ms": r["ts_ms"],
+            "device": r["device_id"],
+            "property": r["property"],
+            "kind": r["kind"],
+            "detail": json.loads(r["detail"]),
+        }
+        for r in reversed(rows)
+    ]
+
+
 def read_twin(db: sqlite_utils.Database, device_id: str) -> dict[str, Any] | None:
     """The stored twin of one device as a JSON-ready dict, or None if unknown."""
     props = list(db.query("SELECT * FROM twin_property WHERE device_id = ? ORDER BY property", [device_id]))
