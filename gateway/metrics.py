@@ -17,6 +17,12 @@ class Metrics:
         self.counters[name] += by
         self.changed = True
 
+    def total(self, name: str, value: int) -> None:
+        """Mirror a running total kept elsewhere (e.g. the store's dropped events)."""
+        if self.counters[name] != value:
+            self.counters[name] = value
+            self.changed = True
+
     def peak(self, name: str, value: float) -> None:
         """Keep the largest value seen since the last report."""
         if value > self.peaks.get(name, float("-inf")):

@@ -219,7 +219,7 @@ class Gateway:
             self.metrics.inc("commits")
             if self.store is not None and self.store.events_dropped:
                 # The event log's bound: oldest rows dropped so far (a running total).
-                self.metrics.counters["events_dropped"] = self.store.events_dropped
+                self.metrics.total("events_dropped", self.store.events_dropped)
             self.metrics.peak("commit_ms_max", (time.perf_counter() - started) * 1000)
             self.metrics.peak("commit_batch_max", len(acks))
         bus = self.bus
@@ -270,7 +270,6 @@ class Gateway:
         if route.device_id not in self.engine.devices:
             self._reject(
                 msg,
-                route.action,
                 "unknown_device",
                 f"device {route.device_id!r} is not defined for node {self.node!r}",
             )
@@ -283,9 +282,9 @@ class Gateway:
             else:
                 self._state_update(msg, route.device_id)
         except PayloadError as exc:
-            self._reject(msg, route.action, exc.kind, exc.reason)
+            self._reject(msg, exc.kind, exc.reason)
         except TwinError as exc:
-            self._reject(msg, route.action, "bad_value", str(exc))
+            self._reject(msg, "bad_value", str(exc))
 
     def _ack_now(self, msg: Inbound) -> None:
         # Nothing of this message is stored, but it is still acknowledged in order with
@@ -293,12 +292,13 @@ class Gateway:
         self._acks.append(msg)
         self._dirty.set()
 
-    def _reject(self, msg: Inbound, action: str, kind: str, reason: str) -> None:
+    def _reject(self, msg: Inbound, kind: str, reason: str) -> None:
+        """Count and log a refused message on one of our inbound topics, answer it on
+        ``{topic}/result`` (unless oversize: the payload is not echoed) and acknowledge."""
         self.metrics.inc(f"rejected_{kind}")
         if self._ratelimit.allow(kind):
             log.warning("rejected MQTT message", extra={"topic": msg.topic, "kind": kind, "reason": reason})
-        route = topics.parse_inbound(msg.topic)
-        if route is not None and len(msg.payload) <= self.cfg.mqtt.max_payload:
+        if len(msg.payload) <= self.cfg.mqtt.max_payload:
             code = 404 if kind == "unknown_device" else 400
             body = payloads.error_result(payloads.event_id_of(msg.payload), now_ms(), code, reason)
             self._pubs.append((f"{msg.topic}/result", body, 1, False))
