@@ -262,6 +262,18 @@ def cmd_sim_modbus(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sim_ble(args: argparse.Namespace) -> int:
+    from mappers.ble.sim import serve
+
+    try:
+        asyncio.run(serve(args.host, args.port, args.count, args.beacons, args.prefix, args.notify_interval))
+    except KeyboardInterrupt:
+        pass
+    except OSError as exc:
+        raise CliError(f"cannot serve on {args.host}:{args.port}: {exc}") from None
+    return 0
+
+
 # --------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -313,6 +325,21 @@ def build_parser() -> argparse.ArgumentParser:
     modbus.add_argument("--port", type=int, default=5020)
     modbus.add_argument("--unit", type=int, default=1)
     modbus.set_defaults(func=cmd_sim_modbus)
+    ble = sim.add_parser(
+        "ble",
+        help="emulated BLE sensors (Bumble) on a virtual radio; centrals attach over HCI on TCP",
+        description="Connect with mappers: {ble: {hci: tcp-client:HOST:PORT}}. Control lines on stdin: "
+        "drop NAME | silence NAME SECONDS | state NAME | quit.",
+    )
+    ble.add_argument("--host", default="127.0.0.1")
+    ble.add_argument("--port", type=int, default=9000, help="HCI over TCP port for centrals")
+    ble.add_argument("--count", type=int, default=1, help="environmental sensors env-sensor-1..N")
+    ble.add_argument("--beacons", type=int, default=0, help="advertisement-only beacons beacon-1..N")
+    ble.add_argument("--prefix", default="env-sensor", help="sensor name prefix")
+    ble.add_argument(
+        "--notify-interval", type=float, default=1.0, help="seconds between value changes and notifications"
+    )
+    ble.set_defaults(func=cmd_sim_ble)
 
     demo = sub.add_parser("demo", help="run a self-contained demo with simulated devices")
     demo.add_argument("--duration", type=float, default=None, help="stop after this many seconds")

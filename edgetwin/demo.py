@@ -24,6 +24,7 @@ import yaml
 from gateway.config import parse_config
 from gateway.service import Gateway
 from gateway.twin.engine import TwinEngine
+from mappers.ble.sim import BleSimulator, sensor_manifests
 from mappers.modbus.sim import BoilerSimulator, boiler_manifests
 
 SETPOINTS = (55.0, 70.0, 62.5, 80.0)
@@ -66,6 +67,10 @@ async def _set_desired(host: str, port: int, value: float) -> None:
     async with aiomqtt.Client(host, port) as client:
         for device in ("plant.boiler-1", "plant.boiler-mb"):
             await client.publish(topics.twin_update(device), body, qos=1)
+        relay = payloads.twin_set_request(
+            payloads.new_event_id(), int(time.time() * 1000), {"relay": value >= SETPOINTS[0]}
+        )
+        await client.publish(topics.twin_update("plant.env-sensor-1"), relay, qos=1)
 
 
 async def run_demo(duration: float | None = None, live: bool = True) -> int:
@@ -76,20 +81,24 @@ async def run_demo(duration: float | None = None, live: bool = True) -> int:
     sim = BoilerSimulator("127.0.0.1", free_port())
     await sim.start()
     (tmp / "modbus.yaml").write_text(yaml.safe_dump_all(boiler_manifests("demo-node", sim.host, sim.port)))
+    # Emulated BLE sensors (Bumble) on a virtual radio, served by the real BLE mapper.
+    ble = BleSimulator("127.0.0.1", free_port(), count=2, beacons=1)
+    await ble.start()
+    (tmp / "ble.yaml").write_text(yaml.safe_dump_all(sensor_manifests("demo-node", count=2, beacons=1)))
     cfg = parse_config(
         {
             "node": "demo-node",
             "store": {"path": str(tmp / "store.db")},
             "mqtt": {"embedded": {"host": "127.0.0.1", "port": port}},
-            "manifests": [str(manifests), str(tmp / "modbus.yaml")],
-            "mappers": {"virtual": {"seed": 7}},
+            "manifests": [str(manifests), str(tmp / "modbus.yaml"), str(tmp / "ble.yaml")],
+            "mappers": {"virtual": {"seed": 7}, "ble": {"hci": ble.hci}},
         },
         "demo",
     )
     live = live and sys.stdout.isatty()
     print(
         f"edgetwin demo: store {tmp / 'store.db'}, MQTT broker on 127.0.0.1:{port}, "
-        f"Modbus boiler simulator on {sim.host}:{sim.port}"
+        f"Modbus boiler simulator on {sim.host}:{sim.port}, BLE sensors on HCI {ble.hci}"
     )
     print(f"  watch it:  mosquitto_sub -h 127.0.0.1 -p {port} -t 'edgetwin/#' -v")
     gateway = Gateway(cfg)
@@ -123,4 +132,5 @@ async def run_demo(duration: float | None = None, live: bool = True) -> int:
         with contextlib.suppress(asyncio.CancelledError):
             await runner
         await sim.stop()
+        await ble.stop()
     return 0

@@ -38,6 +38,7 @@ __all__ = [
     "PollingMapper",
     "PropertyBinding",
     "PropertyType",
+    "ReportFilter",
     "ReportResult",
     "Value",
     "cancel_tasks",
@@ -144,6 +145,49 @@ class Mapper(ABC):
         """Write a desired value to the device, then report the value read back.
         Raise :class:`MapperError` with the reason when it cannot be written."""
         raise MapperError(f"{type(self).__name__} does not support writes")
+
+
+@dataclass(slots=True)
+class _LastReport:
+    value: Any = None
+    at: float = 0.0
+
+
+class ReportFilter:
+    """Per-property report strategy shared by mappers: ``cycle`` reports every value read;
+    ``change`` only values that changed (numbers: by more than ``deadband``), and in any
+    case after the property's ``reportCycle`` of silence."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, _LastReport] = {}
+
+    def due(
+        self,
+        values: Mapping[str, Any],
+        rules: Mapping[str, tuple[str, float | None, int | None]],
+        now: float,
+    ) -> dict[str, Any]:
+        """The values to report now; ``rules[name]`` is (report, deadband, reportCycle ms)."""
+        out: dict[str, Any] = {}
+        for name, value in values.items():
+            report, deadband, report_cycle_ms = rules[name]
+            last = self._last.setdefault(name, _LastReport())
+            silence = report_cycle_ms / 1000 if report_cycle_ms else None
+            changed = last.at == 0.0 or _changed(last.value, value, deadband)
+            if report == "cycle" or changed or (silence is not None and now - last.at >= silence):
+                out[name] = value
+                last.value, last.at = value, now
+        return out
+
+    def forget(self, name: str) -> None:
+        """Report the property's next value whatever it is (e.g. after a write)."""
+        self._last.pop(name, None)
+
+
+def _changed(old: Any, new: Any, deadband: float | None) -> bool:
+    if deadband is not None and isinstance(old, int | float) and isinstance(new, int | float):
+        return abs(new - old) > deadband
+    return bool(old != new or type(old) is not type(new))
 
 
 async def cancel_tasks(tasks: list[asyncio.Task[None]]) -> None:

@@ -31,7 +31,15 @@ from pymodbus.framer import FramerType
 from mappers.modbus.codec import CodecError, decode, encode, encode_bit
 from mappers.modbus.config import BIT_TABLES, Connection, Visitor, parse_connection, parse_visitor
 from mappers.modbus.planner import ReadRequest, Span, plan_reads
-from mappers.sdk import DeviceBinding, Mapper, MapperError, PropertyBinding, Value, cancel_tasks
+from mappers.sdk import (
+    DeviceBinding,
+    Mapper,
+    MapperError,
+    PropertyBinding,
+    ReportFilter,
+    Value,
+    cancel_tasks,
+)
 
 log = logging.getLogger(__name__)
 
@@ -146,18 +154,12 @@ class Link:
 
 
 @dataclass
-class _Reporting:
-    value: Any = None
-    at: float = 0.0
-
-
-@dataclass
 class DeviceRuntime:
     binding: DeviceBinding
     conn: Connection
     link: Link
     props: dict[str, tuple[PropertyBinding, Visitor]]
-    reporting: dict[str, _Reporting] = field(default_factory=dict)
+    reporting: ReportFilter = field(default_factory=ReportFilter)
     # Properties that failed inside a merged request: read alone from then on.
     alone: set[str] = field(default_factory=set)
     # Plans per group of names, with the size of ``alone`` they were made for (it only
@@ -276,16 +278,11 @@ class ModbusMapper(Mapper):
 
     def due_reports(self, rt: DeviceRuntime, values: Mapping[str, Any], now: float) -> dict[str, Any]:
         """The values to report now under each property's strategy."""
-        out: dict[str, Any] = {}
-        for name, value in values.items():
-            prop, visitor = rt.props[name]
-            state = rt.reporting.setdefault(name, _Reporting())
-            silence = prop.report_cycle_ms / 1000 if prop.report_cycle_ms else None
-            changed = state.at == 0.0 or _changed(state.value, value, visitor.deadband)
-            if visitor.report == "cycle" or changed or (silence is not None and now - state.at >= silence):
-                out[name] = value
-                state.value, state.at = value, now
-        return out
+        rules = {
+            name: (rt.props[name][1].report, rt.props[name][1].deadband, rt.props[name][0].report_cycle_ms)
+            for name in values
+        }
+        return rt.reporting.due(values, rules, now)
 
     async def _poll(self, rt: DeviceRuntime, cycle_ms: int, names: list[str]) -> None:
         host, dev_id = self.host, rt.binding.id
@@ -345,11 +342,5 @@ class ModbusMapper(Mapper):
         except (CodecError, DeviceException, LinkDown) as exc:
             raise MapperError(f"write of {prop} failed: {exc}") from None
         back = decode(visitor, bits=data) if visitor.table in BIT_TABLES else decode(visitor, registers=data)
-        rt.reporting.pop(prop, None)
+        rt.reporting.forget(prop)
         await self.host.report(device.id, {prop: back}, int(time.time() * 1000))
-
-
-def _changed(old: Any, new: Any, deadband: float | None) -> bool:
-    if deadband is not None and isinstance(old, int | float) and isinstance(new, int | float):
-        return abs(new - old) > deadband
-    return bool(old != new or type(old) is not type(new))

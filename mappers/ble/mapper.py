@@ -1,0 +1,627 @@
+"""The BLE mapper runtime on bleak's public API (``BleakScanner``, ``BleakClient``).
+
+* One scanner per mapper, running only while a device is being looked for or an
+  advertisement-only device is served; found devices are matched by address, or by
+  advertised name (and service UUID).
+* Connection slots: at most ``maxConnections`` connections at once, handed out first
+  come, first served (:class:`Slots`). A ``keepConnected`` device holds its slot while
+  connected; a ``keepConnected: false`` device connects each collectCycle, reads and
+  lets go, so more devices than slots are served in turn.
+* Per connected device: characteristics resolved once per connection, presentation
+  format descriptors read, notifications subscribed (again after every reconnect), the
+  other properties read each collectCycle. Notifications faster than the store commits
+  are coalesced to the latest value per property (the bound: one pending value per
+  property).
+* A disconnect, a read that times out, or ``silenceTimeout`` without any value marks the
+  device offline; reconnects back off exponentially with jitter. An ATT error or an
+  undecodable value marks only that property (``readError``).
+* Backends: bleak's platform default (BlueZ on Linux), or a Bumble central when the
+  mapper option ``hci`` is set (``mappers: {ble: {hci: "tcp-client:127.0.0.1:9000"}}``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from bleak import BleakClient, BleakScanner
+from bleak.backends.characteristic import BleakGATTCharacteristic
+from bleak.backends.device import BLEDevice
+from bleak.backends.scanner import AdvertisementData
+from bleak.exc import BleakError, BleakGATTProtocolError
+
+from mappers.ble.codec import PRESENTATION_DESCRIPTOR, CodecError, PresentationFormat
+from mappers.ble.config import Connection, Visitor, parse_connection, parse_visitor
+from mappers.sdk import (
+    DeviceBinding,
+    Mapper,
+    MapperError,
+    MapperHost,
+    PropertyBinding,
+    ReportFilter,
+    Value,
+    cancel_tasks,
+)
+
+log = logging.getLogger(__name__)
+
+RETRY_MIN_S = 0.5
+RETRY_MAX_S = 30.0
+DEFAULT_MAX_CONNECTIONS = 5
+
+
+class LinkLost(Exception):
+    """The device cannot be reached: not found, connect failed, disconnected, silent."""
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Slots:
+    """At most ``size`` holders; waiters are served strictly in arrival order."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.free = size
+        self.peak = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    @property
+    def in_use(self) -> int:
+        return self.size - self.free
+
+    async def acquire(self) -> None:
+        if self.free and not self._waiters:
+            self.free -= 1
+        else:
+            fut = asyncio.get_running_loop().create_future()
+            self._waiters.append(fut)
+            try:
+                await fut
+            except asyncio.CancelledError:
+                if fut.done() and not fut.cancelled():
+                    self.release()  # handed over just as we were cancelled: pass it on
+                else:
+                    with contextlib.suppress(ValueError):
+                        self._waiters.remove(fut)
+                raise
+        self.peak = max(self.peak, self.in_use)
+
+    def release(self) -> None:
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)  # the slot goes straight to the next waiter
+                return
+        self.free += 1
+
+
+AdvertCallback = Callable[[BLEDevice, AdvertisementData], None]
+
+
+class Discovery:
+    """One scanner shared by the mapper's devices, running while anyone needs it."""
+
+    def __init__(self, make_scanner: Callable[[AdvertCallback], BleakScanner]) -> None:
+        self._make = make_scanner
+        self._scanner: BleakScanner | None = None
+        self._users = 0
+        self._lock = asyncio.Lock()
+        self._watchers: dict[object, AdvertCallback] = {}
+
+    def _on_advert(self, device: BLEDevice, adv: AdvertisementData) -> None:
+        for watcher in list(self._watchers.values()):
+            watcher(device, adv)
+
+    async def _use(self, delta: int) -> None:
+        async with self._lock:
+            self._users += delta
+            if self._users > 0 and self._scanner is None:
+                scanner = self._make(self._on_advert)
+                await scanner.start()
+                self._scanner = scanner
+            elif self._users == 0 and self._scanner is not None:
+                scanner, self._scanner = self._scanner, None
+                with contextlib.suppress(BleakError, OSError):
+                    await scanner.stop()
+
+    async def watch(self, token: object, callback: AdvertCallback) -> None:
+        self._watchers[token] = callback
+        try:
+            await self._use(+1)
+        except BaseException:
+            self._watchers.pop(token, None)
+            raise
+
+    async def unwatch(self, token: object) -> None:
+        if self._watchers.pop(token, None) is not None:
+            await self._use(-1)
+
+    async def find(self, conn: Connection, timeout_s: float) -> BLEDevice:
+        """Scan until an advertisement matches ``conn``; raises :class:`LinkLost`."""
+        found: asyncio.Future[BLEDevice] = asyncio.get_running_loop().create_future()
+
+        def match(device: BLEDevice, adv: AdvertisementData) -> None:
+            if not found.done() and matches(conn, device, adv):
+                found.set_result(device)
+
+        token = object()
+        try:
+            await self.watch(token, match)
+        except (BleakError, OSError) as exc:
+            raise LinkLost(f"cannot scan: {exc}") from exc
+        try:
+            return await asyncio.wait_for(found, timeout_s)
+        except TimeoutError:
+            raise LinkLost(f"not found within {timeout_s:g} s ({describe(conn)})") from None
+        finally:
+            await self.unwatch(token)
+
+    async def close(self) -> None:
+        self._watchers.clear()
+        async with self._lock:
+            self._users = 0
+            if self._scanner is not None:
+                scanner, self._scanner = self._scanner, None
+                with contextlib.suppress(BleakError, OSError):
+                    await scanner.stop()
+
+
+def matches(conn: Connection, device: BLEDevice, adv: AdvertisementData) -> bool:
+    if conn.address:
+        return device.address.upper() == conn.address
+    name = adv.local_name or device.name
+    if name != conn.name:
+        return False
+    return conn.serviceUuid is None or conn.serviceUuid in adv.service_uuids
+
+
+def describe(conn: Connection) -> str:
+    if conn.address:
+        return f"address {conn.address}"
+    return f"name {conn.name!r}" + (f" with service {conn.serviceUuid}" if conn.serviceUuid else "")
+
+
+@dataclass
+class _Prop:
+    binding: PropertyBinding
+    visitor: Visitor
+    char: BleakGATTCharacteristic | None = None
+    presentation: PresentationFormat | None = None
+    raw: bytes = b""  # last bytes read, so that writing one field keeps the others
+
+
+@dataclass
+class DeviceRuntime:
+    binding: DeviceBinding
+    conn: Connection
+    props: dict[str, _Prop]
+    client: BleakClient | None = None
+    online: bool | None = None
+    reporting: ReportFilter = field(default_factory=ReportFilter)
+    # Values decoded from notifications or advertisements, not yet reported.
+    pending: dict[str, Value] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    lost: str | None = None
+    last_rx: float = 0.0
+    notifications: int = 0
+    connects: int = 0
+    write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @property
+    def cycle_s(self) -> float:
+        return self.binding.collect_cycle_ms / 1000
+
+
+class BleMapper(Mapper):
+    """``protocolName: ble`` devices over bleak."""
+
+    protocol: ClassVar[str] = "ble"
+    OPTIONS: ClassVar[tuple[str, ...]] = ("hci", "adapter", "maxConnections")
+
+    def __init__(self, host: MapperHost, options: Mapping[str, Any] | None = None) -> None:
+        super().__init__(host, options)
+        unknown = sorted(set(self.options) - set(self.OPTIONS))
+        if unknown:
+            raise MapperError(
+                f"mappers.ble: unknown option {unknown[0]!r} (known: {', '.join(self.OPTIONS)})"
+            )
+        self.hci: str | None = self.options.get("hci")
+        self.adapter: str | None = self.options.get("adapter")
+        size = self.options.get("maxConnections", DEFAULT_MAX_CONNECTIONS)
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            raise MapperError(f"mappers.ble.maxConnections: a positive integer, not {size!r}")
+        self.slots = Slots(size)
+        self.devices: dict[str, DeviceRuntime] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self.discovery = Discovery(self._scanner)
+
+    # --- backend selection ------------------------------------------------------------
+
+    def _backend_kwargs(self) -> dict[str, Any]:
+        if self.hci:
+            from mappers.ble.bumble_backend import BumbleClient
+
+            return {"backend": BumbleClient, "hci": self.hci}
+        return {"bluez": {"adapter": self.adapter}} if self.adapter else {}
+
+    def _scanner(self, callback: AdvertCallback) -> BleakScanner:
+        if self.hci:
+            from mappers.ble.bumble_backend import BumbleScanner
+
+            return BleakScanner(callback, backend=BumbleScanner, hci=self.hci)
+        return BleakScanner(callback, bluez={"adapter": self.adapter} if self.adapter else {})
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    @classmethod
+    def validate(cls, device: DeviceBinding) -> None:
+        conn = parse_connection(device.id, device.config)
+        for prop in device.properties:
+            parse_visitor(device.id, conn, prop)
+
+    async def start(self, devices: list[DeviceBinding]) -> None:
+        for device in devices:
+            conn = parse_connection(device.id, device.config)
+            props = {p.name: _Prop(p, parse_visitor(device.id, conn, p)) for p in device.properties}
+            rt = DeviceRuntime(device, conn, props)
+            self.devices[device.id] = rt
+            run = self._run_advertised if conn.source == "advertisement" else self._run_connected
+            self._tasks.append(asyncio.create_task(run(rt), name=f"ble {device.id}"))
+
+    async def stop(self) -> None:
+        await cancel_tasks(self._tasks)
+        await self.discovery.close()
+        if self.hci:
+            from mappers.ble.bumble_backend import close_adapters
+
+            await close_adapters()
+
+    # --- connected devices ------------------------------------------------------------
+
+    async def _set_online(self, rt: DeviceRuntime, online: bool, reason: str = "") -> None:
+        if rt.online is online:
+            return
+        rt.online = online
+        if online:
+            log.info("ble device online", extra={"device": rt.binding.id})
+        else:
+            log.warning("ble device offline", extra={"device": rt.binding.id, "error": reason})
+        await self.host.set_state(rt.binding.id, "online" if online else "offline")
+
+    async def _run_connected(self, rt: DeviceRuntime) -> None:
+        delay = RETRY_MIN_S
+        while True:
+            started = time.monotonic()
+            try:
+                await self._session(rt)
+                delay = RETRY_MIN_S
+            except (LinkLost, BleakError, TimeoutError, OSError) as exc:
+                await self._set_online(rt, False, str(exc) or type(exc).__name__)
+                await asyncio.sleep(delay * random.uniform(0.5, 1.5))
+                delay = min(RETRY_MAX_S, delay * 2)
+                continue
+            except Exception as exc:  # a bug must not end the device's loop
+                log.error("ble session failed", extra={"device": rt.binding.id}, exc_info=exc)
+                await self._set_online(rt, False, repr(exc))
+                await asyncio.sleep(delay * random.uniform(0.5, 1.5))
+                delay = min(RETRY_MAX_S, delay * 2)
+                continue
+            if not rt.conn.keepConnected:
+                await asyncio.sleep(max(0.0, started + rt.cycle_s - time.monotonic()))
+
+    async def _connect(self, rt: DeviceRuntime, ble_device: BLEDevice) -> BleakClient:
+        conn = rt.conn
+        rt.lost = None
+
+        def on_disconnect(_client: BleakClient) -> None:
+            rt.lost = "disconnected"
+            rt.wake.set()
+
+        timeout_s = conn.connectTimeout / 1000
+        client = BleakClient(
+            ble_device, disconnected_callback=on_disconnect, timeout=timeout_s, **self._backend_kwargs()
+        )
+        try:
+            await asyncio.wait_for(client.connect(), timeout_s + 1)
+        except TimeoutError:
+            raise LinkLost(f"connect timed out after {timeout_s:g} s") from None
+        except BleakError as exc:
+            raise LinkLost(f"connect failed: {exc}") from None
+        rt.connects += 1
+        return client
+
+    async def _session(self, rt: DeviceRuntime) -> None:
+        """One connection: connect, prepare, then serve until lost (or one cycle)."""
+        # Found before a slot is taken: a device out of range must not hold one.
+        ble_device = await self.discovery.find(rt.conn, rt.conn.scanTimeout / 1000)
+        await self.slots.acquire()
+        try:
+            client = await self._connect(rt, ble_device)
+            try:
+                await self._prepare(rt, client)
+                rt.client = client
+                rt.last_rx = time.monotonic()
+                await self._set_online(rt, True)
+                if rt.conn.keepConnected:
+                    await self._serve(rt, client)
+                else:
+                    await self._read_and_report(rt, client)
+            finally:
+                rt.client = None
+                with contextlib.suppress(BleakError, TimeoutError, OSError):
+                    await asyncio.wait_for(client.disconnect(), 5)
+        finally:
+            self.slots.release()
+
+    async def _prepare(self, rt: DeviceRuntime, client: BleakClient) -> None:
+        """Resolve characteristics, read presentation formats, subscribe notifications."""
+        errors: dict[str, str] = {}
+        services = client.services
+        for name, prop in rt.props.items():
+            v = prop.visitor
+            assert v.characteristic is not None
+            prop.char = None
+            if v.service is not None:
+                svc = services.get_service(v.service)
+                char = svc.get_characteristic(v.characteristic) if svc is not None else None
+            else:
+                char = services.get_characteristic(v.characteristic)
+            if char is None:
+                errors[name] = f"characteristic {v.characteristic} not found on the device"
+                continue
+            prop.char = char
+            if v.format == "presentation" and prop.presentation is None:
+                desc = char.get_descriptor(PRESENTATION_DESCRIPTOR)
+                if desc is None:
+                    errors[name] = f"characteristic {v.characteristic} has no presentation format descriptor"
+                    continue
+                try:
+                    raw = await asyncio.wait_for(
+                        client.read_gatt_descriptor(desc.handle), self._request_s(rt)
+                    )
+                    prop.presentation = PresentationFormat.parse(bytes(raw))
+                except CodecError as exc:
+                    errors[name] = f"presentation format: {exc}"
+                    continue
+            if v.notify:
+                await asyncio.wait_for(
+                    client.start_notify(char, self._notify_handler(rt, name)), self._request_s(rt)
+                )
+        if errors:
+            await self.host.report_errors(rt.binding.id, errors)
+        # First values: everything readable, notified properties included.
+        await self._read_and_report(rt, client, include_notified=True)
+
+    def _request_s(self, rt: DeviceRuntime) -> float:
+        return rt.conn.requestTimeout / 1000
+
+    def _notify_handler(
+        self, rt: DeviceRuntime, name: str
+    ) -> Callable[[BleakGATTCharacteristic, bytearray], None]:
+        prop = rt.props[name]
+
+        def on_notify(_char: BleakGATTCharacteristic, data: bytearray) -> None:
+            rt.notifications += 1
+            rt.last_rx = time.monotonic()
+            prop.raw = bytes(data)
+            try:
+                rt.pending[name] = prop.visitor.decode(prop.raw, prop.presentation)
+            except CodecError as exc:
+                rt.errors[name] = f"cannot decode: {exc}"
+            rt.wake.set()
+
+        return on_notify
+
+    async def _read_props(
+        self, rt: DeviceRuntime, client: BleakClient, include_notified: bool
+    ) -> dict[str, Value]:
+        values: dict[str, Value] = {}
+        for name, prop in rt.props.items():
+            char = prop.char
+            if (
+                char is None
+                or "read" not in char.properties
+                or (prop.visitor.notify and not include_notified)
+            ):
+                continue
+            try:
+                data = await asyncio.wait_for(client.read_gatt_char(char), self._request_s(rt))
+            except TimeoutError:
+                raise LinkLost(f"read of {name} timed out after {self._request_s(rt):g} s") from None
+            except BleakGATTProtocolError as exc:
+                rt.errors[name] = f"ATT error: {exc}"
+                continue
+            except BleakError as exc:
+                raise LinkLost(f"read of {name} failed: {exc}") from None
+            rt.last_rx = time.monotonic()
+            prop.raw = bytes(data)
+            try:
+                values[name] = prop.visitor.decode(prop.raw, prop.presentation)
+            except CodecError as exc:
+                rt.errors[name] = f"cannot decode: {exc}"
+        return values
+
+    async def _read_and_report(
+        self, rt: DeviceRuntime, client: BleakClient, include_notified: bool = True
+    ) -> None:
+        values = await self._read_props(rt, client, include_notified)
+        await self._flush(rt, values)
+
+    async def _flush(self, rt: DeviceRuntime, values: dict[str, Value] | None = None) -> None:
+        """Report read values plus pending notifications, and errors, under each
+        property's report strategy."""
+        merged = dict(rt.pending)
+        rt.pending.clear()
+        if values:
+            merged.update(values)
+        if rt.errors:
+            errors, rt.errors = rt.errors, {}
+            await self.host.report_errors(rt.binding.id, errors)
+        if not merged:
+            return
+        rules = {
+            n: (rt.props[n].visitor.report, rt.props[n].visitor.deadband, rt.props[n].binding.report_cycle_ms)
+            for n in merged
+        }
+        due = rt.reporting.due(merged, rules, time.monotonic())
+        if due:
+            await self.host.report(rt.binding.id, due, _now_ms())
+
+    async def _serve(self, rt: DeviceRuntime, client: BleakClient) -> None:
+        """Stay connected: report notifications as they come, read the rest each cycle,
+        watch for silence; return never, raise :class:`LinkLost` when the link goes."""
+        polled = any(p.char is not None and not p.visitor.notify for p in rt.props.values())
+        silence_s = (rt.conn.silenceTimeout or 0) / 1000
+        next_read = time.monotonic() + rt.cycle_s
+        while True:
+            if rt.lost is not None or not client.is_connected:
+                raise LinkLost(rt.lost or "disconnected")
+            now = time.monotonic()
+            if polled and now >= next_read:
+                await self._read_and_report(rt, client, include_notified=False)
+                next_read = max(next_read + rt.cycle_s, time.monotonic())
+            elif rt.pending or rt.errors:
+                await self._flush(rt)
+            now = time.monotonic()
+            if silence_s and now - rt.last_rx > silence_s:
+                raise LinkLost(f"no data for {now - rt.last_rx:.1f} s (silenceTimeout)")
+            deadlines = [next_read if polled else now + 1.0]
+            if silence_s:
+                deadlines.append(rt.last_rx + silence_s)
+            wait = max(0.0, min(deadlines) - now)
+            rt.wake.clear()
+            if rt.pending or rt.lost is not None:
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(rt.wake.wait(), wait)
+
+    # --- advertisement devices -----------------------------------------------------------
+
+    async def _run_advertised(self, rt: DeviceRuntime) -> None:
+        conn = rt.conn
+        silence_s = (conn.silenceTimeout or 30_000) / 1000
+
+        def on_advert(device: BLEDevice, adv: AdvertisementData) -> None:
+            if not matches(conn, device, adv):
+                return
+            seen = False
+            for name, prop in rt.props.items():
+                v = prop.visitor
+                data = (
+                    adv.manufacturer_data.get(v.manufacturerId)
+                    if v.manufacturerId is not None
+                    else adv.service_data.get(v.serviceData or "")
+                )
+                if data is None:
+                    continue
+                seen = True
+                try:
+                    rt.pending[name] = v.decode(bytes(data))
+                except CodecError as exc:
+                    rt.errors[name] = f"cannot decode: {exc}"
+            if seen:
+                rt.notifications += 1
+                rt.last_rx = time.monotonic()
+                rt.wake.set()
+
+        token = object()
+        delay = RETRY_MIN_S
+        while True:
+            try:
+                await self.discovery.watch(token, on_advert)
+                break
+            except (BleakError, OSError) as exc:
+                await self._set_online(rt, False, f"cannot scan: {exc}")
+                await asyncio.sleep(delay * random.uniform(0.5, 1.5))
+                delay = min(RETRY_MAX_S, delay * 2)
+        try:
+            rt.last_rx = time.monotonic()
+            next_report = 0.0
+            while True:
+                now = time.monotonic()
+                if rt.pending and now >= next_report:
+                    await self._set_online(rt, True)
+                    await self._flush(rt)
+                    next_report = now + rt.cycle_s
+                elif rt.errors:
+                    await self._flush(rt)
+                if now - rt.last_rx > silence_s:
+                    await self._set_online(rt, False, f"no advertisement for {silence_s:g} s")
+                rt.wake.clear()
+                wait = min(silence_s, max(0.0, next_report - now) if rt.pending else silence_s)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(rt.wake.wait(), max(wait, 0.01))
+        finally:
+            await self.discovery.unwatch(token)
+
+    # --- writes ---------------------------------------------------------------------------
+
+    async def write(self, device: DeviceBinding, prop: str, value: Value) -> None:
+        rt = self.devices.get(device.id)
+        if rt is None or prop not in rt.props:
+            raise MapperError(f"{device.id} has no BLE property {prop!r}")
+        p = rt.props[prop]
+        async with rt.write_lock:
+            if rt.client is not None and rt.client.is_connected:
+                await self._write_on(rt, rt.client, p, value)
+            elif rt.conn.keepConnected:
+                raise MapperError(f"{device.id} is not connected; the write is retried when it is")
+            else:
+                try:
+                    ble_device = await self.discovery.find(rt.conn, rt.conn.scanTimeout / 1000)
+                except LinkLost as exc:
+                    raise MapperError(f"cannot reach {device.id}: {exc}") from None
+                await self.slots.acquire()
+                try:
+                    try:
+                        client = await self._connect(rt, ble_device)
+                    except LinkLost as exc:
+                        raise MapperError(f"cannot reach {device.id}: {exc}") from None
+                    try:
+                        await self._prepare(rt, client)
+                        await self._write_on(rt, client, p, value)
+                    finally:
+                        with contextlib.suppress(BleakError, TimeoutError, OSError):
+                            await asyncio.wait_for(client.disconnect(), 5)
+                finally:
+                    self.slots.release()
+
+    async def _write_on(self, rt: DeviceRuntime, client: BleakClient, p: _Prop, value: Value) -> None:
+        name = p.binding.name
+        if p.char is None:
+            raise MapperError(f"characteristic {p.visitor.characteristic} not found on {rt.binding.id}")
+        try:
+            payload = p.visitor.encode(value, p.raw, p.presentation)
+        except CodecError as exc:
+            raise MapperError(f"cannot encode {value!r} for {name}: {exc}") from None
+        response = p.visitor.writeWithResponse
+        if response and "write" not in p.char.properties:
+            response = False  # the characteristic only takes commands
+        try:
+            await asyncio.wait_for(
+                client.write_gatt_char(p.char, payload, response=response), self._request_s(rt)
+            )
+            if "read" in p.char.properties:
+                data = await asyncio.wait_for(client.read_gatt_char(p.char), self._request_s(rt))
+                p.raw = bytes(data)
+                back = p.visitor.decode(p.raw, p.presentation)
+            else:  # write-only: the value written is the best knowledge there is
+                back = value
+        except TimeoutError:
+            raise MapperError(f"write of {name} timed out") from None
+        except BleakGATTProtocolError as exc:
+            raise MapperError(f"write of {name} refused: {exc}") from None
+        except (BleakError, CodecError) as exc:
+            raise MapperError(f"write of {name} failed: {exc}") from None
+        rt.reporting.forget(name)
+        await self.host.report(rt.binding.id, {name: back}, _now_ms())
