@@ -14,7 +14,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ import yaml
 from hypothesis import settings
 
 from edgetwin.demo import free_port
+from mappers.sdk import ReportResult
 
 # Properties are judged on behaviour, never on how long one example took on a busy CI
 # machine; print_blob lets a failure be replayed exactly.
@@ -289,3 +290,26 @@ def update_payload(values: dict[str, Any], event_id: str = "e1", ts: int | None 
     if ts is not None:
         doc["timestamp"] = ts
     return json.dumps(doc)
+
+
+class RecordingHost:
+    """The MapperHost side, recording what the mapper reports."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, dict[str, Any]] = {}
+        self.reports: list[tuple[float, str, dict[str, Any]]] = []
+        self.errors: dict[str, dict[str, str]] = {}
+        self.states: dict[str, list[str]] = {}
+
+    async def report(
+        self, device_id: str, values: Mapping[str, Any], timestamp_ms: int | None = None
+    ) -> ReportResult:
+        self.values.setdefault(device_id, {}).update(values)
+        self.reports.append((time.monotonic(), device_id, dict(values)))
+        return ReportResult({k: 1 for k in values}, {})
+
+    async def set_state(self, device_id: str, state: str) -> None:
+        self.states.setdefault(device_id, []).append(state)
+
+    async def report_errors(self, device_id: str, errors: Mapping[str, str]) -> None:
+        self.errors.setdefault(device_id, {}).update(errors)

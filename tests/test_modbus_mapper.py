@@ -11,7 +11,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +25,8 @@ from pymodbus.simulator import DataType, SimData, SimDevice
 from deviceapi import PropertyType
 from edgetwin.demo import free_port
 from mappers.modbus.mapper import ModbusMapper
-from mappers.sdk import DeviceBinding, PropertyBinding, ReportResult
-from tests.conftest import eventually
+from mappers.sdk import DeviceBinding, PropertyBinding
+from tests.conftest import RecordingHost, eventually
 
 DT = ModbusClientMixin.DATATYPE
 
@@ -102,29 +102,6 @@ CASES += [
         20.0,
     ),
 ]
-
-
-class RecordingHost:
-    """The MapperHost side, recording what the mapper reports."""
-
-    def __init__(self) -> None:
-        self.values: dict[str, dict[str, Any]] = {}
-        self.reports: list[tuple[float, str, dict[str, Any]]] = []
-        self.errors: dict[str, dict[str, str]] = {}
-        self.states: dict[str, list[str]] = {}
-
-    async def report(
-        self, device_id: str, values: Mapping[str, Any], timestamp_ms: int | None = None
-    ) -> ReportResult:
-        self.values.setdefault(device_id, {}).update(values)
-        self.reports.append((time.monotonic(), device_id, dict(values)))
-        return ReportResult({k: 1 for k in values}, {})
-
-    async def set_state(self, device_id: str, state: str) -> None:
-        self.states.setdefault(device_id, []).append(state)
-
-    async def report_errors(self, device_id: str, errors: Mapping[str, str]) -> None:
-        self.errors.setdefault(device_id, {}).update(errors)
 
 
 def binding(

@@ -222,6 +222,10 @@ class BumbleScanner(BaseBleakScanner):
         **kwargs: Any,
     ) -> None:
         super().__init__(detection_callback, service_uuids)
+        if self._service_uuids is not None:  # "180F" matches as the 128-bit form adverts carry
+            from mappers.ble.codec import normalize_uuid
+
+            self._service_uuids = [normalize_uuid(u) for u in self._service_uuids]
         self._hci = hci
         self._active = scanning_mode != "passive"
         self._adapter: BumbleAdapter | None = None
@@ -279,6 +283,7 @@ class BumbleClient(BaseBleakClient):
         self._connection: Connection | None = None
         self._peer: Peer | None = None
         self._closing = False
+        self._lost: asyncio.Future[None] | None = None  # resolved when the link goes
 
     @property
     def name(self) -> str:
@@ -301,10 +306,13 @@ class BumbleClient(BaseBleakClient):
         connection = await adapter.connect(address, timeout)
         self._connection = connection
         self._closing = False
+        self._lost = asyncio.get_running_loop().create_future()
         connection.on(connection.EVENT_DISCONNECTION, self._on_disconnection)
         try:
             self._peer = Peer(connection)
-            self.services = await asyncio.wait_for(self._discover(self._peer), timeout)
+            self.services = await asyncio.wait_for(
+                self._gatt("service discovery", self._discover(self._peer)), timeout
+            )
         except BaseException as exc:
             await self.disconnect()
             if isinstance(exc, TimeoutError | BumbleTimeoutError):
@@ -345,6 +353,8 @@ class BumbleClient(BaseBleakClient):
     def _on_disconnection(self, reason: int) -> None:
         self._connection = None
         self._peer = None
+        if self._lost is not None and not self._lost.done():
+            self._lost.set_result(None)
         if not self._closing and self._disconnected_callback is not None:
             self._disconnected_callback()
 
@@ -355,6 +365,8 @@ class BumbleClient(BaseBleakClient):
             return
         self._connection = None
         self._peer = None
+        if self._lost is not None and not self._lost.done():
+            self._lost.set_result(None)
         with contextlib.suppress(BaseBumbleError, TimeoutError, OSError):
             await asyncio.wait_for(connection.disconnect(), 5)
 
@@ -370,8 +382,24 @@ class BumbleClient(BaseBleakClient):
         return self._peer
 
     async def _gatt(self, what: str, coro: Any) -> Any:
+        """Run one GATT operation; it fails at once when the link goes (Bumble would
+        otherwise wait for the ATT timeout of 30 s)."""
+        lost = self._lost
+        if lost is None:
+            coro.close()
+            raise BleakError(f"{what} on {self.address}: not connected")
+        task = asyncio.ensure_future(coro)
         try:
-            return await coro
+            await asyncio.wait({task, lost}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not task.done():
+                task.cancel()
+                # Wait for it to end without swallowing our own cancellation.
+                await asyncio.wait({task})
+        if task.cancelled():
+            raise BleakError(f"{what} on {self.address}: disconnected")
+        try:
+            return task.result()
         except att.ATT_Error as exc:
             raise BleakGATTProtocolError(exc.error_code) from exc
         except (TimeoutError, BumbleTimeoutError):

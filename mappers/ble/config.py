@@ -258,14 +258,14 @@ def _problem(exc: ValidationError) -> str:
     from deviceapi.types import first_problem
 
     key, msg = first_problem(exc)
-    return f"{key}: {msg}" if key else msg
+    return f".{key}: {msg}" if key else f": {msg}"
 
 
 def parse_connection(device_id: str, data: Any) -> Connection:
     try:
         return Connection.model_validate(data or {})
     except ValidationError as exc:
-        raise BleConfigError(f"device {device_id}: spec.protocol.configData.{_problem(exc)}") from None
+        raise BleConfigError(f"device {device_id}: spec.protocol.configData{_problem(exc)}") from None
 
 
 _NUMBER = (PropertyType.INT, PropertyType.FLOAT, PropertyType.DOUBLE)
@@ -304,7 +304,7 @@ def parse_visitor(device_id: str, conn: Connection, prop: PropertyBinding) -> Vi
     try:
         v = Visitor.model_validate(dict(prop.visitor))
     except ValidationError as exc:
-        raise BleConfigError(f"{where}.{_problem(exc)}") from None
+        raise BleConfigError(f"{where}{_problem(exc)}") from None
     if conn.source == "connection" and v.is_advertisement:
         raise BleConfigError(
             f"{where}.characteristic: required (the device's source is connection; "

@@ -52,8 +52,6 @@ from mappers.sdk import (
 
 log = logging.getLogger(__name__)
 
-RETRY_MIN_S = 0.5
-RETRY_MAX_S = 30.0
 DEFAULT_MAX_CONNECTIONS = 5
 
 
@@ -215,6 +213,7 @@ class DeviceRuntime:
     last_rx: float = 0.0
     notifications: int = 0
     connects: int = 0
+    found: BLEDevice | None = None
     write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
@@ -226,7 +225,7 @@ class BleMapper(Mapper):
     """``protocolName: ble`` devices over bleak."""
 
     protocol: ClassVar[str] = "ble"
-    OPTIONS: ClassVar[tuple[str, ...]] = ("hci", "adapter", "maxConnections")
+    OPTIONS: ClassVar[tuple[str, ...]] = ("hci", "adapter", "maxConnections", "reconnectMin", "reconnectMax")
 
     def __init__(self, host: MapperHost, options: Mapping[str, Any] | None = None) -> None:
         super().__init__(host, options)
@@ -241,6 +240,15 @@ class BleMapper(Mapper):
         if not isinstance(size, int) or isinstance(size, bool) or size < 1:
             raise MapperError(f"mappers.ble.maxConnections: a positive integer, not {size!r}")
         self.slots = Slots(size)
+        from deviceapi.types import parse_duration_ms
+
+        try:
+            self.retry_min_s = parse_duration_ms(self.options.get("reconnectMin", "500ms")) / 1000
+            self.retry_max_s = parse_duration_ms(self.options.get("reconnectMax", "30s")) / 1000
+        except ValueError as exc:
+            raise MapperError(f"mappers.ble.reconnectMin/reconnectMax: {exc}") from None
+        if not 0 < self.retry_min_s <= self.retry_max_s:
+            raise MapperError("mappers.ble: need 0 < reconnectMin <= reconnectMax")
         self.devices: dict[str, DeviceRuntime] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self.discovery = Discovery(self._scanner)
@@ -299,25 +307,32 @@ class BleMapper(Mapper):
         await self.host.set_state(rt.binding.id, "online" if online else "offline")
 
     async def _run_connected(self, rt: DeviceRuntime) -> None:
-        delay = RETRY_MIN_S
+        delay = self.retry_min_s
         while True:
             started = time.monotonic()
             try:
                 await self._session(rt)
-                delay = RETRY_MIN_S
-            except (LinkLost, BleakError, TimeoutError, OSError) as exc:
+                delay = self.retry_min_s
+            except Exception as exc:
+                if not isinstance(exc, LinkLost | BleakError | TimeoutError | OSError):
+                    # A bug must not end the device's loop; log it and carry on.
+                    log.error("ble session failed", extra={"device": rt.binding.id}, exc_info=exc)
+                if rt.online:  # it was up: a fresh outage starts from the shortest delay
+                    delay = self.retry_min_s
                 await self._set_online(rt, False, str(exc) or type(exc).__name__)
                 await asyncio.sleep(delay * random.uniform(0.5, 1.5))
-                delay = min(RETRY_MAX_S, delay * 2)
-                continue
-            except Exception as exc:  # a bug must not end the device's loop
-                log.error("ble session failed", extra={"device": rt.binding.id}, exc_info=exc)
-                await self._set_online(rt, False, repr(exc))
-                await asyncio.sleep(delay * random.uniform(0.5, 1.5))
-                delay = min(RETRY_MAX_S, delay * 2)
+                delay = min(self.retry_max_s, delay * 2)
                 continue
             if not rt.conn.keepConnected:
                 await asyncio.sleep(max(0.0, started + rt.cycle_s - time.monotonic()))
+
+    async def _locate(self, rt: DeviceRuntime) -> BLEDevice:
+        """The device as last found by a scan; scanned for (before a slot is taken, so a
+        device out of range holds none) when not found yet or the last connect failed.
+        Reusing it spares a scan per cycle for devices that connect each cycle."""
+        if rt.found is None:
+            rt.found = await self.discovery.find(rt.conn, rt.conn.scanTimeout / 1000)
+        return rt.found
 
     async def _connect(self, rt: DeviceRuntime, ble_device: BLEDevice) -> BleakClient:
         conn = rt.conn
@@ -342,20 +357,23 @@ class BleMapper(Mapper):
 
     async def _session(self, rt: DeviceRuntime) -> None:
         """One connection: connect, prepare, then serve until lost (or one cycle)."""
-        # Found before a slot is taken: a device out of range must not hold one.
-        ble_device = await self.discovery.find(rt.conn, rt.conn.scanTimeout / 1000)
+        ble_device = await self._locate(rt)
         await self.slots.acquire()
         try:
-            client = await self._connect(rt, ble_device)
+            try:
+                client = await self._connect(rt, ble_device)
+            except LinkLost:
+                rt.found = None  # scan again next time: it may have moved or changed address
+                raise
             try:
                 await self._prepare(rt, client)
                 rt.client = client
                 rt.last_rx = time.monotonic()
                 await self._set_online(rt, True)
+                # Everything readable, notified properties included (their first value).
+                await self._read_and_report(rt, client, include_notified=True)
                 if rt.conn.keepConnected:
                     await self._serve(rt, client)
-                else:
-                    await self._read_and_report(rt, client)
             finally:
                 rt.client = None
                 with contextlib.suppress(BleakError, TimeoutError, OSError):
@@ -399,8 +417,6 @@ class BleMapper(Mapper):
                 )
         if errors:
             await self.host.report_errors(rt.binding.id, errors)
-        # First values: everything readable, notified properties included.
-        await self._read_and_report(rt, client, include_notified=True)
 
     def _request_s(self, rt: DeviceRuntime) -> float:
         return rt.conn.requestTimeout / 1000
@@ -535,7 +551,7 @@ class BleMapper(Mapper):
                 rt.wake.set()
 
         token = object()
-        delay = RETRY_MIN_S
+        delay = self.retry_min_s
         while True:
             try:
                 await self.discovery.watch(token, on_advert)
@@ -543,7 +559,7 @@ class BleMapper(Mapper):
             except (BleakError, OSError) as exc:
                 await self._set_online(rt, False, f"cannot scan: {exc}")
                 await asyncio.sleep(delay * random.uniform(0.5, 1.5))
-                delay = min(RETRY_MAX_S, delay * 2)
+                delay = min(self.retry_max_s, delay * 2)
         try:
             rt.last_rx = time.monotonic()
             next_report = 0.0
@@ -578,7 +594,7 @@ class BleMapper(Mapper):
                 raise MapperError(f"{device.id} is not connected; the write is retried when it is")
             else:
                 try:
-                    ble_device = await self.discovery.find(rt.conn, rt.conn.scanTimeout / 1000)
+                    ble_device = await self._locate(rt)
                 except LinkLost as exc:
                     raise MapperError(f"cannot reach {device.id}: {exc}") from None
                 await self.slots.acquire()
@@ -586,6 +602,7 @@ class BleMapper(Mapper):
                     try:
                         client = await self._connect(rt, ble_device)
                     except LinkLost as exc:
+                        rt.found = None
                         raise MapperError(f"cannot reach {device.id}: {exc}") from None
                     try:
                         await self._prepare(rt, client)
@@ -600,6 +617,10 @@ class BleMapper(Mapper):
         name = p.binding.name
         if p.char is None:
             raise MapperError(f"characteristic {p.visitor.characteristic} not found on {rt.binding.id}")
+        if not p.raw and "read" in p.char.properties and p.visitor.format == "custom":
+            # A field of a larger value is written over the rest of the current value.
+            with contextlib.suppress(BleakError, TimeoutError):
+                p.raw = bytes(await asyncio.wait_for(client.read_gatt_char(p.char), self._request_s(rt)))
         try:
             payload = p.visitor.encode(value, p.raw, p.presentation)
         except CodecError as exc:
