@@ -160,7 +160,8 @@ async def main() -> None:
         rate, commits, cpu = await edgetwin(hci, args.sensors, args.seconds, tmp, mqtt_port)
         print(
             f"edgetwin BLE mapper -> twins: {rate:,.0f} notifications/s, "
-            f"{commits:,.0f} twin updates/s committed, {cpu:.3f} CPU s per 1,000 notifications; ratio to baseline {rate / raw_rate:.2f}"
+            f"{commits:,.0f} twin updates/s committed, "
+            f"{cpu:.3f} CPU s per 1,000 notifications; ratio to baseline {rate / raw_rate:.2f}"
         )
     finally:
         broker.terminate()
