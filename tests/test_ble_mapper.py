@@ -348,3 +348,106 @@ async def test_twenty_peripherals_on_five_slots_each_report_every_cycle(sim: Sim
         assert times and times[0] < cycle, (d.id, times)
         gaps = [b - a for a, b in itertools.pairwise(times)]
         assert len(times) >= 3 and max(gaps) <= cycle * 1.15, (d.id, times)
+
+
+PERIPHERAL = """
+import asyncio, struct, sys
+from bumble.device import Device
+from bumble.gatt import Characteristic, Service
+from bumble.hci import Address
+from bumble.transport import open_transport
+from mappers.ble.adverts import build_ad
+
+async def main():
+    t = await open_transport(sys.argv[1])
+    dev = Device.with_hci("thermo", Address("F2:00:00:00:00:01"), t.source, t.sink)
+    props = Characteristic.Properties.READ | Characteristic.Properties.NOTIFY
+    temp = Characteristic("2A6E", props, Characteristic.READABLE, struct.pack("<h", 2150))
+    dev.add_services([Service("181A", [temp])])
+    await dev.power_on()
+    ad = build_ad(name="thermo", service_uuids16=[0x181A])
+    await dev.start_advertising(advertising_data=ad, auto_restart=True)
+    i = 0
+    while True:
+        await asyncio.sleep(0.1)
+        i += 1
+        await dev.notify_subscribers(temp, struct.pack("<h", 2150 + i % 50))
+
+asyncio.run(main())
+"""
+
+
+@pytest.fixture
+def controllers_app(tmp_path: Any) -> Iterator[str]:
+    """Bumble's controllers app (two HCI TCP ports on one virtual link) with a plain
+    Bumble peripheral on one port; yields the HCI spec of the other, for the central."""
+    import sys
+
+    from tests.conftest import wait_port
+
+    central, peripheral = free_port(), free_port()
+    app = [sys.executable, "-m", "bumble.apps.controllers"]
+    ports = [f"tcp-server:127.0.0.1:{central}", f"tcp-server:127.0.0.1:{peripheral}"]
+    procs = [subprocess.Popen([*app, *ports], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        wait_port(peripheral)
+        wait_port(central)
+        script = tmp_path / "peripheral.py"
+        script.write_text(PERIPHERAL)
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(script), f"tcp-client:127.0.0.1:{peripheral}"],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+        yield f"tcp-client:127.0.0.1:{central}"
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait(10)
+
+
+async def test_works_with_bumbles_own_controllers_app(controllers_app: str) -> None:
+    """A peripheral nobody here wrote the link for: Bumble's stock controllers app."""
+    host = RecordingHost()
+    m = BleMapper(host, {"hci": controllers_app})
+    b = bindings(
+        [
+            {
+                "apiVersion": "edgetwin.io/v1alpha1",
+                "kind": "DeviceModel",
+                "metadata": {"name": "thermo", "namespace": "plant"},
+                "spec": {"properties": [{"name": "temperature", "type": "FLOAT"}]},
+            },
+            {
+                "apiVersion": "edgetwin.io/v1alpha1",
+                "kind": "Device",
+                "metadata": {"name": "thermo", "namespace": "plant"},
+                "spec": {
+                    "deviceModelRef": {"name": "thermo"},
+                    "nodeName": "edge",
+                    "protocol": {
+                        "protocolName": "ble",
+                        "configData": {"name": "thermo", "serviceUuid": "181A"},
+                    },
+                    "properties": [
+                        {
+                            "name": "temperature",
+                            "visitors": {
+                                "protocolName": "ble",
+                                "configData": {"characteristic": "2A6E", "notify": True},
+                            },
+                        }
+                    ],
+                },
+            },
+        ]
+    )["thermo"]
+    await m.start([b])
+    try:
+        await eventually(lambda: len(host.reports) >= 5, within=20)
+        assert host.states[b.id] == ["online"]
+        assert 21.5 <= host.values[b.id]["temperature"] < 22.0
+    finally:
+        await m.stop()
