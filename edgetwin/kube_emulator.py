@@ -1,0 +1,795 @@
+"""An emulator of the Kubernetes API for custom resources: a development stand-in for
+tests and the demo, NEVER for production (no auth, no etcd, memory only).
+
+It serves the CRDs it is given (``deploy/crds/*.yaml``) with the semantics the relay and
+``kubectl`` rely on:
+
+* discovery (``/api``, ``/apis``, ``/apis/GROUP/VERSION``; legacy documents, which
+  clients fall back to from aggregated discovery), ``/version``;
+* ``resourceVersion`` from one counter; ``generation`` bumped on spec changes;
+* create, get, list, update (409 Conflict on a stale ``resourceVersion``), delete;
+* the ``status`` subresource: updates of the main resource ignore status, updates of
+  ``/status`` touch only status;
+* JSON merge patch (RFC 7386) and JSON patch (RFC 6902); strategic merge patch is
+  refused with 415 as a real API server does for custom resources;
+* list and watch with label selectors and field selectors limited, as in a real API
+  server, to ``metadata.name``, ``metadata.namespace`` and the CRD's
+  ``selectableFields`` (anything else is 400 BadRequest);
+* watch from a ``resourceVersion`` replays what changed since; one older than the
+  retained history (``history`` events, oldest dropped first) gets 410 Gone;
+* Table output (``Accept: ...;as=Table;...``) from the CRD's printer columns.
+
+Counters (``stats``) let tests check how often status was written per object.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import re
+import time
+import uuid
+from collections import Counter, deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+from aiohttp import web
+
+BANNER = "edgetwin Kubernetes API emulator: a development stand-in, not for production"
+DEFAULT_HISTORY = 10_000
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass
+class Resource:
+    """One served custom resource (from a CRD)."""
+
+    group: str
+    version: str
+    plural: str
+    singular: str
+    kind: str
+    list_kind: str
+    short_names: list[str]
+    namespaced: bool
+    status_subresource: bool
+    columns: list[dict[str, Any]]
+    selectable: list[str]  # field paths without the leading dot, e.g. spec.nodeName
+    categories: list[str] = field(default_factory=list)
+    schema: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def api_version(self) -> str:
+        return f"{self.group}/{self.version}"
+
+    @classmethod
+    def from_crd(cls, crd: dict[str, Any]) -> list[Resource]:
+        spec = crd["spec"]
+        names = spec["names"]
+        out = []
+        for v in spec["versions"]:
+            if not v.get("served", True):
+                continue
+            out.append(
+                cls(
+                    group=spec["group"],
+                    version=v["name"],
+                    plural=names["plural"],
+                    singular=names.get("singular", names["kind"].lower()),
+                    kind=names["kind"],
+                    list_kind=names.get("listKind", names["kind"] + "List"),
+                    short_names=list(names.get("shortNames", [])),
+                    namespaced=spec.get("scope", "Namespaced") == "Namespaced",
+                    status_subresource="status" in (v.get("subresources") or {}),
+                    columns=list(v.get("additionalPrinterColumns", [])),
+                    selectable=[f["jsonPath"].lstrip(".") for f in v.get("selectableFields", [])],
+                    categories=list(names.get("categories", [])),
+                    schema=(v.get("schema") or {}).get("openAPIV3Schema", {"type": "object"}),
+                )
+            )
+        return out
+
+
+class ApiError(Exception):
+    def __init__(self, code: int, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.code, self.reason, self.message = code, reason, message
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Failure",
+            "message": self.message,
+            "reason": self.reason,
+            "code": self.code,
+        }
+
+
+def human_age(timestamp: str, now: datetime | None = None) -> str:
+    """A creationTimestamp as kubectl shows ages (apimachinery's HumanDuration)."""
+    try:
+        then = datetime.strptime(timestamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    except (TypeError, ValueError):
+        return "<unknown>"
+    s = max(0, int(((now or datetime.now(UTC)) - then).total_seconds()))
+    m, h, d = s // 60, s // 3600, s // 86400
+    if s < 120:
+        return f"{s}s"
+    if m < 10:
+        return f"{m}m{s % 60}s" if s % 60 else f"{m}m"
+    if m < 180:
+        return f"{m}m"
+    if h < 8:
+        return f"{h}h{m % 60}m" if m % 60 else f"{h}h"
+    if h < 48:
+        return f"{h}h"
+    if h < 192:
+        return f"{d}d{h % 24}h" if h % 24 else f"{d}d"
+    if d < 365 * 2:
+        return f"{d}d"
+    return f"{d // 365}y"
+
+
+def _path(obj: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(obj, dict):
+            return None
+        obj = obj.get(part)
+    return obj
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    result = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merge_patch(result.get(key), value)
+    return result
+
+
+def json_patch(doc: Any, ops: list[dict[str, Any]]) -> Any:
+    """RFC 6902 JSON patch: add, remove, replace, test (what clients send)."""
+    doc = copy.deepcopy(doc)
+    for op in ops:
+        parts = [p.replace("~1", "/").replace("~0", "~") for p in op["path"].split("/")[1:]]
+        parent = doc
+        for p in parts[:-1]:
+            parent = parent[int(p)] if isinstance(parent, list) else parent[p]
+        last = parts[-1] if parts else ""
+        kind = op["op"]
+        if kind == "test":
+            current = parent[int(last)] if isinstance(parent, list) else parent.get(last)
+            if current != op.get("value"):
+                raise ApiError(422, "Invalid", f"test failed at {op['path']}")
+        elif kind == "remove":
+            del parent[int(last) if isinstance(parent, list) else last]
+        elif kind in ("add", "replace"):
+            if isinstance(parent, list):
+                if last == "-":
+                    parent.append(op["value"])
+                elif kind == "add":
+                    parent.insert(int(last), op["value"])
+                else:
+                    parent[int(last)] = op["value"]
+            else:
+                if kind == "replace" and last not in parent:
+                    raise ApiError(422, "Invalid", f"replace: no value at {op['path']}")
+                parent[last] = op["value"]
+        else:
+            raise ApiError(422, "Invalid", f"unsupported JSON patch op {kind!r}")
+    return doc
+
+
+@dataclass
+class Selector:
+    """Label and field selector terms: (key, op, value) with op =, != or exists."""
+
+    labels: list[tuple[str, str, str]]
+    fields: list[tuple[str, str, str]]
+
+    @staticmethod
+    def _terms(text: str) -> list[tuple[str, str, str]]:
+        terms = []
+        for raw in filter(None, (t.strip() for t in text.split(","))):
+            m = re.match(r"^([^!=]+?)\s*(==|!=|=)\s*(.*)$", raw)
+            if m:
+                terms.append((m.group(1), "!=" if m.group(2) == "!=" else "=", m.group(3)))
+            elif raw.startswith("!"):
+                terms.append((raw[1:], "!exists", ""))
+            else:
+                terms.append((raw, "exists", ""))
+        return terms
+
+    @classmethod
+    def parse(cls, res: Resource, labels: str, fields: str) -> Selector:
+        field_terms = cls._terms(fields)
+        allowed = {"metadata.name", "metadata.namespace", *res.selectable}
+        for key, op, _ in field_terms:
+            if key not in allowed or op not in ("=", "!="):
+                raise ApiError(400, "BadRequest", f"field label not supported: {key}")
+        return cls(cls._terms(labels), field_terms)
+
+    def matches(self, obj: dict[str, Any]) -> bool:
+        labels = obj.get("metadata", {}).get("labels") or {}
+        for key, op, value in self.labels:
+            if op == "exists" and key not in labels:
+                return False
+            if op == "!exists" and key in labels:
+                return False
+            if op == "=" and labels.get(key) != value:
+                return False
+            if op == "!=" and labels.get(key) == value:
+                return False
+        for key, op, value in self.fields:
+            actual = _path(obj, key)
+            actual = "" if actual is None else str(actual)
+            if (op == "=") != (actual == value):
+                return False
+        return True
+
+
+class Emulator:
+    """The API state and its aiohttp application."""
+
+    def __init__(self, crds: Iterable[dict[str, Any]], history: int = DEFAULT_HISTORY) -> None:
+        self.resources: dict[tuple[str, str, str], Resource] = {}
+        for crd in crds:
+            for res in Resource.from_crd(crd):
+                self.resources[(res.group, res.version, res.plural)] = res
+        self.objects: dict[tuple[str, str, str], dict[str, Any]] = {}  # (plural, ns, name)
+        self.rv = 0
+        # Bound: the newest ``history`` events; a watch from before them gets 410 Gone.
+        self.events: deque[tuple[int, str, str, dict[str, Any]]] = deque(maxlen=history)
+        self.watchers: set[asyncio.Queue[tuple[int, str, str, dict[str, Any]] | None]] = set()
+        self.stats: Counter[str] = Counter()
+        self.status_writes: Counter[tuple[str, str]] = Counter()  # (namespace, name)
+
+    @classmethod
+    def from_files(cls, paths: Iterable[Path], history: int = DEFAULT_HISTORY) -> Emulator:
+        crds = []
+        for path in paths:
+            for doc in yaml.safe_load_all(path.read_text()):
+                if doc and doc.get("kind") == "CustomResourceDefinition":
+                    crds.append(doc)
+        return cls(crds, history)
+
+    # --- state ------------------------------------------------------------------
+
+    def _emit(self, res: Resource, kind: str, obj: dict[str, Any]) -> None:
+        event = (self.rv, res.plural, kind, copy.deepcopy(obj))
+        self.events.append(event)
+        for q in list(self.watchers):
+            q.put_nowait(event)
+
+    def _bump(self, obj: dict[str, Any]) -> None:
+        self.rv += 1
+        obj["metadata"]["resourceVersion"] = str(self.rv)
+
+    def create(self, res: Resource, ns: str, body: dict[str, Any]) -> dict[str, Any]:
+        meta = body.setdefault("metadata", {})
+        name = meta.get("name")
+        if not name and meta.get("generateName"):
+            name = meta["generateName"] + uuid.uuid4().hex[:5]
+        if not name:
+            raise ApiError(
+                422, "Invalid", f"{res.kind}.{res.group} is invalid: metadata.name: Required value"
+            )
+        key = (res.plural, ns, name)
+        if key in self.objects:
+            raise ApiError(409, "AlreadyExists", f'{res.plural}.{res.group} "{name}" already exists')
+        if body.get("kind") not in (None, res.kind):
+            raise ApiError(400, "BadRequest", f"kind {body.get('kind')!r} does not match {res.kind}")
+        obj = copy.deepcopy(body)
+        obj["apiVersion"], obj["kind"] = res.api_version, res.kind
+        obj["metadata"].update(name=name, uid=str(uuid.uuid4()), creationTimestamp=_now(), generation=1)
+        obj["metadata"].pop("generateName", None)
+        if res.namespaced:
+            obj["metadata"]["namespace"] = ns
+        if res.status_subresource:
+            obj.pop("status", None)
+        self._bump(obj)
+        self.objects[key] = obj
+        self._emit(res, "ADDED", obj)
+        return obj
+
+    def get(self, res: Resource, ns: str, name: str) -> dict[str, Any]:
+        obj = self.objects.get((res.plural, ns, name))
+        if obj is None:
+            raise ApiError(404, "NotFound", f'{res.plural}.{res.group} "{name}" not found')
+        return obj
+
+    def replace(
+        self, res: Resource, ns: str, name: str, body: dict[str, Any], status: bool
+    ) -> dict[str, Any]:
+        current = self.get(res, ns, name)
+        want_rv = (body.get("metadata") or {}).get("resourceVersion")
+        if want_rv and want_rv != current["metadata"]["resourceVersion"]:
+            raise ApiError(
+                409,
+                "Conflict",
+                f'Operation cannot be fulfilled on {res.plural}.{res.group} "{name}": the object has been '
+                "modified; please apply your changes to the latest version and try again",
+            )
+        new = copy.deepcopy(current)
+        if status:
+            if "status" in body:
+                new["status"] = copy.deepcopy(body["status"])
+            else:
+                new.pop("status", None)
+            self.status_writes[(ns, name)] += 1
+        else:
+            keep = {
+                k: v
+                for k, v in current["metadata"].items()
+                if k in ("uid", "creationTimestamp", "generation", "name", "namespace")
+            }
+            new = {
+                k: copy.deepcopy(v) for k, v in body.items() if k != "status" or not res.status_subresource
+            }
+            new.setdefault("metadata", {}).update(keep)
+            new["apiVersion"], new["kind"] = res.api_version, res.kind
+            if res.status_subresource and "status" in current:
+                new["status"] = copy.deepcopy(current["status"])
+            if new.get("spec") != current.get("spec"):
+                new["metadata"]["generation"] = current["metadata"].get("generation", 1) + 1
+        if new == current:
+            return current  # a no-op write does not bump resourceVersion, as in Kubernetes
+        self._bump(new)
+        self.objects[(res.plural, ns, name)] = new
+        self._emit(res, "MODIFIED", new)
+        return new
+
+    def patch(
+        self, res: Resource, ns: str, name: str, content_type: str, body: Any, status: bool
+    ) -> dict[str, Any]:
+        current = self.get(res, ns, name)
+        if content_type == "application/merge-patch+json":
+            patched = merge_patch(copy.deepcopy(current), body)
+        elif content_type == "application/json-patch+json":
+            if not isinstance(body, list):
+                raise ApiError(400, "BadRequest", "a JSON patch is a list of operations")
+            patched = json_patch(current, body)
+        else:
+            raise ApiError(
+                415,
+                "UnsupportedMediaType",
+                f"the body of the request was in an unknown format - accepted media types include: "
+                f"application/json-patch+json, application/merge-patch+json (got {content_type})",
+            )
+        if not isinstance(patched, dict):
+            raise ApiError(422, "Invalid", "the patch does not produce an object")
+        patched.setdefault("metadata", {})
+        want_rv = patched["metadata"].get("resourceVersion")
+        if want_rv == current["metadata"]["resourceVersion"]:
+            patched["metadata"].pop("resourceVersion")  # not in the patch: no precondition
+        return self.replace(res, ns, name, patched, status)
+
+    def delete(self, res: Resource, ns: str, name: str) -> dict[str, Any]:
+        obj = self.get(res, ns, name)
+        del self.objects[(res.plural, ns, name)]
+        obj = copy.deepcopy(obj)
+        self._bump(obj)
+        self._emit(res, "DELETED", obj)
+        return obj
+
+    def select(self, res: Resource, ns: str | None, sel: Selector) -> list[dict[str, Any]]:
+        return [
+            o
+            for (plural, ons, _), o in sorted(self.objects.items())
+            if plural == res.plural and (ns is None or ons == ns) and sel.matches(o)
+        ]
+
+    # --- HTTP ----------------------------------------------------------------------
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self._errors])
+        r = app.router
+        r.add_get("/version", self._version)
+        r.add_get("/api", self._api)
+        r.add_get("/api/v1", self._api_v1)
+        r.add_get("/apis", self._apis)
+        r.add_get("/apis/{group}/{version}", self._group_version)
+        r.add_get("/openapi/v3", self._openapi_root)
+        r.add_get("/openapi/v3/apis/{group}/{version}", self._openapi_group)
+        base = "/apis/{group}/{version}"
+        r.add_get(base + "/{plural}", self._list)
+        r.add_get(base + "/namespaces/{ns}/{plural}", self._list)
+        r.add_post(base + "/namespaces/{ns}/{plural}", self._create)
+        for suffix in ("", "/{sub:status}"):
+            item = base + "/namespaces/{ns}/{plural}/{name}" + suffix
+            r.add_get(item, self._get)
+            r.add_put(item, self._put)
+            r.add_patch(item, self._patch)
+        r.add_delete(base + "/namespaces/{ns}/{plural}/{name}", self._delete)
+        return app
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        self.stats[f"{request.method} {request.path.split('/namespaces/')[0]}"] += 1
+        try:
+            response: web.StreamResponse = await handler(request)
+            return response
+        except ApiError as exc:
+            return web.json_response(exc.status(), status=exc.code)
+        except json.JSONDecodeError as exc:
+            return web.json_response(ApiError(400, "BadRequest", f"invalid JSON: {exc}").status(), status=400)
+
+    def _resource(self, request: web.Request) -> Resource:
+        info = request.match_info
+        res = self.resources.get((info["group"], info["version"], info["plural"]))
+        if res is None:
+            raise ApiError(
+                404, "NotFound", f"the server could not find the requested resource ({request.path})"
+            )
+        return res
+
+    async def _version(self, _r: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                "major": "1",
+                "minor": "31",
+                "gitVersion": "v1.31.0-edgetwin-emulator",
+                "platform": "linux/amd64",
+            }
+        )
+
+    async def _api(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                "kind": "APIVersions",
+                "versions": ["v1"],
+                "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": request.host}],
+            }
+        )
+
+    async def _api_v1(self, _r: web.Request) -> web.Response:
+        return web.json_response({"kind": "APIResourceList", "groupVersion": "v1", "resources": []})
+
+    async def _apis(self, _r: web.Request) -> web.Response:
+        groups: dict[str, list[str]] = {}
+        for g, v, _ in self.resources:
+            groups.setdefault(g, [])
+            if v not in groups[g]:
+                groups[g].append(v)
+        return web.json_response(
+            {
+                "kind": "APIGroupList",
+                "apiVersion": "v1",
+                "groups": [
+                    {
+                        "name": g,
+                        "versions": [{"groupVersion": f"{g}/{v}", "version": v} for v in vs],
+                        "preferredVersion": {"groupVersion": f"{g}/{vs[0]}", "version": vs[0]},
+                    }
+                    for g, vs in groups.items()
+                ],
+            }
+        )
+
+    async def _group_version(self, request: web.Request) -> web.Response:
+        g, v = request.match_info["group"], request.match_info["version"]
+        resources = []
+        for (rg, rv, _), res in self.resources.items():
+            if (rg, rv) != (g, v):
+                continue
+            resources.append(
+                {
+                    "name": res.plural,
+                    "singularName": res.singular,
+                    "namespaced": res.namespaced,
+                    "kind": res.kind,
+                    "verbs": ["create", "delete", "get", "list", "patch", "update", "watch"],
+                    "shortNames": res.short_names,
+                    "categories": res.categories,
+                }
+            )
+            if res.status_subresource:
+                resources.append(
+                    {
+                        "name": f"{res.plural}/status",
+                        "singularName": "",
+                        "namespaced": res.namespaced,
+                        "kind": res.kind,
+                        "verbs": ["get", "patch", "update"],
+                    }
+                )
+        if not resources:
+            raise ApiError(
+                404, "NotFound", f"the server could not find the requested resource ({request.path})"
+            )
+        return web.json_response(
+            {
+                "kind": "APIResourceList",
+                "apiVersion": "v1",
+                "groupVersion": f"{g}/{v}",
+                "resources": resources,
+            }
+        )
+
+    async def _openapi_root(self, _r: web.Request) -> web.Response:
+        paths = {
+            f"apis/{g}/{v}": {"serverRelativeURL": f"/openapi/v3/apis/{g}/{v}?hash={self.rv}"}
+            for g, v, _ in self.resources
+        }
+        return web.json_response({"paths": paths})
+
+    async def _openapi_group(self, request: web.Request) -> web.Response:
+        """An OpenAPI v3 document for one group version: the CRD schemas, and the write
+        operations declaring ``fieldValidation`` (kubectl then validates server-side)."""
+        g, v = request.match_info["group"], request.match_info["version"]
+        schemas: dict[str, Any] = {}
+        paths: dict[str, Any] = {}
+        reversed_group = ".".join(reversed(g.split(".")))
+        for (rg, rv, _), res in self.resources.items():
+            if (rg, rv) != (g, v):
+                continue
+            gvk = [{"group": g, "version": v, "kind": res.kind}]
+            schema = copy.deepcopy(res.schema)
+            schema["x-kubernetes-group-version-kind"] = gvk
+            schemas[f"{reversed_group}.{v}.{res.kind}"] = schema
+            params = [
+                {"name": "fieldValidation", "in": "query", "schema": {"type": "string", "uniqueItems": True}},
+                {"name": "dryRun", "in": "query", "schema": {"type": "string", "uniqueItems": True}},
+            ]
+
+            def op(
+                verb: str, params: list[dict[str, Any]] = params, gvk: list[dict[str, str]] = gvk
+            ) -> dict[str, Any]:
+                return {
+                    "operationId": f"{verb}{gvk[0]['kind']}",
+                    "parameters": params,
+                    "responses": {"200": {"description": "OK"}},
+                    "x-kubernetes-action": verb,
+                    "x-kubernetes-group-version-kind": gvk[0],
+                }
+
+            base = f"/apis/{g}/{v}/namespaces/{{namespace}}/{res.plural}"
+            paths[base] = {"post": op("post"), "get": op("list")}
+            paths[base + "/{name}"] = {"put": op("put"), "patch": op("patch"), "get": op("get")}
+            if res.status_subresource:
+                paths[base + "/{name}/status"] = {"put": op("put"), "patch": op("patch"), "get": op("get")}
+        if not schemas:
+            raise ApiError(404, "NotFound", f"no OpenAPI document for {g}/{v}")
+        return web.json_response(
+            {
+                "openapi": "3.0.0",
+                "info": {"title": "Kubernetes", "version": "v1.31.0"},
+                "paths": paths,
+                "components": {"schemas": schemas},
+            }
+        )
+
+    def _table(self, res: Resource, objs: list[dict[str, Any]], rv: str) -> dict[str, Any]:
+        columns = [{"name": "Name", "type": "string", "format": "name", "description": "Name", "priority": 0}]
+        for c in res.columns:
+            columns.append(
+                {
+                    "name": c["name"],
+                    "type": c["type"],
+                    "format": c.get("format", ""),
+                    "description": c.get("description", ""),
+                    "priority": c.get("priority", 0),
+                }
+            )
+        specs = [(c["jsonPath"], c["type"]) for c in res.columns]
+        if not any(c["name"] == "Age" for c in res.columns):
+            columns.append({"name": "Age", "type": "date", "format": "", "description": "", "priority": 0})
+            specs.append((".metadata.creationTimestamp", "date"))
+        rows = []
+        for o in objs:
+            cells: list[Any] = [o["metadata"]["name"]]
+            for p, kind in specs:
+                value = _path(o, p.lstrip("."))
+                # As the API server does, dates are served as ages ("5m"), not timestamps.
+                cells.append(human_age(value) if kind == "date" and value is not None else value)
+            rows.append(
+                {
+                    "cells": cells,
+                    "object": {
+                        "kind": "PartialObjectMetadata",
+                        "apiVersion": "meta.k8s.io/v1",
+                        "metadata": o["metadata"],
+                    },
+                }
+            )
+        return {
+            "kind": "Table",
+            "apiVersion": "meta.k8s.io/v1",
+            "metadata": {"resourceVersion": rv},
+            "columnDefinitions": columns,
+            "rows": rows,
+        }
+
+    @staticmethod
+    def _wants_table(request: web.Request) -> bool:
+        return "as=Table" in request.headers.get("Accept", "")
+
+    async def _list(self, request: web.Request) -> web.StreamResponse:
+        res = self._resource(request)
+        ns = request.match_info.get("ns")
+        q = request.query
+        sel = Selector.parse(res, q.get("labelSelector", ""), q.get("fieldSelector", ""))
+        if q.get("watch") in ("1", "true"):
+            return await self._watch(request, res, ns, sel)
+        objs = self.select(res, ns, sel)
+        if self._wants_table(request):
+            return web.json_response(self._table(res, objs, str(self.rv)))
+        return web.json_response(
+            {
+                "apiVersion": res.api_version,
+                "kind": res.list_kind,
+                "metadata": {"resourceVersion": str(self.rv)},
+                "items": objs,
+            }
+        )
+
+    async def _watch(
+        self, request: web.Request, res: Resource, ns: str | None, sel: Selector
+    ) -> web.StreamResponse:
+        since = request.query.get("resourceVersion", "")
+        timeout = float(request.query.get("timeoutSeconds", "0") or 0) or None
+        queue: asyncio.Queue[tuple[int, str, str, dict[str, Any]] | None] = asyncio.Queue()
+        self.watchers.add(queue)
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await response.prepare(request)
+
+        def relevant(plural: str, obj: dict[str, Any]) -> bool:
+            return (
+                plural == res.plural
+                and (ns is None or obj["metadata"].get("namespace") == ns)
+                and sel.matches(obj)
+            )
+
+        async def send(kind: str, obj: dict[str, Any]) -> None:
+            await response.write(json.dumps({"type": kind, "object": obj}).encode() + b"\n")
+
+        try:
+            if since in ("", "0"):
+                for obj in self.select(res, ns, sel):
+                    await send("ADDED", obj)
+            else:
+                start = int(since)
+                oldest = self.events[0][0] if self.events else self.rv + 1
+                if start < oldest - 1 and start < self.rv:
+                    gone = ApiError(410, "Expired", f"too old resource version: {start} ({oldest - 1})")
+                    await send("ERROR", gone.status())
+                    return response
+                for rv, plural, kind, obj in list(self.events):
+                    if rv > start and relevant(plural, obj):
+                        await send(kind, obj)
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while True:
+                wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+                try:
+                    event = await asyncio.wait_for(queue.get(), wait)
+                except TimeoutError:
+                    break
+                if event is None:
+                    break
+                _, plural, kind, obj = event
+                if relevant(plural, obj):
+                    await send(kind, obj)
+        except (ConnectionResetError, asyncio.CancelledError):
+            pass
+        finally:
+            self.watchers.discard(queue)
+        return response
+
+    async def _body(self, request: web.Request) -> Any:
+        text = await request.text()
+        if not text:
+            raise ApiError(400, "BadRequest", "empty body")
+        return json.loads(text)
+
+    async def _create(self, request: web.Request) -> web.Response:
+        res = self._resource(request)
+        obj = self.create(res, request.match_info["ns"], await self._body(request))
+        return web.json_response(obj, status=201)
+
+    async def _get(self, request: web.Request) -> web.Response:
+        res = self._resource(request)
+        obj = self.get(res, request.match_info["ns"], request.match_info["name"])
+        if self._wants_table(request):
+            return web.json_response(self._table(res, [obj], obj["metadata"]["resourceVersion"]))
+        return web.json_response(obj)
+
+    def _status_path(self, request: web.Request, res: Resource) -> bool:
+        status = request.match_info.get("sub") == "status"
+        if status and not res.status_subresource:
+            raise ApiError(404, "NotFound", "the server could not find the requested resource")
+        return status
+
+    async def _put(self, request: web.Request) -> web.Response:
+        res = self._resource(request)
+        status = self._status_path(request, res)
+        body = await self._body(request)
+        obj = self.replace(res, request.match_info["ns"], request.match_info["name"], body, status)
+        return web.json_response(obj)
+
+    async def _patch(self, request: web.Request) -> web.Response:
+        res = self._resource(request)
+        status = self._status_path(request, res)
+        content_type = request.headers.get("Content-Type", "").split(";")[0].strip()
+        body = await self._body(request)
+        obj = self.patch(
+            res, request.match_info["ns"], request.match_info["name"], content_type, body, status
+        )
+        return web.json_response(obj)
+
+    async def _delete(self, request: web.Request) -> web.Response:
+        res = self._resource(request)
+        obj = self.delete(res, request.match_info["ns"], request.match_info["name"])
+        return web.json_response(obj)
+
+    async def close_watches(self) -> None:
+        for q in list(self.watchers):
+            q.put_nowait(None)
+
+
+class RunningEmulator:
+    """An emulator listening on host:port (``async with``)."""
+
+    def __init__(self, emulator: Emulator, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.emulator, self.host, self.port = emulator, host, port
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    async def start(self) -> None:
+        self._runner = web.AppRunner(self.emulator.app(), access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        await site.start()
+        if self.port == 0:
+            server = site._server
+            assert server is not None
+            self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+
+    async def stop(self) -> None:
+        await self.emulator.close_watches()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def __aenter__(self) -> RunningEmulator:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    def kubeconfig(self, path: Path, namespace: str = "default") -> Path:
+        """A kubeconfig for kubectl and Kubernetes clients pointing at the emulator."""
+        path.write_text(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "clusters": [{"name": "emulator", "cluster": {"server": self.url}}],
+                    "users": [{"name": "dev", "user": {"token": "emulator"}}],
+                    "contexts": [
+                        {
+                            "name": "emulator",
+                            "context": {"cluster": "emulator", "user": "dev", "namespace": namespace},
+                        }
+                    ],
+                    "current-context": "emulator",
+                }
+            )
+        )
+        return path
