@@ -389,11 +389,15 @@ class BleMapper(Mapper):
             v = prop.visitor
             assert v.characteristic is not None
             prop.char = None
-            if v.service is not None:
-                svc = services.get_service(v.service)
-                char = svc.get_characteristic(v.characteristic) if svc is not None else None
-            else:
-                char = services.get_characteristic(v.characteristic)
+            try:
+                if v.service is not None:
+                    svc = services.get_service(v.service)
+                    char = svc.get_characteristic(v.characteristic) if svc is not None else None
+                else:
+                    char = services.get_characteristic(v.characteristic)
+            except BleakError as exc:  # e.g. the UUID is on several services: name one
+                errors[name] = f"characteristic {v.characteristic}: {exc} (set service)"
+                continue
             if char is None:
                 errors[name] = f"characteristic {v.characteristic} not found on the device"
                 continue
@@ -408,13 +412,16 @@ class BleMapper(Mapper):
                         client.read_gatt_descriptor(desc.handle), self._request_s(rt)
                     )
                     prop.presentation = PresentationFormat.parse(bytes(raw))
-                except CodecError as exc:
+                except (CodecError, BleakGATTProtocolError) as exc:
                     errors[name] = f"presentation format: {exc}"
                     continue
             if v.notify:
-                await asyncio.wait_for(
-                    client.start_notify(char, self._notify_handler(rt, name)), self._request_s(rt)
-                )
+                try:
+                    await asyncio.wait_for(
+                        client.start_notify(char, self._notify_handler(rt, name)), self._request_s(rt)
+                    )
+                except BleakGATTProtocolError as exc:  # refused by the device: this property only
+                    errors[name] = f"cannot subscribe: {exc}"
         if errors:
             await self.host.report_errors(rt.binding.id, errors)
 
