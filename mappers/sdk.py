@@ -191,10 +191,18 @@ def _changed(old: Any, new: Any, deadband: float | None) -> bool:
 
 
 async def cancel_tasks(tasks: list[asyncio.Task[None]]) -> None:
-    """Cancel a mapper's tasks, wait until they have ended, and forget them."""
+    """Cancel a mapper's tasks, wait until they have ended, and forget them.
+
+    A task whose cancellation got swallowed (Python 3.11's ``asyncio.wait_for`` can lose
+    a cancellation that races with the inner future completing) is cancelled again each
+    second until it ends, so a mapper's stop() never hangs."""
     for task in tasks:
         task.cancel()
     for task in tasks:
+        while not task.done():
+            done, _ = await asyncio.wait({task}, timeout=1.0)
+            if not done:
+                task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
     tasks.clear()

@@ -313,3 +313,19 @@ class RecordingHost:
 
     async def report_errors(self, device_id: str, errors: Mapping[str, str]) -> None:
         self.errors.setdefault(device_id, {}).update(errors)
+
+
+@pytest.fixture
+async def dump_tasks_when_stuck(request: pytest.FixtureRequest) -> Any:
+    """A test stuck past 120 s prints every asyncio task's stack (a hang then names
+    its await instead of timing out silently)."""
+    import asyncio
+
+    def dump() -> None:
+        print(f"\n--- {request.node.nodeid} stuck; asyncio tasks:", file=sys.stderr)
+        for task in asyncio.all_tasks():
+            task.print_stack(file=sys.stderr)
+
+    handle = asyncio.get_running_loop().call_later(120, dump)
+    yield
+    handle.cancel()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import itertools
 import json
 import subprocess
 import threading
@@ -29,6 +28,8 @@ from mappers.sdk import DeviceBinding
 from tests.conftest import EDGETWIN, RecordingHost, eventually
 
 SENSORS = 20
+
+pytestmark = pytest.mark.usefixtures("dump_tasks_when_stuck")
 
 
 class SimProcess:
@@ -344,10 +345,9 @@ async def test_twenty_peripherals_on_five_slots_each_report_every_cycle(sim: Sim
     assert m.slots.peak >= 2  # connections did overlap
     for d in devices:
         times = [t - start for t, dev, values in host.reports if dev == d.id and "pressure" in values]
-        # The first report within the first cycle, then one per cycle: no gap longer than a cycle.
-        assert times and times[0] < cycle, (d.id, times)
-        gaps = [b - a for a, b in itertools.pairwise(times)]
-        assert len(times) >= 3 and max(gaps) <= cycle * 1.15, (d.id, times)
+        # A report in every cycle window: [0, 4 s), [4 s, 8 s), [8 s, 12 s).
+        for k in range(3):
+            assert any(k * cycle <= t < (k + 1) * cycle for t in times), (d.id, k, times)
 
 
 PERIPHERAL = """
