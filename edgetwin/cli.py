@@ -274,6 +274,35 @@ def cmd_sim_ble(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_kube_emulator(args: argparse.Namespace) -> int:
+    from edgetwin.kube_emulator import BANNER, Emulator, RunningEmulator
+
+    crds = sorted(Path(args.crds).glob("*.yaml")) if Path(args.crds).is_dir() else [Path(args.crds)]
+    if not crds or not all(p.is_file() for p in crds):
+        raise CliError(f"no CRD files at {args.crds} (give --crds deploy/crds)")
+    emulator = Emulator.from_files(crds)
+    if not emulator.resources:
+        raise CliError(f"{args.crds} holds no CustomResourceDefinition")
+
+    async def serve() -> None:
+        async with RunningEmulator(emulator, args.host, args.port) as running:
+            if args.kubeconfig:
+                running.kubeconfig(Path(args.kubeconfig), args.namespace)
+            print(
+                f"{BANNER}\nserving {running.url}"
+                + (f", kubeconfig {args.kubeconfig}" if args.kubeconfig else "")
+            )
+            await asyncio.Event().wait()
+
+    try:
+        asyncio.run(serve())
+    except KeyboardInterrupt:
+        pass
+    except OSError as exc:
+        raise CliError(f"cannot serve on {args.host}:{args.port}: {exc}") from None
+    return 0
+
+
 # --------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -340,6 +369,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--notify-interval", type=float, default=1.0, help="seconds between value changes and notifications"
     )
     ble.set_defaults(func=cmd_sim_ble)
+
+    cloud = sub.add_parser("cloud", help="cloud side").add_subparsers(dest="action", required=True)
+    emu = cloud.add_parser(
+        "kube-emulator",
+        help="a Kubernetes API emulator for the edgetwin CRDs (development stand-in, not for production)",
+    )
+    emu.add_argument("--host", default="127.0.0.1")
+    emu.add_argument("--port", type=int, default=8001)
+    emu.add_argument("--crds", default="deploy/crds", help="CRD file or folder")
+    emu.add_argument("--kubeconfig", help="write a kubeconfig for kubectl here")
+    emu.add_argument("--namespace", default="default", help="the kubeconfig's namespace")
+    emu.set_defaults(func=cmd_kube_emulator)
 
     demo = sub.add_parser("demo", help="run a self-contained demo with simulated devices")
     demo.add_argument("--duration", type=float, default=None, help="stop after this many seconds")

@@ -224,3 +224,35 @@ def test_ages_read_like_kubectl() -> None:
     assert human_age(ts(timedelta(hours=5, minutes=3)), now) == "5h3m"
     assert human_age(ts(timedelta(days=3)), now) == "3d"
     assert human_age("garbage", now) == "<unknown>"
+
+
+def test_the_emulator_runs_as_a_command_for_kubectl(tmp_path: Path) -> None:
+    from edgetwin.demo import free_port
+    from tests.conftest import EDGETWIN, wait_port
+
+    port = free_port()
+    kubeconfig = tmp_path / "kubeconfig"
+    args = ["cloud", "kube-emulator", "--port", str(port), "--crds", str(ROOT / "deploy" / "crds")]
+    proc = subprocess.Popen(
+        [EDGETWIN, *args, "--kubeconfig", str(kubeconfig), "--namespace", "plant"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_port(port)
+        assert proc.stdout is not None
+        assert "development stand-in, not for production" in proc.stdout.readline()
+        env = {**os.environ, "KUBECONFIG": str(kubeconfig), "HOME": str(tmp_path)}
+        kubectl = str(BIN / "kubectl")
+        r = subprocess.run([kubectl, "apply", "-f", str(EXAMPLE)], env=env, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        r = subprocess.run([kubectl, "get", "devices", "-o", "name"], env=env, capture_output=True, text=True)
+        assert r.stdout.strip() == "device.edgetwin.io/thermostat-hall"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    bad = subprocess.run(
+        [EDGETWIN, "cloud", "kube-emulator", "--crds", str(tmp_path)], capture_output=True, text=True
+    )
+    assert bad.returncode != 0 and "no CRD files" in bad.stderr
