@@ -257,6 +257,9 @@ class Emulator:
         self.watchers: set[asyncio.Queue[tuple[int, str, str, dict[str, Any]] | None]] = set()
         self.stats: Counter[str] = Counter()
         self.status_writes: Counter[tuple[str, str]] = Counter()  # (namespace, name)
+        # Fault injection for tests: the next N writes answer 409 Conflict, as when
+        # someone else wrote the object between a client's read and its write.
+        self.conflicts_to_inject = 0
 
     @classmethod
     def from_files(cls, paths: Iterable[Path], history: int = DEFAULT_HISTORY) -> Emulator:
@@ -317,6 +320,9 @@ class Emulator:
     ) -> dict[str, Any]:
         current = self.get(res, ns, name)
         want_rv = (body.get("metadata") or {}).get("resourceVersion")
+        if self.conflicts_to_inject > 0:
+            self.conflicts_to_inject -= 1
+            want_rv = "stale"
         if want_rv and want_rv != current["metadata"]["resourceVersion"]:
             raise ApiError(
                 409,

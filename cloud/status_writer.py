@@ -1,0 +1,156 @@
+"""Writes one node's edge status to Device status: at most once per device per
+``min_interval`` however fast messages come, only for the node's own devices, with
+re-reads on 409 Conflict. Built on lightkube (the Kubernetes client) and the pure rule
+in :mod:`cloud.status_merge`.
+
+Messages for a device that arrive while a write is pending are folded into that write
+(the rule is order-insensitive and idempotent), so API server load is bounded by
+devices / ``min_interval``. Each :meth:`StatusWriter.submit` resolves when its message
+is in the API server (``applied``) or never will be (``refused``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from lightkube import AsyncClient
+from lightkube.generic_resource import create_namespaced_resource
+from lightkube.types import PatchType
+
+from cloud.status_merge import merge_edge_status
+
+log = logging.getLogger(__name__)
+
+Device = create_namespaced_resource("edgetwin.io", "v1alpha1", "Device", "devices")
+MAX_CONFLICT_RETRIES = 10
+
+
+@dataclass(frozen=True)
+class Outcome:
+    applied: bool
+    reason: str = ""
+
+
+@dataclass
+class _Pending:
+    messages: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
+    waiters: list[asyncio.Future[Outcome]] = field(default_factory=list)
+    last_write: float = float("-inf")
+    task: asyncio.Task[None] | None = None
+
+
+def merge_diff(old: Any, new: Any) -> Any:
+    """The JSON merge patch (RFC 7386) that turns ``old`` into ``new``."""
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return new
+    patch: dict[str, Any] = {}
+    for key in old.keys() - new.keys():
+        patch[key] = None
+    for key, value in new.items():
+        if key not in old:
+            patch[key] = value
+        elif old[key] != value:
+            patch[key] = merge_diff(old[key], value)
+    return patch
+
+
+class StatusWriter:
+    """Status writes for the devices of ``node``."""
+
+    def __init__(
+        self,
+        client: AsyncClient,
+        node: str,
+        min_interval_s: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.client = client
+        self.node = node
+        self.min_interval_s = min_interval_s
+        self.clock = clock
+        self._pending: dict[tuple[str, str], _Pending] = {}
+        self.writes = 0
+        self.conflicts = 0
+
+    def submit(self, namespace: str, name: str, rev: int, patch: dict[str, Any]) -> asyncio.Future[Outcome]:
+        """Queue one edge status message; the future says how it ended."""
+        key = (namespace, name)
+        p = self._pending.setdefault(key, _Pending())
+        fut: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        p.messages.append((rev, patch))
+        p.waiters.append(fut)
+        if p.task is None or p.task.done():
+            p.task = asyncio.create_task(self._flush_later(key, p), name=f"status {namespace}/{name}")
+        return fut
+
+    async def close(self) -> None:
+        tasks = [p.task for p in self._pending.values() if p.task is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _flush_later(self, key: tuple[str, str], p: _Pending) -> None:
+        while p.messages:
+            wait = p.last_write + self.min_interval_s - self.clock()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            messages, waiters = p.messages, p.waiters
+            p.messages, p.waiters = [], []
+            try:
+                outcome = await self._write(key, messages)
+            except Exception as exc:  # the API server is unreachable or broken: retry later
+                log.warning("status write failed", extra={"device": "/".join(key), "error": str(exc)})
+                p.messages, p.waiters = messages + p.messages, waiters + p.waiters
+                p.last_write = self.clock()
+                continue
+            p.last_write = self.clock()
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_result(outcome)
+
+    async def _write(self, key: tuple[str, str], messages: list[tuple[int, dict[str, Any]]]) -> Outcome:
+        namespace, name = key
+        for _ in range(MAX_CONFLICT_RETRIES):
+            try:
+                obj = await self.client.get(Device, name, namespace=namespace)
+            except httpx.HTTPStatusError as exc:
+                if exc.response.status_code == 404:
+                    return Outcome(False, f"device {namespace}/{name} does not exist")
+                raise
+            node = (obj.get("spec") or {}).get("nodeName")
+            if node != self.node:
+                return Outcome(
+                    False, f"device {namespace}/{name} belongs to node {node!r}, not {self.node!r}"
+                )
+            current = obj.get("status") or {}
+            status = current
+            for rev, patch in sorted(messages, key=lambda m: m[0]):
+                status = merge_edge_status(status, patch, rev)
+            if status == current:
+                return Outcome(True)  # a replay: nothing new
+            rv = obj.metadata.resourceVersion if obj.metadata is not None else None
+            # The resourceVersion makes the write conditional: 409 if anyone wrote since.
+            body = {"metadata": {"resourceVersion": rv}, "status": merge_diff(current, status)}
+            try:
+                await self.client.patch(
+                    Device.Status, name, body, namespace=namespace, patch_type=PatchType.MERGE
+                )
+            except httpx.HTTPStatusError as exc:
+                if exc.response.status_code == 409:  # written since we read it: read again
+                    self.conflicts += 1
+                    continue
+                if exc.response.status_code == 404:
+                    return Outcome(False, f"device {namespace}/{name} does not exist")
+                raise
+            self.writes += 1
+            return Outcome(True)
+        raise RuntimeError(f"{MAX_CONFLICT_RETRIES} conflicts in a row writing {namespace}/{name}")
