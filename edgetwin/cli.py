@@ -274,6 +274,44 @@ def cmd_sim_ble(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cloud_run(args: argparse.Namespace) -> int:
+    from lightkube import AsyncClient, KubeConfig
+
+    from cloud.config import RelayConfigError, load_relay_config
+    from cloud.relay import RelaySettings, serve
+
+    try:
+        cfg = load_relay_config(args.config)
+    except RelayConfigError as exc:
+        print(f"edgetwin: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    from gateway import logs
+
+    logs.setup("INFO")  # the same structured log lines as the gateway
+
+    async def run() -> None:
+        kube = KubeConfig.from_file(cfg.kubeconfig) if cfg.kubeconfig else KubeConfig.from_env()
+        client = AsyncClient(config=kube)
+        server, _, port = await serve(
+            client,
+            cfg.listen,
+            cfg.tls.cert_file.read_bytes(),
+            cfg.tls.key_file.read_bytes(),
+            cfg.tls.ca_file.read_bytes(),
+            RelaySettings(min_status_interval_s=cfg.minStatusInterval / 1000),
+        )
+        print(f"edgetwin relay listening on {cfg.listen.rsplit(':', 1)[0]}:{port} (mutual TLS)", flush=True)
+        try:
+            await server.wait_for_termination()
+        finally:
+            await server.stop(5)
+            await client.close()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run())
+    return 0
+
+
 def cmd_kube_emulator(args: argparse.Namespace) -> int:
     from edgetwin.kube_emulator import BANNER, Emulator, RunningEmulator
 
@@ -371,6 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
     ble.set_defaults(func=cmd_sim_ble)
 
     cloud = sub.add_parser("cloud", help="cloud side").add_subparsers(dest="action", required=True)
+    crun = cloud.add_parser("run", help="run the cloud relay (gRPC, mutual TLS) against a Kubernetes API")
+    crun.add_argument("--config", required=True, type=Path)
+    crun.set_defaults(func=cmd_cloud_run)
     emu = cloud.add_parser(
         "kube-emulator",
         help="a Kubernetes API emulator for the edgetwin CRDs (development stand-in, not for production)",

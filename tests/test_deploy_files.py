@@ -55,3 +55,34 @@ def test_modbus_doc_example_loads_and_validates(tmp_path: Path) -> None:
     devices = [(d, manifests.model_for(d)) for d in manifests.devices.values()]
     assert len(devices) == 1
     assert validate_devices(devices) == []
+
+
+def test_relay_rbac_is_least_privilege_and_the_config_loads(tmp_path: Path) -> None:
+    docs = list(yaml.safe_load_all((DEPLOY / "relay" / "rbac.yaml").read_text()))
+    role = next(d for d in docs if d["kind"] == "ClusterRole")
+    grants = {(r, v) for rule in role["rules"] for r in rule["resources"] for v in rule["verbs"]}
+    assert grants == {
+        ("devices", "get"),
+        ("devices", "list"),
+        ("devices", "watch"),
+        ("devicemodels", "get"),
+        ("devicemodels", "list"),
+        ("devicemodels", "watch"),
+        ("devices/status", "get"),
+        ("devices/status", "patch"),
+    }
+    assert all(rule["apiGroups"] == ["edgetwin.io"] for rule in role["rules"])
+    relay = list(yaml.safe_load_all((DEPLOY / "relay" / "relay.yaml").read_text()))
+    config_map = next(d for d in relay if d["kind"] == "ConfigMap")
+    deployment = next(d for d in relay if d["kind"] == "Deployment")
+    assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == "edgetwin-relay"
+    # The shipped relay config is valid once its TLS files exist.
+    from cloud.config import load_relay_config
+
+    cfg = yaml.safe_load(config_map["data"]["relay.yaml"])
+    for key in ("cert_file", "key_file", "ca_file"):
+        (tmp_path / Path(cfg["tls"][key]).name).write_text("x")
+        cfg["tls"][key] = Path(cfg["tls"][key]).name
+    (tmp_path / "relay.yaml").write_text(yaml.safe_dump(cfg))
+    loaded = load_relay_config(tmp_path / "relay.yaml")
+    assert loaded.minStatusInterval == 5000 and loaded.kubeconfig is None

@@ -183,3 +183,80 @@ async def test_a_client_without_a_certificate_is_refused(
         with pytest.raises(grpc.aio.AioRpcError):
             async for _ in call:
                 pass
+
+
+async def test_edgetwin_cloud_run_serves_the_relay(tmp_path: Path, pki: Path) -> None:
+    import yaml
+
+    from edgetwin.demo import free_port
+    from tests.conftest import EDGETWIN, wait_port
+
+    async with RunningEmulator(Emulator.from_files(CRDS)) as api:
+        client = AsyncClient(config=KubeConfig.from_file(api.kubeconfig(tmp_path / "kc", "plant")))
+        obj = Device(
+            metadata={"name": "a1", "namespace": "plant"},
+            spec={"nodeName": "edge-a", "deviceModelRef": {"name": "m"}},
+        )
+        await client.create(obj, namespace="plant")
+        port = free_port()
+        config = {
+            "listen": f"127.0.0.1:{port}",
+            "tls": {
+                "cert_file": str(pki / "relay.pem"),
+                "key_file": str(pki / "relay-key.pem"),
+                "ca_file": str(pki / "ca.pem"),
+            },
+            "kubeconfig": str(tmp_path / "kc"),
+            "minStatusInterval": "200ms",
+        }
+        (tmp_path / "relay.yaml").write_text(yaml.safe_dump(config))
+        proc = await asyncio.create_subprocess_exec(
+            EDGETWIN,
+            "cloud",
+            "run",
+            "--config",
+            str(tmp_path / "relay.yaml"),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            await asyncio.to_thread(wait_port, port)
+            gw = Gateway(pki, "edge-a", port)
+            try:
+                gw.send({"t": "hello", "proto": 1, "resume": {}})
+                gw.send({"t": "status", "dev": "plant.a1", "rev": 1, "patch": status(1, 20.25)})
+                await gw.until(lambda r: any(m["t"] == "applied" for m in r))
+                assert names(gw.received) == {"a1"}
+                a1 = await client.get(Device, "a1", namespace="plant")
+                assert a1["status"]["twins"][0]["reported"]["value"] == "20.25"
+            finally:
+                await gw.close()
+        finally:
+            proc.terminate()
+            await proc.wait()
+            await client.close()
+
+
+def test_cloud_run_refuses_a_bad_config_naming_the_key(tmp_path: Path, pki: Path) -> None:
+    import yaml
+
+    from tests.conftest import EDGETWIN
+
+    config = {
+        "listen": "127.0.0.1:0",
+        "tls": {
+            "cert_file": str(pki / "relay.pem"),
+            "key_file": str(pki / "relay-key.pem"),
+            "ca_file": "/nope.pem",
+        },
+    }
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(config))
+    bad = subprocess.run(
+        [EDGETWIN, "cloud", "run", "--config", str(tmp_path / "bad.yaml")], capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and "tls.ca_file: /nope.pem does not exist" in bad.stderr
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**config, "minStatusInterval": "soon"}))
+    bad = subprocess.run(
+        [EDGETWIN, "cloud", "run", "--config", str(tmp_path / "bad.yaml")], capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and "minStatusInterval" in bad.stderr
