@@ -25,6 +25,9 @@ class NodeFeed:
         self.client, self.res, self.kind, self.node = client, res, kind, node
         self.rv = ""  # the newest resourceVersion sent; a reconnecting gateway resumes from it
         self.relists = 0
+        # Generation last sent per object: a change of status or metadata only (the relay's
+        # own status writes, above all) does not travel over the narrowband link.
+        self._generation: dict[str, int] = {}
 
     @property
     def _fields(self) -> dict[str, str | BinaryOperator | SequenceOperator] | None:
@@ -36,6 +39,7 @@ class NodeFeed:
         names = []
         async for obj in listing:
             names.append(f"{obj.metadata.namespace}/{obj.metadata.name}")
+            self._generation[names[-1]] = obj.metadata.generation or 0
             yield {"t": "upsert", "kind": self.kind, "obj": obj.to_dict()}
         self.rv = listing.resourceVersion
         yield {"t": "synced", "kind": self.kind, "names": names, "rv": self.rv}

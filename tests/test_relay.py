@@ -138,11 +138,12 @@ async def test_a_node_sees_and_writes_only_its_own_devices(
         b1 = await client.get(Device, "b1", namespace="plant")
         assert "status" not in b1 or not b1["status"]
         assert api.emulator.status_writes[("plant", "b1")] == 0
-        # A cloud change to b1 never reaches edge-a.
-        await client.patch(
-            Device, "b1", {"metadata": {"labels": {"x": "1"}}}, namespace="plant", patch_type=PatchType.MERGE
-        )
-        await b.until(lambda r: sum(1 for m in r if m["t"] == "upsert" and m["kind"] == "Device") >= 2)
+        # A cloud change to b1's spec reaches edge-b, never edge-a.
+        desired = {"spec": {"properties": [{"name": "setpoint", "desired": {"value": "5"}}]}}
+        await client.patch(Device, "b1", desired, namespace="plant", patch_type=PatchType.MERGE)
+        await b.until(lambda r: any(m["t"] == "upsert" and m["obj"]["spec"].get("properties") for m in r))
+        upserts = [m for m in b.received if m["t"] == "upsert" and m["kind"] == "Device"]
+        assert [m["obj"]["metadata"]["name"] for m in upserts] == ["b1", "b1"], upserts
         assert names(a.received) == {"a1", "a2"}
     finally:
         await a.close()

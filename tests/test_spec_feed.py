@@ -82,6 +82,14 @@ async def test_a_new_gateway_gets_its_devices_then_their_changes(
     reader = Reader(feed, "")
     try:
         assert summary(await reader.until(2)) == [("upsert", "a1"), ("synced", "plant/a1")]
+        # The relay's own status writes (no new generation) do not travel to the edge.
+        await client.patch(
+            Device.Status,
+            "a1",
+            {"status": {"state": "online"}},
+            namespace="plant",
+            patch_type=PatchType.MERGE,
+        )
         await create(client, "a2", "edge-a")
         await create(client, "b2", "edge-b")  # another node's: never seen
         desired = {"spec": {"properties": [{"name": "setpoint", "desired": {"value": "23"}}]}}
