@@ -57,7 +57,9 @@ class NodeFeed:
                 ):
                     meta = obj.metadata
                     self.rv = meta.resourceVersion
+                    key = f"{meta.namespace}/{meta.name}"
                     if op == "DELETED":
+                        self._generation.pop(key, None)
                         yield {
                             "t": "delete",
                             "kind": self.kind,
@@ -66,6 +68,10 @@ class NodeFeed:
                             "rv": self.rv,
                         }
                     elif op in ("ADDED", "MODIFIED"):
+                        generation = meta.generation or 0
+                        if op == "MODIFIED" and self._generation.get(key) == generation:
+                            continue  # status or metadata only: nothing for the edge
+                        self._generation[key] = generation
                         yield {"t": "upsert", "kind": self.kind, "obj": obj.to_dict()}
             except ApiError as exc:
                 if exc.status.code == 410:  # too old: the API server forgot; start over
