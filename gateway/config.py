@@ -139,6 +139,21 @@ class LogConfig(_Section):
     format: Literal["text", "json"] = "text"
 
 
+class UplinkConfig(_Section):
+    """The link to the cloud relay (gRPC, mutual TLS)."""
+
+    address: str  # host:port of the relay
+    ca_file: Path
+    cert_file: Path  # this node's certificate (its common name is the node name)
+    key_file: Path
+    server_name: str | None = None  # the relay certificate's name, if not the address host
+    # Link budget in bytes per second of frame payload (8,000 = 64 kbit/s).
+    budget_bps: int = Field(8_000, ge=100)
+    batch_max: int = Field(500, ge=1, le=10_000)  # status messages per frame
+    reconnect_min_ms: int = Field(500, ge=10)
+    reconnect_max_ms: int = Field(30_000, ge=10)
+
+
 class GatewayConfig(_Section):
     node: str
     store: StoreConfig
@@ -147,6 +162,7 @@ class GatewayConfig(_Section):
     log: LogConfig = Field(default_factory=LogConfig)
     # Options per mapper, by protocol name (passed to the mapper as given).
     mappers: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    uplink: UplinkConfig | None = None
 
     @field_validator("node")
     @classmethod
@@ -188,6 +204,14 @@ def parse_config(data: Any, source: str = "", base: Path | None = None) -> Gatew
             value = getattr(cfg.mqtt.tls, name)
             if value is not None and not Path(value).is_file():
                 raise ConfigError(f"mqtt.tls.{name}", f"{value} does not exist", source)
+    if cfg.uplink is not None:
+        for name in ("ca_file", "cert_file", "key_file"):
+            value = getattr(cfg.uplink, name)
+            if base is not None:
+                value = _resolve(base, value)
+                setattr(cfg.uplink, name, value)
+            if not Path(value).is_file():
+                raise ConfigError(f"uplink.{name}", f"{value} does not exist", source)
     for index, path in enumerate(cfg.manifests):
         if not path.exists():
             raise ConfigError(f"manifests.{index}", f"{path} does not exist", source)

@@ -59,6 +59,7 @@ class Gateway:
         self.writer: StoreWriter | None = None
         self.bus: MqttBus | None = None
         self.mappers: MapperSet | None = None
+        self.uplink: Any = None  # gateway.uplink.Uplink when uplink: is configured
         self.definitions: dict[str, tuple[Device, DeviceModel]] = {}
         self.ready = asyncio.Event()
         # Everything below is released by the next commit.
@@ -144,6 +145,11 @@ class Gateway:
             self._spawn(self.bus.run(self._on_message, self._on_connect), "mqtt")
             self._spawn(self._write_scheduler(), "writes")
             self._spawn(self._metrics_publisher(), "metrics")
+            if self.cfg.uplink is not None:
+                from gateway.uplink import Uplink
+
+                self.uplink = Uplink(self.cfg.uplink, self.engine, self._uplink_changed)
+                self._spawn(self.uplink.run(), "uplink")
             await self.mappers.start(list(self.definitions.values()))
             # Start-up objects (manifests, twins) live for the whole run: keep them out
             # of the cyclic collector's full passes, which otherwise stall the loop.
@@ -381,6 +387,12 @@ class Gateway:
         await self._committed()
 
     # ----------------------------------------------------------------- desired writes
+    def _uplink_changed(self) -> None:
+        """The uplink changed the engine (an acknowledged outbox entry, a cloud desired
+        value): commit it, and let the write scheduler look at new desired values."""
+        self._dirty.set()
+        self._writes_wake.set()
+
     async def _write_scheduler(self) -> None:
         """Hand due desired writes to the device's mapper, or to external mappers as a
         delta on MQTT, with the engine's backoff between attempts."""

@@ -1,0 +1,149 @@
+"""Cloud sync end to end: a device on real mosquitto -> the gateway -> the uplink (gRPC,
+mutual TLS) -> the relay -> lightkube -> the Kubernetes API emulator, read with the real
+kubectl; and a desired value patched with kubectl back down to the device."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from lightkube import AsyncClient, KubeConfig
+
+from cloud.relay import RelaySettings, serve
+from edgetwin.kube_emulator import Emulator, RunningEmulator
+from gateway.config import parse_config
+from gateway.mqtt import topics
+from gateway.service import Gateway
+from tests.conftest import BIN, Collector, Mosquitto, publish, update_payload
+
+ROOT = Path(__file__).resolve().parent.parent
+CRDS = sorted((ROOT / "deploy" / "crds").glob("*.yaml"))
+EXAMPLE = ROOT / "deploy" / "examples" / "manifests" / "thermostat.yaml"
+NODE = "edge-01"
+DEV = "plant.thermostat-hall"
+
+
+async def kubectl(tmp: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "KUBECONFIG": str(tmp / "kc"), "HOME": str(tmp)}
+    proc = await asyncio.create_subprocess_exec(
+        str(BIN / "kubectl"), *args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    out, err = await proc.communicate()
+    return subprocess.CompletedProcess(args, proc.returncode or 0, out.decode(), err.decode())
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Path:
+    out = tmp_path / "pki"
+    subprocess.run(
+        [str(ROOT / "deploy" / "pki" / "make-test-pki"), str(out), NODE], check=True, capture_output=True
+    )
+    return out
+
+
+@pytest.fixture
+async def system(
+    tmp_path: Path, mosquitto: Mosquitto, pki: Path
+) -> AsyncIterator[tuple[Gateway, RunningEmulator]]:
+    async with RunningEmulator(Emulator.from_files(CRDS)) as api:
+        api.kubeconfig(tmp_path / "kc", "plant")
+        r = await kubectl(tmp_path, "apply", "-f", str(EXAMPLE))
+        assert r.returncode == 0, r.stderr
+        client = AsyncClient(config=KubeConfig.from_file(tmp_path / "kc"))
+        server, _, port = await serve(
+            client,
+            "127.0.0.1:0",
+            (pki / "relay.pem").read_bytes(),
+            (pki / "relay-key.pem").read_bytes(),
+            (pki / "ca.pem").read_bytes(),
+            RelaySettings(min_status_interval_s=0.5, flush_s=0.01),
+        )
+        cfg = parse_config(
+            {
+                "node": NODE,
+                "store": {"path": str(tmp_path / "s.db")},
+                "mqtt": {"url": f"mqtt://127.0.0.1:{mosquitto.port}", "client_id": f"gw-{time.time_ns()}"},
+                "manifests": [str(EXAMPLE)],
+                "uplink": {
+                    "address": f"127.0.0.1:{port}",
+                    "server_name": "localhost",
+                    "ca_file": str(pki / "ca.pem"),
+                    "cert_file": str(pki / f"{NODE}.pem"),
+                    "key_file": str(pki / f"{NODE}-key.pem"),
+                },
+            }
+        )
+        gw = Gateway(cfg)
+        stop = asyncio.Event()
+        task = asyncio.create_task(gw.run(stop))
+        await asyncio.wait_for(gw.ready.wait(), 15)
+        yield gw, api
+        stop.set()
+        await asyncio.wait_for(task, 15)
+        await server.stop(None)
+        await client.close()
+
+
+async def test_kubectl_follows_the_twin_and_a_cloud_desired_value_reaches_the_device(
+    system: tuple[Gateway, RunningEmulator], tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    gw, _ = system
+    await asyncio.wait_for(gw.uplink.connected.wait(), 10)
+    deltas = Collector(mosquitto.port, [topics.twin_update_delta(DEV), topics.gateway_status(NODE)])
+    try:
+        # The gateway is subscribed once it has announced itself (retained "online").
+        await asyncio.to_thread(
+            deltas.wait_for, lambda t, p: t == topics.gateway_status(NODE) and p == b"online", 10
+        )
+        # A device (an external mapper on MQTT) reports; kubectl shows it within 2 s.
+        sent = time.monotonic()
+        await asyncio.to_thread(
+            publish,
+            mosquitto.port,
+            topics.twin_update(DEV),
+            update_payload({"temperature": 21.5, "humidity": 40}),
+        )
+        for _ in range(100):
+            r = await kubectl(tmp_path, "get", "devices")
+            if "temperature=21.5" in r.stdout:
+                break
+            await asyncio.sleep(0.05)
+        elapsed = time.monotonic() - sent
+        assert "temperature=21.5" in r.stdout, r.stdout
+        assert elapsed < 2.0, elapsed
+        row = r.stdout.splitlines()[1].split()
+        assert row[:2] == ["thermostat-hall", "edge-01"]
+        # The status carries versions; the outbox entry left once the relay applied it.
+        obj = json.loads((await kubectl(tmp_path, "get", "dev", "thermostat-hall", "-o", "json")).stdout)
+        twins = {t["propertyName"]: t for t in obj["status"]["twins"]}
+        assert twins["temperature"]["reported"]["value"] == "21.5"
+        for _ in range(100):
+            if DEV not in gw.engine.outbox:
+                break
+            await asyncio.sleep(0.05)
+        assert DEV not in gw.engine.outbox
+        # kubectl patch of a desired value reaches the device as a delta.
+        patch = (
+            '{"spec":{"properties":[{"name":"setpoint","desired":{"value":"23"}},{"name":"temperature"}]}}'
+        )
+        r = await kubectl(tmp_path, "patch", "device", "thermostat-hall", "--type=merge", "-p", patch)
+        assert r.returncode == 0, r.stderr
+
+        def has_setpoint_23(topic: str, payload: bytes) -> bool:
+            if topic != topics.twin_update_delta(DEV):
+                return False
+            delta: dict[str, Any] = json.loads(payload).get("delta", {})
+            return str(delta.get("setpoint")) in ("23", "23.0")
+
+        await asyncio.to_thread(deltas.wait_for, has_setpoint_23, 10)
+        desired = gw.engine.devices[DEV].properties["setpoint"].desired
+        assert desired is not None and desired.value == 23.0 and desired.origin == "cloud"
+    finally:
+        deltas.close()
