@@ -18,6 +18,7 @@ from lightkube import AsyncClient, KubeConfig
 
 from cloud.relay import RelaySettings, serve
 from edgetwin.kube_emulator import Emulator, RunningEmulator
+from edgetwin.linksim import LinkSim
 from gateway.config import parse_config
 from gateway.mqtt import topics
 from gateway.service import Gateway
@@ -49,8 +50,20 @@ def pki(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
+def link() -> LinkHolder:
+    return LinkHolder()
+
+
+class LinkHolder:
+    """Set ``use`` before the stack starts to put a LinkSim between gateway and relay."""
+
+    use = False
+    sim: LinkSim | None = None
+
+
+@pytest.fixture
 async def system(
-    tmp_path: Path, mosquitto: Mosquitto, pki: Path
+    tmp_path: Path, mosquitto: Mosquitto, pki: Path, link: LinkHolder
 ) -> AsyncIterator[tuple[Gateway, RunningEmulator]]:
     async with RunningEmulator(Emulator.from_files(CRDS)) as api:
         api.kubeconfig(tmp_path / "kc", "plant")
@@ -65,6 +78,10 @@ async def system(
             (pki / "ca.pem").read_bytes(),
             RelaySettings(min_status_interval_s=0.5, flush_s=0.01),
         )
+        if link.use:
+            link.sim = LinkSim("127.0.0.1", port)
+            await link.sim.start()
+            port = link.sim.port
         cfg = parse_config(
             {
                 "node": NODE,
@@ -88,6 +105,8 @@ async def system(
         stop.set()
         await asyncio.wait_for(task, 15)
         await server.stop(None)
+        if link.sim is not None:
+            await link.sim.stop()
         await client.close()
 
 
@@ -147,3 +166,38 @@ async def test_kubectl_follows_the_twin_and_a_cloud_desired_value_reaches_the_de
         assert desired is not None and desired.value == 23.0 and desired.origin == "cloud"
     finally:
         deltas.close()
+
+
+@pytest.fixture
+def via_link(link: LinkHolder) -> LinkHolder:
+    link.use = True
+    return link
+
+
+async def test_a_half_open_link_is_noticed_within_30_s_and_recovered(
+    via_link: LinkHolder, system: tuple[Gateway, RunningEmulator], tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    gw, _ = system
+    assert via_link.sim is not None
+    await asyncio.wait_for(gw.uplink.connected.wait(), 10)
+    # Packets silently dropped both ways: no FIN, no RST, the socket stays open.
+    via_link.sim.blackhole(True)
+    dropped = time.monotonic()
+    while gw.uplink.connected.is_set():
+        assert time.monotonic() - dropped < 30, "a half-open link was not noticed within 30 s"
+        await asyncio.sleep(0.2)
+    noticed = time.monotonic() - dropped
+    # A change made while the link is down reaches the cloud once it is back.
+    await asyncio.to_thread(
+        publish, mosquitto.port, topics.twin_update(DEV), update_payload({"temperature": 30.5})
+    )
+    via_link.sim.restore()
+    await asyncio.wait_for(gw.uplink.connected.wait(), 30)
+    for _ in range(200):
+        obj = json.loads((await kubectl(tmp_path, "get", "dev", "thermostat-hall", "-o", "json")).stdout)
+        if "temperature=30.5" in (obj.get("status") or {}).get("summary", ""):
+            break
+        await asyncio.sleep(0.05)
+    assert "temperature=30.5" in obj["status"]["summary"]
+    assert gw.uplink.connects >= 2
+    assert noticed < 30
