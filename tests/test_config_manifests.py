@@ -184,3 +184,26 @@ def test_config_check_cli(tmp_path: Path) -> None:
     out = run_cli("config", "check", "--config", str(cfg))
     assert out.returncode == 2
     assert "device plant.t9 property setpoint: visitors.configData.table" in out.stderr
+
+
+def test_uplink_config_checks_its_certificate_files(tmp_path: Path) -> None:
+    base = {
+        "node": "edge-01",
+        "store": {"path": str(tmp_path / "s.db")},
+        "mqtt": {"url": "mqtt://127.0.0.1:1883"},
+    }
+    uplink = {
+        "address": "relay:7443",
+        "ca_file": "ca.pem",
+        "cert_file": "edge-01.pem",
+        "key_file": "edge-01-key.pem",
+    }
+    with pytest.raises(ConfigError, match=r"uplink.ca_file: .*ca.pem does not exist"):
+        parse_config({**base, "uplink": uplink}, base=tmp_path)
+    for name in ("ca.pem", "edge-01.pem", "edge-01-key.pem"):
+        (tmp_path / name).write_text("x")
+    cfg = parse_config({**base, "uplink": uplink}, base=tmp_path)
+    assert cfg.uplink is not None and cfg.uplink.cert_file == tmp_path / "edge-01.pem"
+    assert cfg.uplink.budget_bps == 8000
+    with pytest.raises(ConfigError, match=r"uplink\.budget_bps"):
+        parse_config({**base, "uplink": {**uplink, "budget_bps": 1}}, base=tmp_path)
