@@ -70,6 +70,7 @@ class StatusWriter:
         node: str,
         min_interval_s: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
+        max_concurrent: int = 16,
     ) -> None:
         self.client = client
         self.node = node
@@ -78,6 +79,9 @@ class StatusWriter:
         self._pending: dict[tuple[str, str], _Pending] = {}
         self.writes = 0
         self.conflicts = 0
+        # At most this many API requests in flight for the node: bounds API server load
+        # and the client's connection pool when a thousand devices drain at once.
+        self._requests = asyncio.Semaphore(max_concurrent)
 
     def submit(self, namespace: str, name: str, rev: int, patch: dict[str, Any]) -> asyncio.Future[Outcome]:
         """Queue one edge status message; the future says how it ended."""
@@ -106,9 +110,10 @@ class StatusWriter:
             messages, waiters = p.messages, p.waiters
             p.messages, p.waiters = [], []
             try:
-                outcome = await self._write(key, messages)
+                async with self._requests:
+                    outcome = await self._write(key, messages)
             except Exception as exc:  # the API server is unreachable or broken: retry later
-                log.warning("status write failed", extra={"device": "/".join(key), "error": str(exc)})
+                log.warning("status write failed", extra={"device": "/".join(key), "error": repr(exc)})
                 p.messages, p.waiters = messages + p.messages, waiters + p.waiters
                 p.last_write = self.clock()
                 continue

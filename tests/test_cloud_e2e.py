@@ -201,3 +201,113 @@ async def test_a_half_open_link_is_noticed_within_30_s_and_recovered(
     assert "temperature=30.5" in obj["status"]["summary"]
     assert gw.uplink.connects >= 2
     assert noticed < 30
+
+
+async def test_an_outage_with_edits_on_both_sides_reconciles_exactly_across_a_relay_restart(
+    tmp_path: Path, mosquitto: Mosquitto, pki: Path
+) -> None:
+    """The link is cut during a (time-compressed) day of changes while the setpoint is
+    edited at the edge and, later, in the cloud; the relay is killed and restarted in
+    the middle of the drain. Afterwards cloud status equals the edge twin for every
+    property, the conflict is resolved by the rule and visible in status."""
+    from edgetwin.demo import free_port
+    from gateway.mqtt import payloads
+
+    async with RunningEmulator(Emulator.from_files(CRDS)) as api:
+        api.kubeconfig(tmp_path / "kc", "plant")
+        assert (await kubectl(tmp_path, "apply", "-f", str(EXAMPLE))).returncode == 0
+        client = AsyncClient(config=KubeConfig.from_file(tmp_path / "kc"))
+        relay_port = free_port()
+        creds = [(pki / n).read_bytes() for n in ("relay.pem", "relay-key.pem", "ca.pem")]
+
+        async def start_relay() -> Any:
+            server, _, _ = await serve(
+                client, f"127.0.0.1:{relay_port}", *creds, RelaySettings(0.3, flush_s=0.01)
+            )
+            return server
+
+        relay = await start_relay()
+        link = LinkSim("127.0.0.1", relay_port, bandwidth_bps=64_000)
+        await link.start()
+        cfg = parse_config(
+            {
+                "node": NODE,
+                "store": {"path": str(tmp_path / "s.db")},
+                "mqtt": {"url": f"mqtt://127.0.0.1:{mosquitto.port}", "client_id": f"gw-{time.time_ns()}"},
+                "manifests": [str(EXAMPLE)],
+                "uplink": {
+                    "address": f"127.0.0.1:{link.port}",
+                    "server_name": "localhost",
+                    "ca_file": str(pki / "ca.pem"),
+                    "cert_file": str(pki / f"{NODE}.pem"),
+                    "key_file": str(pki / f"{NODE}-key.pem"),
+                    "reconnect_min_ms": 100,
+                    "reconnect_max_ms": 1000,
+                },
+            }
+        )
+        gw = Gateway(cfg)
+        stop = asyncio.Event()
+        task = asyncio.create_task(gw.run(stop))
+        try:
+            await asyncio.wait_for(gw.ready.wait(), 15)
+            await asyncio.wait_for(gw.uplink.connected.wait(), 10)
+            # Outage: a "day" of reported changes, and an edge desired edit.
+            link.cut()
+            for i in range(100):
+                values = {"temperature": round(15 + i / 10, 1), "humidity": 30 + i % 40}
+                await asyncio.to_thread(
+                    publish, mosquitto.port, topics.twin_update(DEV), update_payload(values, event_id=f"e{i}")
+                )
+            edge_set = payloads.twin_set_request("edge-edit", int(time.time() * 1000), {"setpoint": 25})
+            await asyncio.to_thread(publish, mosquitto.port, topics.twin_update(DEV), edge_set)
+            props = gw.engine.devices[DEV].properties
+            for _ in range(200):
+                if props["temperature"].reported and props["temperature"].reported.value == 24.9:
+                    break
+                await asyncio.sleep(0.02)
+            # Later, the cloud edits the same setpoint: the later write wins (the rule).
+            patch = json.dumps(
+                {
+                    "spec": {
+                        "properties": [
+                            {"name": "setpoint", "desired": {"value": "19"}},
+                            {"name": "temperature"},
+                        ]
+                    }
+                }
+            )
+            assert (
+                await kubectl(tmp_path, "patch", "device", "thermostat-hall", "--type=merge", "-p", patch)
+            ).returncode == 0
+            # The link returns; the relay dies in the middle of the drain and comes back.
+            link.restore()
+            await asyncio.wait_for(gw.uplink.connected.wait(), 30)
+            await relay.stop(None)
+            relay = await start_relay()
+            for _ in range(300):
+                if not gw.engine.outbox and gw.uplink.connected.is_set():
+                    break
+                await asyncio.sleep(0.05)
+            assert not gw.engine.outbox, "the outbox did not drain"
+            obj = json.loads((await kubectl(tmp_path, "get", "dev", "thermostat-hall", "-o", "json")).stdout)
+            status = obj["status"]
+            twins = {t["propertyName"]: t for t in status["twins"]}
+            # Cloud status equals the edge twin, property by property.
+            for name, prop in props.items():
+                if prop.reported is not None:
+                    assert twins[name]["reported"]["value"] == str(prop.reported.value), name
+                    assert twins[name]["reported"]["metadata"]["version"] == str(prop.reported.version), name
+            assert twins["temperature"]["reported"]["value"] == "24.9"
+            # The conflict: the cloud's later write won, the loser is visible.
+            desired = props["setpoint"].desired
+            assert desired is not None and desired.origin == "cloud" and desired.value == 19.0
+            assert twins["setpoint"]["observedDesired"]["value"] == "19.0"
+            conditions = {c["type"]: c for c in status.get("conditions", [])}
+            assert "DesiredConflict" in conditions and "25" in conditions["DesiredConflict"]["message"]
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 15)
+            await relay.stop(None)
+            await link.stop()
+            await client.close()
