@@ -246,7 +246,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from edgetwin.demo import run_demo
 
-    return asyncio.run(run_demo(duration=args.duration, live=not args.no_live))
+    return asyncio.run(run_demo(duration=args.duration, live=not args.no_live, cloud=args.cloud))
 
 
 # --------------------------------------------------------------------- simulators
@@ -426,6 +426,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run a self-contained demo with simulated devices")
     demo.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
     demo.add_argument("--no-live", action="store_true", help="print snapshots instead of a live view")
+    demo.add_argument(
+        "--cloud",
+        action="store_true",
+        help="also run the relay against a Kubernetes API emulator (a development stand-in), for kubectl",
+    )
     demo.set_defaults(func=cmd_demo)
     return parser
 

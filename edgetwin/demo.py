@@ -18,6 +18,7 @@ import tempfile
 import time
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -73,7 +74,79 @@ async def _set_desired(host: str, port: int, value: float) -> None:
         await client.publish(topics.twin_update("plant.env-sensor-1"), relay, qos=1)
 
 
-async def run_demo(duration: float | None = None, live: bool = True) -> int:
+class CloudStandIn:
+    """``demo --cloud``: the Kubernetes API emulator (a development stand-in, not for
+    production), the relay with a test PKI, and the demo's Devices in the emulator."""
+
+    def __init__(self, tmp: Path, node: str) -> None:
+        self.tmp, self.node = tmp, node
+        self.deploy = Path(__file__).resolve().parents[1] / "deploy"
+        self.api: Any = None
+        self.client: Any = None
+        self.server: Any = None
+
+    async def start(self, manifest_paths: list[Path]) -> dict[str, Any]:
+        """Start everything; returns the gateway's ``uplink`` config."""
+        import subprocess
+
+        from lightkube import AsyncClient, KubeConfig
+        from lightkube.generic_resource import create_namespaced_resource
+
+        from cloud.relay import RelaySettings, serve
+        from edgetwin.kube_emulator import BANNER, Emulator, RunningEmulator
+
+        if not (self.deploy / "crds").is_dir():
+            raise SystemExit("demo --cloud needs the source checkout (deploy/crds and deploy/pki)")
+        pki = self.tmp / "pki"
+        await asyncio.to_thread(
+            subprocess.run,
+            [str(self.deploy / "pki" / "make-test-pki"), str(pki), self.node],
+            check=True,
+            capture_output=True,
+        )
+        self.api = RunningEmulator(Emulator.from_files(sorted((self.deploy / "crds").glob("*.yaml"))))
+        await self.api.start()
+        kubeconfig = self.api.kubeconfig(self.tmp / "kubeconfig", "plant")
+        self.client = AsyncClient(config=KubeConfig.from_file(kubeconfig))
+        kinds = {
+            "Device": create_namespaced_resource("edgetwin.io", "v1alpha1", "Device", "devices"),
+            "DeviceModel": create_namespaced_resource(
+                "edgetwin.io", "v1alpha1", "DeviceModel", "devicemodels"
+            ),
+        }
+        for path in manifest_paths:
+            files = sorted(path.glob("*.yaml")) if path.is_dir() else [path]
+            for file in files:
+                for doc in yaml.safe_load_all(file.read_text()):
+                    if doc and doc.get("kind") in kinds:
+                        res = kinds[doc["kind"]]
+                        obj = res(metadata=doc["metadata"], spec=doc.get("spec", {}))
+                        await self.client.create(obj, namespace=doc["metadata"].get("namespace", "default"))
+        cert, key, ca = ((pki / n).read_bytes() for n in ("relay.pem", "relay-key.pem", "ca.pem"))
+        self.server, _, port = await serve(
+            self.client, "127.0.0.1:0", cert, key, ca, RelaySettings(min_status_interval_s=1.0)
+        )
+        print(
+            f"{BANNER}\n  cloud: relay on 127.0.0.1:{port}; try:  KUBECONFIG={kubeconfig} kubectl get devices"
+        )
+        return {
+            "address": f"127.0.0.1:{port}",
+            "server_name": "localhost",
+            "ca_file": str(pki / "ca.pem"),
+            "cert_file": str(pki / f"{self.node}.pem"),
+            "key_file": str(pki / f"{self.node}-key.pem"),
+        }
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await self.server.stop(None)
+        if self.client is not None:
+            await self.client.close()
+        if self.api is not None:
+            await self.api.stop()
+
+
+async def run_demo(duration: float | None = None, live: bool = True, cloud: bool = False) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="edgetwin-demo-"))
     manifests = resources.files("edgetwin") / "demo_manifests"
     port = free_port()
@@ -85,16 +158,18 @@ async def run_demo(duration: float | None = None, live: bool = True) -> int:
     ble = BleSimulator("127.0.0.1", free_port(), count=2, beacons=1)
     await ble.start()
     (tmp / "ble.yaml").write_text(yaml.safe_dump_all(sensor_manifests("demo-node", count=2, beacons=1)))
-    cfg = parse_config(
-        {
-            "node": "demo-node",
-            "store": {"path": str(tmp / "store.db")},
-            "mqtt": {"embedded": {"host": "127.0.0.1", "port": port}},
-            "manifests": [str(manifests), str(tmp / "modbus.yaml"), str(tmp / "ble.yaml")],
-            "mappers": {"virtual": {"seed": 7}, "ble": {"hci": ble.hci}},
-        },
-        "demo",
-    )
+    manifest_paths = [Path(str(manifests)), tmp / "modbus.yaml", tmp / "ble.yaml"]
+    config: dict[str, Any] = {
+        "node": "demo-node",
+        "store": {"path": str(tmp / "store.db")},
+        "mqtt": {"embedded": {"host": "127.0.0.1", "port": port}},
+        "manifests": [str(p) for p in manifest_paths],
+        "mappers": {"virtual": {"seed": 7}, "ble": {"hci": ble.hci}},
+    }
+    stand_in = CloudStandIn(tmp, "demo-node") if cloud else None
+    if stand_in is not None:
+        config["uplink"] = await stand_in.start(manifest_paths)
+    cfg = parse_config(config, "demo")
     live = live and sys.stdout.isatty()
     print(
         f"edgetwin demo: store {tmp / 'store.db'}, MQTT broker on 127.0.0.1:{port}, "
@@ -133,4 +208,6 @@ async def run_demo(duration: float | None = None, live: bool = True) -> int:
             await runner
         await sim.stop()
         await ble.stop()
+        if stand_in is not None:
+            await stand_in.stop()
     return 0

@@ -188,3 +188,41 @@ def test_demo_shows_twins_changing() -> None:
     assert versions == sorted(versions) and versions[-1] > versions[0]
     # The demo's edge-local setpoint (55.0 at ~5 s) reached the device and came back.
     assert re.search(r"setpoint\s+55\.0\s+\d+\s+55\.0 applied", snapshots[-1]), snapshots[-1]
+
+
+def test_demo_cloud_lets_kubectl_follow_the_twins() -> None:
+    import os
+    import subprocess as sp
+    import time as t
+
+    from tests.conftest import BIN, EDGETWIN
+
+    proc = sp.Popen([EDGETWIN, "demo", "--cloud", "--duration", "20", "--no-live"], stdout=sp.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        kubeconfig = ""
+        for line in proc.stdout:
+            assert "Traceback" not in line
+            if "KUBECONFIG=" in line:
+                kubeconfig = line.split("KUBECONFIG=")[1].split()[0]
+                break
+        assert kubeconfig, "the demo did not print a kubeconfig"
+        env = {**os.environ, "KUBECONFIG": kubeconfig}
+        deadline = t.monotonic() + 15
+        out = ""
+        while t.monotonic() < deadline:
+            out = sp.run(
+                [str(BIN / "kubectl"), "get", "devices"], env=env, capture_output=True, text=True
+            ).stdout
+            if (
+                "boiler-mb" in out
+                and "supply_temp=" in out
+                and "env-sensor-1" in out
+                and "temperature=" in out
+            ):
+                break
+            t.sleep(0.5)
+        assert "return_temp=" in out and "online" in out, out
+    finally:
+        proc.terminate()
+        proc.wait(30)
