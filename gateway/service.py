@@ -43,6 +43,10 @@ log = logging.getLogger(__name__)
 METRICS_INTERVAL_S = 1.0
 
 
+# Store meta key: the last resourceVersion seen of each kind from the cloud (JSON).
+UPLINK_RESUME_KEY = "uplink.resume"
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -148,7 +152,10 @@ class Gateway:
             if self.cfg.uplink is not None:
                 from gateway.uplink import Uplink
 
-                self.uplink = Uplink(self.cfg.uplink, self.engine, self._uplink_changed)
+                assert self.store is not None
+                saved = self.store.get_meta(UPLINK_RESUME_KEY)
+                resume = json.loads(saved) if saved else {}
+                self.uplink = Uplink(self.cfg.uplink, self.engine, self._uplink_changed, resume)
                 self._spawn(self.uplink.run(), "uplink")
             await self.mappers.start(list(self.definitions.values()))
             # Start-up objects (manifests, twins) live for the whole run: keep them out
@@ -211,10 +218,13 @@ class Gateway:
         pubs, self._pubs = self._pubs, []
         retained, self._retained = self._retained, set()
         waiters, self._waiters = self._waiters, []
-        if changes:
+        resume = self.uplink.take_resume() if self.uplink is not None else None
+        if changes or resume is not None:
             assert self.writer is not None
             started = time.perf_counter()
             batch = snapshot(self.engine, changes)
+            if resume is not None:  # the cloud's resourceVersions, with what they brought
+                batch.meta.append((UPLINK_RESUME_KEY, resume))
             try:
                 await self.writer.commit(batch)
             except StoreError:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import random
 import time
@@ -62,11 +63,20 @@ def _priority(patch: dict[str, Any]) -> int:
 
 
 class Uplink:
-    def __init__(self, cfg: UplinkConfig, engine: TwinEngine, changed: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        cfg: UplinkConfig,
+        engine: TwinEngine,
+        changed: Callable[[], None],
+        resume: dict[str, str] | None = None,
+    ) -> None:
         self.cfg = cfg
         self.engine = engine
         self.changed = changed  # tells the gateway to commit
-        self.resume: dict[str, str] = {}
+        # The last resourceVersion seen of each kind; persisted by the gateway's commits
+        # (take_resume), so a restarted gateway resumes instead of relisting.
+        self.resume: dict[str, str] = dict(resume or {})
+        self._resume_dirty = False
         self.connected = asyncio.Event()
         self.bytes_sent = 0
         self.applied = 0
@@ -87,6 +97,19 @@ class Uplink:
                 self.connected.clear()
             await asyncio.sleep(delay * random.uniform(0.5, 1.5))
             delay = min(self.cfg.reconnect_max_ms / 1000, delay * 2)
+
+    def take_resume(self) -> str | None:
+        """The resume point as JSON if it changed since the last call (for the store)."""
+        if not self._resume_dirty:
+            return None
+        self._resume_dirty = False
+        return json.dumps(self.resume, sort_keys=True)
+
+    def _set_resume(self, kind: str, rv: str) -> None:
+        if rv and self.resume.get(kind) != rv:
+            self.resume[kind] = rv
+            self._resume_dirty = True
+            self.changed()
 
     def _credentials(self) -> grpc.ChannelCredentials:
         return grpc.ssl_channel_credentials(
@@ -180,13 +203,13 @@ class Uplink:
         elif kind == "upsert":
             obj = msg["obj"]
             meta = obj.get("metadata") or {}
-            self.resume[msg["kind"]] = str(meta.get("resourceVersion", ""))
+            self._set_resume(msg["kind"], str(meta.get("resourceVersion", "")))
             if msg["kind"] == "Device":
                 self._cloud_spec(
                     device_id(meta.get("namespace", ""), meta.get("name", "")), obj.get("spec") or {}
                 )
         elif kind in ("delete", "synced"):
-            self.resume[msg["kind"]] = msg["rv"]
+            self._set_resume(msg["kind"], msg["rv"])
 
     def _cloud_spec(self, dev: str, spec: dict[str, Any]) -> None:
         if dev not in self.engine.devices:

@@ -311,3 +311,24 @@ async def test_an_outage_with_edits_on_both_sides_reconciles_exactly_across_a_re
             await relay.stop(None)
             await link.stop()
             await client.close()
+
+
+async def test_the_last_seen_resource_version_is_kept_in_the_store(
+    system: tuple[Gateway, RunningEmulator],
+) -> None:
+    from gateway.service import UPLINK_RESUME_KEY
+    from gateway.store.store import open_reader
+
+    gw, api = system
+    await asyncio.wait_for(gw.uplink.connected.wait(), 10)
+    reader = open_reader(gw.cfg.store.path)
+    saved: dict[str, str] = {}
+    for _ in range(200):
+        row = reader.execute("SELECT value FROM meta WHERE key = ?", [UPLINK_RESUME_KEY]).fetchone()
+        saved = json.loads(row[0]) if row else {}
+        if saved.get("Device") and saved.get("DeviceModel") and saved == gw.uplink.resume:
+            break
+        await asyncio.sleep(0.05)
+    # What the relay's relist reported; a restarted gateway sends it in its hello.
+    assert saved.get("Device") and int(saved["Device"]) <= api.emulator.rv
+    assert saved == gw.uplink.resume
