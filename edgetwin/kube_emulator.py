@@ -140,6 +140,28 @@ def human_age(timestamp: str, now: datetime | None = None) -> str:
     return f"{d // 365}y"
 
 
+def _record_manager(obj: dict[str, Any], manager: str, subresource: str | None) -> None:
+    """Note who wrote and when in ``metadata.managedFields`` (one entry per manager and
+    subresource, as kube-apiserver keeps them; field sets are not tracked). The relay's
+    gateways use the newest spec write's time as the cloud's desired-value stamp."""
+    entries = [
+        e
+        for e in obj["metadata"].get("managedFields", [])
+        if not (e.get("manager") == manager and e.get("subresource") == subresource)
+    ]
+    entry: dict[str, Any] = {
+        "manager": manager,
+        "operation": "Update",
+        "apiVersion": obj.get("apiVersion", ""),
+        "time": _now(),
+        "fieldsType": "FieldsV1",
+        "fieldsV1": {},
+    }
+    if subresource:
+        entry["subresource"] = subresource
+    obj["metadata"]["managedFields"] = [*entries, entry]
+
+
 def _path(obj: Any, dotted: str) -> Any:
     for part in dotted.split("."):
         if not isinstance(obj, dict):
@@ -282,7 +304,9 @@ class Emulator:
         self.rv += 1
         obj["metadata"]["resourceVersion"] = str(self.rv)
 
-    def create(self, res: Resource, ns: str, body: dict[str, Any]) -> dict[str, Any]:
+    def create(
+        self, res: Resource, ns: str, body: dict[str, Any], manager: str = "unknown"
+    ) -> dict[str, Any]:
         meta = body.setdefault("metadata", {})
         name = meta.get("name")
         if not name and meta.get("generateName"):
@@ -304,6 +328,8 @@ class Emulator:
             obj["metadata"]["namespace"] = ns
         if res.status_subresource:
             obj.pop("status", None)
+        obj["metadata"].pop("managedFields", None)
+        _record_manager(obj, manager, None)
         self._bump(obj)
         self.objects[key] = obj
         self._emit(res, "ADDED", obj)
@@ -316,7 +342,7 @@ class Emulator:
         return obj
 
     def replace(
-        self, res: Resource, ns: str, name: str, body: dict[str, Any], status: bool
+        self, res: Resource, ns: str, name: str, body: dict[str, Any], status: bool, manager: str = "unknown"
     ) -> dict[str, Any]:
         current = self.get(res, ns, name)
         want_rv = (body.get("metadata") or {}).get("resourceVersion")
@@ -341,7 +367,7 @@ class Emulator:
             keep = {
                 k: v
                 for k, v in current["metadata"].items()
-                if k in ("uid", "creationTimestamp", "generation", "name", "namespace")
+                if k in ("uid", "creationTimestamp", "generation", "name", "namespace", "managedFields")
             }
             new = {
                 k: copy.deepcopy(v) for k, v in body.items() if k != "status" or not res.status_subresource
@@ -354,13 +380,21 @@ class Emulator:
                 new["metadata"]["generation"] = current["metadata"].get("generation", 1) + 1
         if new == current:
             return current  # a no-op write does not bump resourceVersion, as in Kubernetes
+        _record_manager(new, manager, "status" if status else None)
         self._bump(new)
         self.objects[(res.plural, ns, name)] = new
         self._emit(res, "MODIFIED", new)
         return new
 
     def patch(
-        self, res: Resource, ns: str, name: str, content_type: str, body: Any, status: bool
+        self,
+        res: Resource,
+        ns: str,
+        name: str,
+        content_type: str,
+        body: Any,
+        status: bool,
+        manager: str = "unknown",
     ) -> dict[str, Any]:
         current = self.get(res, ns, name)
         if content_type == "application/merge-patch+json":
@@ -382,7 +416,7 @@ class Emulator:
         want_rv = patched["metadata"].get("resourceVersion")
         if want_rv == current["metadata"]["resourceVersion"]:
             patched["metadata"].pop("resourceVersion")  # not in the patch: no precondition
-        return self.replace(res, ns, name, patched, status)
+        return self.replace(res, ns, name, patched, status, manager)
 
     def delete(self, res: Resource, ns: str, name: str) -> dict[str, Any]:
         obj = self.get(res, ns, name)
@@ -703,7 +737,7 @@ class Emulator:
 
     async def _create(self, request: web.Request) -> web.Response:
         res = self._resource(request)
-        obj = self.create(res, request.match_info["ns"], await self._body(request))
+        obj = self.create(res, request.match_info["ns"], await self._body(request), _manager(request))
         return web.json_response(obj, status=201)
 
     async def _get(self, request: web.Request) -> web.Response:
@@ -723,7 +757,9 @@ class Emulator:
         res = self._resource(request)
         status = self._status_path(request, res)
         body = await self._body(request)
-        obj = self.replace(res, request.match_info["ns"], request.match_info["name"], body, status)
+        obj = self.replace(
+            res, request.match_info["ns"], request.match_info["name"], body, status, _manager(request)
+        )
         return web.json_response(obj)
 
     async def _patch(self, request: web.Request) -> web.Response:
@@ -732,7 +768,13 @@ class Emulator:
         content_type = request.headers.get("Content-Type", "").split(";")[0].strip()
         body = await self._body(request)
         obj = self.patch(
-            res, request.match_info["ns"], request.match_info["name"], content_type, body, status
+            res,
+            request.match_info["ns"],
+            request.match_info["name"],
+            content_type,
+            body,
+            status,
+            _manager(request),
         )
         return web.json_response(obj)
 
@@ -744,6 +786,12 @@ class Emulator:
     async def close_watches(self) -> None:
         for q in list(self.watchers):
             q.put_nowait(None)
+
+
+def _manager(request: web.Request) -> str:
+    """The field manager: ``?fieldManager=``, else the client's user agent up to the first
+    "/" (what kube-apiserver does)."""
+    return request.query.get("fieldManager") or request.headers.get("User-Agent", "unknown").split("/")[0]
 
 
 class RunningEmulator:

@@ -25,6 +25,7 @@ import logging
 import random
 import time
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import grpc
@@ -62,6 +63,23 @@ def _priority(patch: dict[str, Any]) -> int:
     return 0 if any("observedDesired" in t for t in twins.values() if isinstance(t, dict)) else 1
 
 
+def cloud_stamp(meta: dict[str, Any]) -> Stamp | None:
+    """When the Device's spec was last written in the cloud: the newest
+    ``metadata.managedFields[].time`` outside the status subresource (kube-apiserver
+    keeps these, to the second). The conflict rule compares it with edge stamps."""
+    latest: int | None = None
+    for entry in meta.get("managedFields") or []:
+        if not isinstance(entry, dict) or entry.get("subresource") or not entry.get("time"):
+            continue
+        try:
+            when = datetime.strptime(str(entry["time"]), "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+        except ValueError:
+            continue
+        ms = int(when.timestamp() * 1000)
+        latest = ms if latest is None else max(latest, ms)
+    return None if latest is None else Stamp(latest)
+
+
 class Uplink:
     def __init__(
         self,
@@ -93,6 +111,8 @@ class Uplink:
                 log.warning(
                     "uplink down", extra={"error": str(exc).splitlines()[0] if str(exc) else repr(exc)}
                 )
+            except Exception as exc:  # a bug must not end the uplink: log it, reconnect
+                log.error("uplink failed", exc_info=exc)
             finally:
                 self.connected.clear()
             await asyncio.sleep(delay * random.uniform(0.5, 1.5))
@@ -205,16 +225,17 @@ class Uplink:
             meta = obj.get("metadata") or {}
             self._set_resume(msg["kind"], str(meta.get("resourceVersion", "")))
             if msg["kind"] == "Device":
-                self._cloud_spec(
-                    device_id(meta.get("namespace", ""), meta.get("name", "")), obj.get("spec") or {}
-                )
+                dev = device_id(meta.get("namespace", ""), meta.get("name", ""))
+                self._cloud_spec(dev, obj.get("spec") or {}, cloud_stamp(meta))
         elif kind in ("delete", "synced"):
             self._set_resume(msg["kind"], msg["rv"])
 
-    def _cloud_spec(self, dev: str, spec: dict[str, Any]) -> None:
+    def _cloud_spec(self, dev: str, spec: dict[str, Any], stamp: Stamp | None) -> None:
         if dev not in self.engine.devices:
             return  # served from manifests only for now; unknown devices are ignored
         now = int(time.time() * 1000)
+        if stamp is None:  # an API server that keeps no managedFields: when it reached us
+            stamp = Stamp(now)
         for prop in spec.get("properties") or []:
             desired = prop.get("desired") if isinstance(prop, dict) else None
             if not isinstance(desired, dict) or "value" not in desired:
@@ -224,8 +245,7 @@ class Uplink:
                 continue  # seen before: not a new cloud write
             self._cloud_desired[key] = value
             try:
-                # The cloud's write time as the relay saw it: now (see docs/sync-protocol.md).
-                self.engine.apply_desired(dev, key[1], value, "cloud", now, stamp=Stamp(now))
+                self.engine.apply_desired(dev, key[1], value, "cloud", now, stamp=stamp)
             except DesiredRejected as exc:
                 log.warning("cloud desired value rejected", extra={"device": dev, "error": str(exc)})
             self.changed()

@@ -203,8 +203,9 @@ async def test_a_half_open_link_is_noticed_within_30_s_and_recovered(
     assert noticed < 30
 
 
+@pytest.mark.parametrize("cloud_first", [False, True], ids=["edge-then-cloud", "cloud-then-edge"])
 async def test_an_outage_with_edits_on_both_sides_reconciles_exactly_across_a_relay_restart(
-    tmp_path: Path, mosquitto: Mosquitto, pki: Path
+    tmp_path: Path, mosquitto: Mosquitto, pki: Path, cloud_first: bool
 ) -> None:
     """The link is cut during a (time-compressed) day of changes while the setpoint is
     edited at the edge and, later, in the cloud; the relay is killed and restarted in
@@ -259,14 +260,6 @@ async def test_an_outage_with_edits_on_both_sides_reconciles_exactly_across_a_re
                 await asyncio.to_thread(
                     publish, mosquitto.port, topics.twin_update(DEV), update_payload(values, event_id=f"e{i}")
                 )
-            edge_set = payloads.twin_set_request("edge-edit", int(time.time() * 1000), {"setpoint": 25})
-            await asyncio.to_thread(publish, mosquitto.port, topics.twin_update(DEV), edge_set)
-            props = gw.engine.devices[DEV].properties
-            for _ in range(200):
-                if props["temperature"].reported and props["temperature"].reported.value == 24.9:
-                    break
-                await asyncio.sleep(0.02)
-            # Later, the cloud edits the same setpoint: the later write wins (the rule).
             patch = json.dumps(
                 {
                     "spec": {
@@ -277,9 +270,26 @@ async def test_an_outage_with_edits_on_both_sides_reconciles_exactly_across_a_re
                     }
                 }
             )
-            assert (
-                await kubectl(tmp_path, "patch", "device", "thermostat-hall", "--type=merge", "-p", patch)
-            ).returncode == 0
+
+            async def edge_edit() -> None:
+                edge_set = payloads.twin_set_request("edge-edit", int(time.time() * 1000), {"setpoint": 25})
+                await asyncio.to_thread(publish, mosquitto.port, topics.twin_update(DEV), edge_set)
+
+            async def cloud_edit() -> None:
+                r = await kubectl(tmp_path, "patch", "device", "thermostat-hall", "--type=merge", "-p", patch)
+                assert r.returncode == 0, r.stderr
+
+            # Both sides edit the setpoint while offline; the later write wins (the rule).
+            # (The API server keeps write times to the second: let one pass in between.)
+            first, second = (cloud_edit, edge_edit) if cloud_first else (edge_edit, cloud_edit)
+            await first()
+            await asyncio.sleep(1.1)
+            await second()
+            props = gw.engine.devices[DEV].properties
+            for _ in range(200):
+                if props["temperature"].reported and props["temperature"].reported.value == 24.9:
+                    break
+                await asyncio.sleep(0.02)
             # The link returns; the relay dies in the middle of the drain and comes back.
             link.restore()
             await asyncio.wait_for(gw.uplink.connected.wait(), 30)
@@ -301,10 +311,12 @@ async def test_an_outage_with_edits_on_both_sides_reconciles_exactly_across_a_re
             assert twins["temperature"]["reported"]["value"] == "24.9"
             # The conflict: the cloud's later write won, the loser is visible.
             desired = props["setpoint"].desired
-            assert desired is not None and desired.origin == "cloud" and desired.value == 19.0
-            assert twins["setpoint"]["observedDesired"]["value"] == "19.0"
+            winner, value, loser = ("edge", 25.0, "19") if cloud_first else ("cloud", 19.0, "25")
+            assert desired is not None and desired.origin == winner and desired.value == value
+            assert twins["setpoint"]["observedDesired"]["value"] == str(value)
+            assert twins["setpoint"]["observedDesired"]["metadata"]["origin"] == winner
             conditions = {c["type"]: c for c in status.get("conditions", [])}
-            assert "DesiredConflict" in conditions and "25" in conditions["DesiredConflict"]["message"]
+            assert "DesiredConflict" in conditions and loser in conditions["DesiredConflict"]["message"]
         finally:
             stop.set()
             await asyncio.wait_for(task, 15)
