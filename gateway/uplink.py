@@ -100,6 +100,7 @@ class Uplink:
         self.applied = 0
         self.connects = 0
         self._cloud_desired: dict[tuple[str, str], str] = {}
+        self._unknown_warned: set[str] = set()
 
     async def run(self) -> None:
         delay = self.cfg.reconnect_min_ms / 1000
@@ -232,7 +233,15 @@ class Uplink:
 
     def _cloud_spec(self, dev: str, spec: dict[str, Any], stamp: Stamp | None) -> None:
         if dev not in self.engine.devices:
-            return  # served from manifests only for now; unknown devices are ignored
+            # Devices are defined by the gateway's manifests; one created in the cloud is
+            # not served until it is added there (and the gateway restarted).
+            if dev not in self._unknown_warned:
+                self._unknown_warned.add(dev)
+                log.warning(
+                    "device added in the cloud is not in this gateway's manifests; not served",
+                    extra={"device": dev},
+                )
+            return
         now = int(time.time() * 1000)
         if stamp is None:  # an API server that keeps no managedFields: when it reached us
             stamp = Stamp(now)
