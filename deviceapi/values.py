@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import math
+import struct
 from typing import Any
 
 Value = int | float | str | bool
@@ -154,3 +155,19 @@ def value_to_text(value: Value) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     return str(value)
+
+
+def shortest_float32(x: float) -> float:
+    """The shortest decimal that is the same float32 as ``x`` (a device's 34.7 reads as
+    34.7, not 34.70000076293945); it encodes back to the identical bits."""
+    if not math.isfinite(x):
+        return x
+    bits = struct.pack(">f", x)
+    for digits in range(1, 10):
+        candidate = float(f"{x:.{digits}g}")
+        try:
+            if struct.pack(">f", candidate) == bits:
+                return candidate
+        except (OverflowError, struct.error):  # rounded past the float32 range
+            continue
+    return x

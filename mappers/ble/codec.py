@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from deviceapi import Value
+from deviceapi.values import shortest_float32
 
 ByteOrder = Literal["little", "big"]
 
@@ -235,7 +236,7 @@ def decode_layout(layout: Layout, data: bytes) -> Value:
         if not math.isfinite(x):
             raise CodecError(f"{dt} is not a finite number ({x})")
         if size == 4:
-            x = _shortest_float32(x)
+            x = shortest_float32(x)
         return _apply_scale(x, layout)
     if dt in MEDICAL_TYPES:
         size = MEDICAL_TYPES[dt]
@@ -258,19 +259,6 @@ def decode_layout(layout: Layout, data: bytes) -> Value:
     import base64
 
     return base64.b64encode(chunk).decode("ascii")
-
-
-def _shortest_float32(x: float) -> float:
-    """The shortest decimal with the same float32 bits (34.7, not 34.70000076293945)."""
-    bits = struct.pack("<f", x)
-    for digits in range(6, 10):
-        candidate = float(f"{x:.{digits}g}")
-        try:
-            if struct.pack("<f", candidate) == bits:
-                return candidate
-        except OverflowError:
-            break
-    return x
 
 
 def _unscale(value: Value, layout: Layout, integer: bool) -> int | float:

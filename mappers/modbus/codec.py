@@ -19,6 +19,7 @@ import math
 import struct
 from collections.abc import Sequence
 
+from deviceapi.values import shortest_float32
 from mappers.modbus.config import INTEGER_TYPES, Visitor
 from mappers.sdk import Value
 
@@ -167,22 +168,6 @@ def encode(v: Visitor, value: Value, current: Sequence[int] = ()) -> list[int]:
         except (struct.error, OverflowError):
             raise CodecError(f"{value!r} is out of range for {dt}") from None
     return _bytes_to_registers(data, v.byteOrder, v.wordOrder)
-
-
-def shortest_float32(x: float) -> float:
-    """The shortest decimal that is the same float32 as ``x`` (a device's 34.7 reads as
-    34.7, not 34.70000076293945); it encodes back to the identical bits."""
-    if not math.isfinite(x):
-        return x
-    bits = struct.pack(">f", x)
-    for digits in range(1, 10):
-        candidate = float(f"{x:.{digits}g}")
-        try:
-            if struct.pack(">f", candidate) == bits:
-                return candidate
-        except (OverflowError, struct.error):  # rounded past the float32 range
-            continue
-    return x
 
 
 def encode_bit(value: Value) -> bool:
