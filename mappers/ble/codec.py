@@ -80,46 +80,41 @@ def scale_decimal(raw: int, exponent: int) -> int | float:
 
 # --- IEEE 11073-20601 SFLOAT (16 bit) and FLOAT (32 bit), used by health profiles ---
 
-_SFLOAT_SPECIAL = {
-    0x07FF: "NaN",
-    0x0800: "NRes",
-    0x07FE: "+INFINITY",
-    0x0802: "-INFINITY",
-    0x0801: "reserved",
-}
-_FLOAT_SPECIAL = {
-    0x007FFFFF: "NaN",
-    0x00800000: "NRes",
-    0x007FFFFE: "+INFINITY",
-    0x00800002: "-INFINITY",
-    0x00800001: "reserved",
-}
+
+def _specials(mantissa_bits: int) -> dict[int, str]:
+    """The reserved mantissa codes: the same five around 2**(bits-1) in both sizes."""
+    top = 1 << (mantissa_bits - 1)
+    return {top - 1: "NaN", top: "NRes", top - 2: "+INFINITY", top + 2: "-INFINITY", top + 1: "reserved"}
+
+
+_SFLOAT_SPECIAL = _specials(12)
+_FLOAT_SPECIAL = _specials(24)
+
+
+def _decode_11073(
+    raw: int, mantissa_bits: int, specials: dict[int, str], name: str, hex_digits: int
+) -> float:
+    """An IEEE 11073 number: a signed decimal exponent above a signed mantissa."""
+    mantissa = raw & ((1 << mantissa_bits) - 1)
+    if mantissa in specials:
+        raise CodecError(f"{name} special value {specials[mantissa]} (0x{raw:0{hex_digits}x})")
+    if mantissa >= 1 << (mantissa_bits - 1):
+        mantissa -= 1 << mantissa_bits
+    exponent = raw >> mantissa_bits
+    exponent_bits = hex_digits * 4 - mantissa_bits
+    if exponent >= 1 << (exponent_bits - 1):
+        exponent -= 1 << exponent_bits
+    return float(scale_decimal(mantissa, exponent))
 
 
 def decode_sfloat(raw: int) -> float:
     """A 16-bit IEEE 11073 SFLOAT: 4-bit signed exponent, 12-bit signed mantissa."""
-    mantissa = raw & 0x0FFF
-    if mantissa in _SFLOAT_SPECIAL:
-        raise CodecError(f"SFLOAT special value {_SFLOAT_SPECIAL[mantissa]} (0x{raw:04x})")
-    if mantissa >= 0x0800:
-        mantissa -= 0x1000
-    exponent = raw >> 12
-    if exponent >= 8:
-        exponent -= 16
-    return float(scale_decimal(mantissa, exponent))
+    return _decode_11073(raw, 12, _SFLOAT_SPECIAL, "SFLOAT", 4)
 
 
 def decode_float11073(raw: int) -> float:
     """A 32-bit IEEE 11073 FLOAT: 8-bit signed exponent, 24-bit signed mantissa."""
-    mantissa = raw & 0x00FFFFFF
-    if mantissa in _FLOAT_SPECIAL:
-        raise CodecError(f"FLOAT special value {_FLOAT_SPECIAL[mantissa]} (0x{raw:08x})")
-    if mantissa >= 0x00800000:
-        mantissa -= 0x01000000
-    exponent = raw >> 24
-    if exponent >= 128:
-        exponent -= 256
-    return float(scale_decimal(mantissa, exponent))
+    return _decode_11073(raw, 24, _FLOAT_SPECIAL, "FLOAT", 8)
 
 
 def _to_mantissa(value: float, bits: int, max_exp: int) -> tuple[int, int]:
