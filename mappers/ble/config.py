@@ -19,6 +19,7 @@ Example (docs/mappers/ble.md has more)::
 from __future__ import annotations
 
 import re
+from functools import cached_property
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -218,7 +219,9 @@ class Visitor(BaseModel):
     def is_advertisement(self) -> bool:
         return self.characteristic is None
 
+    @cached_property
     def layout(self) -> Layout:
+        """The custom layout, built once (decode runs for every notification)."""
         return Layout(
             data_type=self.dataType or "uint8",
             byte_offset=self.byteOffset,
@@ -234,7 +237,7 @@ class Visitor(BaseModel):
     def decode(self, data: bytes, presentation: PresentationFormat | None = None) -> Value:
         """This property's value from the characteristic's (or advertisement field's) bytes."""
         if self.format == "custom":
-            return decode_layout(self.layout(), data)
+            return decode_layout(self.layout, data)
         if self.format == "presentation":
             if presentation is None:
                 raise CodecError("the characteristic has no presentation format descriptor (0x2904)")
@@ -246,7 +249,7 @@ class Visitor(BaseModel):
     ) -> bytes:
         """The bytes to write for ``value``; ``current`` is the last value read."""
         if self.format == "custom":
-            return encode_layout(self.layout(), value, current)
+            return encode_layout(self.layout, value, current)
         if self.format == "presentation":
             if presentation is None:
                 raise CodecError("the characteristic has no presentation format descriptor (0x2904)")
