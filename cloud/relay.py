@@ -23,6 +23,7 @@ import functools
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -200,6 +201,13 @@ class SyncService(sync_pb2_grpc.SyncServicer):
             await asyncio.gather(reader, return_exceptions=True)
             await session.close()
             log.info("gateway disconnected", extra={"node": node})
+
+
+def read_pki(directory: Path) -> tuple[bytes, bytes, bytes]:
+    """The relay's certificate, key and client CA from a folder laid out as
+    ``deploy/pki/make-test-pki`` writes it (relay.pem, relay-key.pem, ca.pem)."""
+    cert, key, ca = ((directory / n).read_bytes() for n in ("relay.pem", "relay-key.pem", "ca.pem"))
+    return cert, key, ca
 
 
 async def serve(

@@ -92,7 +92,7 @@ class CloudStandIn:
         from lightkube import AsyncClient, KubeConfig
         from lightkube.generic_resource import create_namespaced_resource
 
-        from cloud.relay import RelaySettings, serve
+        from cloud.relay import RelaySettings, read_pki, serve
         from edgetwin.kube_emulator import BANNER, Emulator, RunningEmulator
 
         if not (self.deploy / "crds").is_dir():
@@ -122,9 +122,8 @@ class CloudStandIn:
                         res = kinds[doc["kind"]]
                         obj = res(metadata=doc["metadata"], spec=doc.get("spec", {}))
                         await self.client.create(obj, namespace=doc["metadata"].get("namespace", "default"))
-        cert, key, ca = ((pki / n).read_bytes() for n in ("relay.pem", "relay-key.pem", "ca.pem"))
         self.server, _, port = await serve(
-            self.client, "127.0.0.1:0", cert, key, ca, RelaySettings(min_status_interval_s=1.0)
+            self.client, "127.0.0.1:0", *read_pki(pki), RelaySettings(min_status_interval_s=1.0)
         )
         print(
             f"{BANNER}\n  cloud: relay on 127.0.0.1:{port}; try:  KUBECONFIG={kubeconfig} kubectl get devices"

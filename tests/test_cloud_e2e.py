@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from lightkube import AsyncClient, KubeConfig
 
-from cloud.relay import RelaySettings, serve
+from cloud.relay import RelaySettings, read_pki, serve
 from edgetwin.kube_emulator import Emulator, RunningEmulator
 from edgetwin.linksim import LinkSim
 from gateway.config import parse_config
@@ -73,9 +73,7 @@ async def system(
         server, _, port = await serve(
             client,
             "127.0.0.1:0",
-            (pki / "relay.pem").read_bytes(),
-            (pki / "relay-key.pem").read_bytes(),
-            (pki / "ca.pem").read_bytes(),
+            *read_pki(pki),
             RelaySettings(min_status_interval_s=0.5, flush_s=0.01),
         )
         if link.use:
@@ -219,11 +217,10 @@ async def test_an_outage_with_edits_on_both_sides_reconciles_exactly_across_a_re
         assert (await kubectl(tmp_path, "apply", "-f", str(EXAMPLE))).returncode == 0
         client = AsyncClient(config=KubeConfig.from_file(tmp_path / "kc"))
         relay_port = free_port()
-        creds = [(pki / n).read_bytes() for n in ("relay.pem", "relay-key.pem", "ca.pem")]
 
         async def start_relay() -> Any:
             server, _, _ = await serve(
-                client, f"127.0.0.1:{relay_port}", *creds, RelaySettings(0.3, flush_s=0.01)
+                client, f"127.0.0.1:{relay_port}", *read_pki(pki), RelaySettings(0.3, flush_s=0.01)
             )
             return server
 

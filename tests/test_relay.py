@@ -16,7 +16,7 @@ import pytest
 from lightkube import AsyncClient, KubeConfig
 from lightkube.types import PatchType
 
-from cloud.relay import RelaySettings, serve
+from cloud.relay import RelaySettings, read_pki, serve
 from cloud.status_writer import Device
 from deviceapi.proto.edgetwin.sync.v1 import sync_pb2, sync_pb2_grpc
 from deviceapi.wire import CLOUD_TO_EDGE, Incoming, decode_batch, encode_batch
@@ -46,9 +46,7 @@ async def relay(tmp_path: Path, pki: Path) -> AsyncIterator[tuple[RunningEmulato
         server, _, port = await serve(
             client,
             "127.0.0.1:0",
-            (pki / "relay.pem").read_bytes(),
-            (pki / "relay-key.pem").read_bytes(),
-            (pki / "ca.pem").read_bytes(),
+            *read_pki(pki),
             RelaySettings(min_status_interval_s=0.2, flush_s=0.01),
         )
         yield api, client, port

@@ -36,7 +36,7 @@ import yaml
 from lightkube import AsyncClient, KubeConfig
 from lightkube.types import PatchType
 
-from cloud.relay import RelaySettings, serve
+from cloud.relay import RelaySettings, read_pki, serve
 from cloud.status_writer import Device
 from edgetwin.kube_emulator import Emulator, RunningEmulator
 from edgetwin.linksim import LinkSim
@@ -129,9 +129,7 @@ async def main() -> None:
             server, _, relay_port = await serve(
                 client,
                 "127.0.0.1:0",
-                (pki / "relay.pem").read_bytes(),
-                (pki / "relay-key.pem").read_bytes(),
-                (pki / "ca.pem").read_bytes(),
+                *read_pki(pki),
                 RelaySettings(min_status_interval_s=1.0),
             )
             link = LinkSim("127.0.0.1", relay_port, latency_s=0.05)
