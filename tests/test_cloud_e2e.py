@@ -19,7 +19,7 @@ from lightkube import AsyncClient, KubeConfig
 from cloud.relay import RelaySettings, read_pki, serve
 from edgetwin.kube_emulator import Emulator, RunningEmulator
 from edgetwin.linksim import LinkSim
-from gateway.config import parse_config
+from gateway.config import GatewayConfig, parse_config
 from gateway.mqtt import topics
 from gateway.service import Gateway
 from tests.conftest import BIN, Collector, Mosquitto, publish, update_payload
@@ -38,6 +38,28 @@ async def kubectl(tmp: Path, *args: str) -> subprocess.CompletedProcess[str]:
     )
     out, err = await proc.communicate()
     return subprocess.CompletedProcess(args, proc.returncode or 0, out.decode(), err.decode())
+
+
+def gateway_config(
+    tmp_path: Path, mosquitto: Mosquitto, pki: Path, relay_port: int, **uplink: Any
+) -> GatewayConfig:
+    """The example thermostat's gateway on the test broker, with an uplink to the relay."""
+    return parse_config(
+        {
+            "node": NODE,
+            "store": {"path": str(tmp_path / "s.db")},
+            "mqtt": {"url": f"mqtt://127.0.0.1:{mosquitto.port}", "client_id": f"gw-{time.time_ns()}"},
+            "manifests": [str(EXAMPLE)],
+            "uplink": {
+                "address": f"127.0.0.1:{relay_port}",
+                "server_name": "localhost",
+                "ca_file": str(pki / "ca.pem"),
+                "cert_file": str(pki / f"{NODE}.pem"),
+                "key_file": str(pki / f"{NODE}-key.pem"),
+                **uplink,
+            },
+        }
+    )
 
 
 @pytest.fixture
@@ -80,22 +102,7 @@ async def system(
             link.sim = LinkSim("127.0.0.1", port)
             await link.sim.start()
             port = link.sim.port
-        cfg = parse_config(
-            {
-                "node": NODE,
-                "store": {"path": str(tmp_path / "s.db")},
-                "mqtt": {"url": f"mqtt://127.0.0.1:{mosquitto.port}", "client_id": f"gw-{time.time_ns()}"},
-                "manifests": [str(EXAMPLE)],
-                "uplink": {
-                    "address": f"127.0.0.1:{port}",
-                    "server_name": "localhost",
-                    "ca_file": str(pki / "ca.pem"),
-                    "cert_file": str(pki / f"{NODE}.pem"),
-                    "key_file": str(pki / f"{NODE}-key.pem"),
-                },
-            }
-        )
-        gw = Gateway(cfg)
+        gw = Gateway(gateway_config(tmp_path, mosquitto, pki, port))
         stop = asyncio.Event()
         task = asyncio.create_task(gw.run(stop))
         await asyncio.wait_for(gw.ready.wait(), 15)
@@ -227,24 +234,9 @@ async def test_an_outage_with_edits_on_both_sides_reconciles_exactly_across_a_re
         relay = await start_relay()
         link = LinkSim("127.0.0.1", relay_port, bandwidth_bps=64_000)
         await link.start()
-        cfg = parse_config(
-            {
-                "node": NODE,
-                "store": {"path": str(tmp_path / "s.db")},
-                "mqtt": {"url": f"mqtt://127.0.0.1:{mosquitto.port}", "client_id": f"gw-{time.time_ns()}"},
-                "manifests": [str(EXAMPLE)],
-                "uplink": {
-                    "address": f"127.0.0.1:{link.port}",
-                    "server_name": "localhost",
-                    "ca_file": str(pki / "ca.pem"),
-                    "cert_file": str(pki / f"{NODE}.pem"),
-                    "key_file": str(pki / f"{NODE}-key.pem"),
-                    "reconnect_min_ms": 100,
-                    "reconnect_max_ms": 1000,
-                },
-            }
+        gw = Gateway(
+            gateway_config(tmp_path, mosquitto, pki, link.port, reconnect_min_ms=100, reconnect_max_ms=1000)
         )
-        gw = Gateway(cfg)
         stop = asyncio.Event()
         task = asyncio.create_task(gw.run(stop))
         try:
