@@ -113,18 +113,26 @@ def _i16(x: float) -> bytes:
     return struct.pack("<h", round(x * 100))
 
 
-class SimSensor:
-    """One emulated environmental sensor."""
+class _Peripheral:
+    """An emulated device with its own controller on the virtual radio; its random
+    static address is ``{first}:00:00:00:{index:04X}``."""
 
-    def __init__(self, link: FaultLink, index: int, name: str) -> None:
+    def __init__(self, link: FaultLink, index: int, name: str, first: str) -> None:
         self.index, self.name = index, name
-        self.address = f"F0:00:00:00:{index >> 8:02X}:{index & 0xFF:02X}"
+        self.address = f"{first}:00:00:00:{index >> 8:02X}:{index & 0xFF:02X}"
         self.controller = Controller(name, link=link, public_address=self.address)
         self.device = Device(
             name=name,
             address=hci.Address(self.address),
             host=Host(self.controller, AsyncPipeSink(self.controller)),
         )
+
+
+class SimSensor(_Peripheral):
+    """One emulated environmental sensor."""
+
+    def __init__(self, link: FaultLink, index: int, name: str) -> None:
+        super().__init__(link, index, name, "F0")
         self.state = SensorState(temperature=21.5 + index % 7 * 0.25)
         s = self.state
         self.temperature = Characteristic[bytes](
@@ -222,18 +230,11 @@ class SimSensor:
                 await connection.disconnect()
 
 
-class SimBeacon:
+class SimBeacon(_Peripheral):
     """An advertisement-only sensor."""
 
     def __init__(self, link: FaultLink, index: int, name: str) -> None:
-        self.index, self.name = index, name
-        self.address = f"F1:00:00:00:{index >> 8:02X}:{index & 0xFF:02X}"
-        self.controller = Controller(name, link=link, public_address=self.address)
-        self.device = Device(
-            name=name,
-            address=hci.Address(self.address),
-            host=Host(self.controller, AsyncPipeSink(self.controller)),
-        )
+        super().__init__(link, index, name, "F1")
         self.state = SensorState(temperature=18.0 + index % 5 * 0.5)
 
     def advertising_data(self) -> bytes:
