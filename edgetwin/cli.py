@@ -13,7 +13,7 @@ import json
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -250,28 +250,31 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------- simulators
-def cmd_sim_modbus(args: argparse.Namespace) -> int:
-    from mappers.modbus.sim import serve
-
+def _serve_until_interrupted(main: Coroutine[Any, Any, None], host: str, port: int) -> int:
+    """Run a server until Ctrl-C; a port that cannot be bound is a clear error."""
     try:
-        asyncio.run(serve(args.host, args.port, args.unit))
+        asyncio.run(main)
     except KeyboardInterrupt:
         pass
     except OSError as exc:
-        raise CliError(f"cannot serve on {args.host}:{args.port}: {exc}") from None
+        raise CliError(f"cannot serve on {host}:{port}: {exc}") from None
     return 0
+
+
+def cmd_sim_modbus(args: argparse.Namespace) -> int:
+    from mappers.modbus.sim import serve
+
+    return _serve_until_interrupted(serve(args.host, args.port, args.unit), args.host, args.port)
 
 
 def cmd_sim_ble(args: argparse.Namespace) -> int:
     from mappers.ble.sim import serve
 
-    try:
-        asyncio.run(serve(args.host, args.port, args.count, args.beacons, args.prefix, args.notify_interval))
-    except KeyboardInterrupt:
-        pass
-    except OSError as exc:
-        raise CliError(f"cannot serve on {args.host}:{args.port}: {exc}") from None
-    return 0
+    return _serve_until_interrupted(
+        serve(args.host, args.port, args.count, args.beacons, args.prefix, args.notify_interval),
+        args.host,
+        args.port,
+    )
 
 
 def cmd_cloud_run(args: argparse.Namespace) -> int:
@@ -332,13 +335,7 @@ def cmd_kube_emulator(args: argparse.Namespace) -> int:
             )
             await asyncio.Event().wait()
 
-    try:
-        asyncio.run(serve())
-    except KeyboardInterrupt:
-        pass
-    except OSError as exc:
-        raise CliError(f"cannot serve on {args.host}:{args.port}: {exc}") from None
-    return 0
+    return _serve_until_interrupted(serve(), args.host, args.port)
 
 
 # --------------------------------------------------------------------- parser
