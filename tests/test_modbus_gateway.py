@@ -7,6 +7,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiomqtt
 import pytest
@@ -78,7 +79,19 @@ async def test_values_reach_the_twin_store_and_a_bad_address_is_marked(
     await eventually(lambda: props["ghost"].read_error != "")
     assert props["ghost"].read_error == "Modbus exception 2 (illegal data address)"
     assert gw.engine.devices["plant.boiler-mb"].state == "online"
-    twin = read_twin(open_reader(gw.cfg.store.path), "plant.boiler-mb")
+    reader = open_reader(gw.cfg.store.path)
+
+    # The engine applies a report before its group commit lands: wait for the store.
+    def stored() -> dict[str, Any]:
+        return (read_twin(reader, "plant.boiler-mb") or {}).get("twin", {})  # type: ignore[no-any-return]
+
+    await eventually(
+        lambda: (
+            "readError" in stored().get("ghost", {})
+            and all("reported" in stored().get(p, {}) for p in ("supply_temp", "pressure", "setpoint"))
+        )
+    )
+    twin = read_twin(reader, "plant.boiler-mb")
     assert twin is not None
     assert twin["twin"]["ghost"]["readError"].startswith("Modbus exception 2")
     assert 0 < twin["twin"]["supply_temp"]["reported"]["value"] < 100
