@@ -233,6 +233,16 @@ class Gateway:
                     w.cancel()
                 raise
             self.metrics.inc("commits")
+            for ev in changes.events:
+                if ev.kind in ("rejected", "read_error"):  # already limited per property
+                    log.warning(
+                        "property read error" if ev.kind == "read_error" else "rejected values",
+                        extra={
+                            "device": ev.device_id,
+                            "property": ev.property,
+                            "detail": json.dumps(ev.detail),
+                        },
+                    )
             if self.store is not None and self.store.events_dropped:
                 # The event log's bound: oldest rows dropped so far (a running total).
                 self.metrics.total("events_dropped", self.store.events_dropped)
@@ -243,12 +253,12 @@ class Gateway:
             # Results go out before the acknowledgements, on the same connection: a crash
             # in between leaves the message unacknowledged, so it is redelivered and
             # answered again, never acknowledged without an answer.
-            for dev_id, prop in retained:
+            for dev_id, prop in retained | changes.public:
                 dev = self.engine.devices.get(dev_id)
-                rep = dev.properties[prop].reported if dev and prop in dev.properties else None
-                if dev is not None and rep is not None:
+                twin = dev.properties.get(prop) if dev is not None else None
+                if dev is not None and twin is not None and (twin.reported or twin.read_error):
                     topic = topics.property_value(self.node, dev.namespace, dev.name, prop)
-                    bus.publish(topic, payloads.property_value(rep), 1, True)
+                    bus.publish(topic, payloads.property_value(twin), 1, True)
             for topic, payload, qos, retain in pubs:
                 bus.publish(topic, payload, qos, retain)
             for msg in acks:
@@ -273,11 +283,32 @@ class Gateway:
         # Subscribers converge after any outage: every retained value is sent again
         # (after the next commit, so nothing uncommitted is shown).
         for dev in self.engine.devices.values():
-            self._retained.update((dev.id, n) for n, p in dev.properties.items() if p.reported)
+            self._retained.update(
+                (dev.id, n) for n, p in dev.properties.items() if p.reported or p.read_error
+            )
         self._writes_wake.set()
         self._dirty.set()
 
     def _on_message(self, msg: Inbound) -> None:
+        """Handle one inbound message. Never raises: whatever a peer sends, the message
+        is answered (where it can be), counted and acknowledged after the next commit,
+        so nothing can wedge the session as a poison message."""
+        try:
+            self._route(msg)
+        except Exception as exc:
+            # A bug of ours triggered by this input. Refuse it like bad input: counted,
+            # logged (rate-limited, with the traceback), answered and acknowledged.
+            if self._ratelimit.allow("internal"):
+                log.error(
+                    "message handling failed; message refused",
+                    extra={"topic": msg.topic[:200], "bytes": len(msg.payload)},
+                    exc_info=exc,
+                )
+            if not any(m is msg for m in self._acks):  # never acknowledge one message twice
+                reason = f"the gateway could not process this message ({type(exc).__name__})"
+                self._reject(msg, "internal", reason)
+
+    def _route(self, msg: Inbound) -> None:
         route = topics.parse_inbound(msg.topic)
         if route is None:
             self.metrics.inc("rejected_unknown_topic")
@@ -358,14 +389,9 @@ class Gateway:
     def _count_report(self, dev_id: str, outcome: ReportOutcome) -> None:
         if outcome.accepted:
             self.metrics.inc("reported_accepted", len(outcome.accepted))
-            self._retained.update((dev_id, name) for name in outcome.accepted)
         if outcome.rejected:
+            # Logged with the engine's events (once per change per property), not here.
             self.metrics.inc("rejected_values", len(outcome.rejected))
-            if self._ratelimit.allow("rejected_values"):
-                log.warning(
-                    "rejected values",
-                    extra={"device": dev_id, "reasons": json.dumps(outcome.rejected)},
-                )
 
     def _twin_get(self, msg: Inbound, dev_id: str) -> None:
         event_id = payloads.parse_twin_get(msg.payload, self.cfg.mqtt.max_payload)

@@ -15,6 +15,8 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from deviceapi import Device, DeviceModel
 from gateway.store.store import Store, snapshot
 from gateway.twin.engine import (
+    EVENT_REPEAT_MS,
+    MAX_REJECTED_LISTED,
     MAX_WRITE_ATTEMPTS,
     DesiredRejected,
     TwinEngine,
@@ -317,3 +319,54 @@ def test_read_errors_mark_one_property_until_a_value_arrives() -> None:
     e.apply_reported("plant.t1", {"count": 5}, 2)
     assert prop.read_error == ""
     assert "readError" not in apply_patch({}, e.outbox["plant.t1"].patch)["twins"]["count"]
+
+
+# --------------------------------------------------------------------- values the model cannot hold
+def test_a_value_the_model_cannot_hold_is_a_read_error_logged_once_not_per_poll() -> None:
+    """A uint64 register above 2^63 on an INT property, polled every 200 ms: the
+    property shows why (readError) and keeps its last good value; the event log hears
+    of it once, not once per poll."""
+    e = engine_with()
+    e.apply_reported("plant.t1", {"count": 7}, now_ms=0)
+    e.drain()
+    events = []
+    for poll in range(1, 57):
+        out = e.apply_reported("plant.t1", {"count": 2**64 - poll, "temperature": 20}, now_ms=poll * 200)
+        assert "outside the 64-bit range" in out.rejected["count"]
+        events += e.drain().events
+    prop = e.devices["plant.t1"].properties["count"]
+    assert prop.read_error.startswith("value rejected: integer") and "64-bit" in prop.read_error
+    assert prop.reported is not None and prop.reported.value == 7  # the last good value stays
+    assert [ev.kind for ev in events] == ["rejected"]
+    assert e.outbox["plant.t1"].patch["twins"]["count"]["readError"] == prop.read_error
+    # A good value clears the mark, in the twin and in the pending status patch.
+    e.apply_reported("plant.t1", {"count": 8}, now_ms=20_000)
+    assert prop.read_error == "" and e.outbox["plant.t1"].patch["twins"]["count"]["readError"] is None
+
+
+def test_read_error_events_are_limited_per_property_and_count_what_they_held_back() -> None:
+    e = engine_with()
+    kinds: list[tuple[str, dict[str, Any]]] = []
+    for poll in range(60):  # flapping: bad, good, bad, ... every second
+        now = poll * 1000
+        if poll % 2:
+            e.apply_reported("plant.t1", {"count": 1}, now_ms=now)
+        else:
+            e.set_read_errors("plant.t1", {"count": f"cannot decode: frame {poll}"}, now)
+        kinds += [(ev.kind, ev.detail) for ev in e.drain().events]
+    assert [k for k, _ in kinds] == ["read_error"]
+    # After the repeat interval the next change is logged, with how many were held back.
+    e.set_read_errors("plant.t1", {"count": "cannot decode: later"}, 60_000 + EVENT_REPEAT_MS)
+    (ev,) = e.drain().events
+    assert ev.kind == "read_error" and ev.detail["suppressed"] == 29
+
+
+def test_a_message_naming_thousands_of_unknown_properties_is_answered_in_bounded_space() -> None:
+    e = engine_with()
+    values = {f"{i}{'x' * 500}": i for i in range(5000)}
+    out = e.apply_reported("plant.t1", values, now_ms=0)
+    assert len(out.rejected) == MAX_REJECTED_LISTED + 1
+    assert all(len(name) <= 64 for name in out.rejected)
+    assert "4980 more" in out.rejected["..."]
+    (ev,) = e.drain().events
+    assert ev.detail["count"] == 5000 and len(ev.detail["names"]) == 10

@@ -111,3 +111,93 @@ async def test_edge_desired_setpoint_is_written_to_the_device(
     await eventually(lambda: prop.write_state is WriteState.APPLIED)
     assert sim.setpoint == 72.5  # landed in the device's holding register
     assert prop.reported is not None and prop.reported.value == 72.5
+
+
+async def test_a_register_value_the_model_cannot_hold_is_a_read_error_not_an_event_per_poll(
+    tmp_path: Path,
+) -> None:
+    """A uint64 register above 2^63 on an INT property, polled every 200 ms: twin get
+    shows the read error (not "-"), and the event log hears of it once."""
+    from pymodbus.server import ModbusTcpServer
+    from pymodbus.simulator import DataType, SimData, SimDevice
+
+    from gateway.store.store import read_events
+
+    port = free_port()
+    big = [0xFFFF, 0xFFFF, 0xFFFF, 0xFFF0]  # 2^64 - 16, big-endian words
+    server = ModbusTcpServer(
+        SimDevice(
+            id=1,
+            simdata=(
+                [SimData(0, count=8, values=False, datatype=DataType.BITS)],
+                [SimData(0, count=8, values=False, datatype=DataType.BITS)],
+                [SimData(i, values=v, datatype=DataType.REGISTERS) for i, v in enumerate([*big, 42])],
+                [SimData(0, count=8, values=0, datatype=DataType.REGISTERS)],
+            ),
+        ),
+        address=("127.0.0.1", port),
+    )
+    await server.serve_forever(background=True)
+    model = {
+        "apiVersion": "edgetwin.io/v1alpha1",
+        "kind": "DeviceModel",
+        "metadata": {"name": "meter", "namespace": "plant"},
+        "spec": {"properties": [{"name": "energy", "type": "INT"}, {"name": "status", "type": "INT"}]},
+    }
+    device = {
+        "apiVersion": "edgetwin.io/v1alpha1",
+        "kind": "Device",
+        "metadata": {"name": "meter-1", "namespace": "plant"},
+        "spec": {
+            "deviceModelRef": {"name": "meter"},
+            "nodeName": NODE,
+            "protocol": {"protocolName": "modbus", "configData": {"host": "127.0.0.1", "port": port}},
+            "properties": [
+                {
+                    "name": "energy",
+                    "collectCycle": 200,
+                    "visitors": {
+                        "protocolName": "modbus",
+                        "configData": {"table": "holding_register", "address": 0, "dataType": "uint64"},
+                    },
+                },
+                {
+                    "name": "status",
+                    "collectCycle": 200,
+                    "visitors": {
+                        "protocolName": "modbus",
+                        "configData": {"table": "holding_register", "address": 4},
+                    },
+                },
+            ],
+        },
+    }
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump_all([model, device]))
+    cfg = parse_config(
+        {
+            "node": NODE,
+            "store": {"path": str(tmp_path / "s.db")},
+            "mqtt": {"embedded": {"host": "127.0.0.1", "port": free_port()}},
+            "manifests": [str(tmp_path / "m.yaml")],
+        }
+    )
+    gw = Gateway(cfg)
+    stop = asyncio.Event()
+    task = asyncio.create_task(gw.run(stop))
+    try:
+        await asyncio.wait_for(gw.ready.wait(), 15)
+        props = gw.engine.devices["plant.meter-1"].properties
+        await eventually(lambda: props["status"].reported is not None and props["energy"].read_error != "")
+        await asyncio.sleep(3)  # about 15 more polls
+        assert props["status"].reported is not None and props["status"].reported.version >= 10
+        reader = open_reader(cfg.store.path)
+        twin = read_twin(reader, "plant.meter-1")
+        assert twin is not None
+        assert "outside the 64-bit range" in twin["twin"]["energy"]["readError"]
+        assert "reported" not in twin["twin"]["energy"]
+        events = read_events(reader, "plant.meter-1", limit=1000)
+        assert [e["kind"] for e in events if e["property"] == "energy"] == ["rejected"]
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 15)
+        await server.shutdown()  # type: ignore[no-untyped-call]

@@ -158,3 +158,33 @@ def test_read_events_filters_and_orders(tmp_path: Path) -> None:
     assert [ev["detail"]["reason"] for ev in read_events(db, "plant.a", "rejected")] == ["r1", "r2"]
     assert [ev["ts_ms"] for ev in read_events(db, limit=2)] == [3, 4]  # the newest, oldest first
     store.close()
+
+
+def test_noisy_events_are_trimmed_before_conflicts_and_failed_writes(tmp_path: Path) -> None:
+    """A device failing every poll must not push conflicts out of the event log."""
+    store = Store(tmp_path / "s.db", events_max=100)
+    e = TwinEngine()
+    changes = e.drain()
+    changes.events = [Event(i, "plant.t1", "setpoint", "conflict", {"i": i}) for i in range(40)]
+    changes.events += [Event(i, "plant.t1", "setpoint", "write_failed", {"i": i}) for i in range(10)]
+    store.commit(snapshot(e, changes))
+    for _ in range(20):
+        changes = e.drain()
+        changes.events = [Event(i, "plant.t2", "count", "read_error", {"i": i}) for i in range(60)]
+        store.commit(snapshot(e, changes))
+    kinds = dict(store.conn.execute("SELECT kind, count(*) FROM events GROUP BY kind").fetchall())
+    assert kinds == {"conflict": 40, "write_failed": 10, "read_error": 50}
+    assert store.events_dropped == 20 * 60 - 50
+    # Important events alone beyond the bound: the oldest of them go.
+    changes = e.drain()
+    changes.events = [Event(i, "plant.t1", "setpoint", "conflict", {"i": i}) for i in range(120)]
+    store.commit(snapshot(e, changes))
+    assert store.conn.execute("SELECT count(*), sum(important) FROM events").fetchone() == (100, 100)
+    store.close()
+    # The count survives a reopen (the bound is kept across restarts).
+    again = Store(tmp_path / "s.db", events_max=100)
+    changes = e.drain()
+    changes.events = [Event(0, "plant.t1", "", "rejected", {})]
+    again.commit(snapshot(e, changes))
+    assert again.conn.execute("SELECT count(*) FROM events").fetchone() == (100,)
+    again.close()

@@ -78,6 +78,7 @@ class MqttBus:
         self._on_message: Callable[[Inbound], None] = lambda m: None
         self._session: asyncio.Future[int] | None = None
         self._closing = False
+        self._errors_logged = 0
         self._client = self._make_client()
 
     # ----------------------------------------------------------------- client
@@ -159,7 +160,15 @@ class MqttBus:
         self._drain_scheduled = False
         inbox, handle = self._inbox, self._on_message
         while inbox:
-            handle(inbox.popleft())
+            msg = inbox.popleft()
+            try:
+                handle(msg)
+            except Exception as exc:  # the handler should not raise; never strand the rest
+                self.metrics.inc("inbound_handler_errors")
+                if self._errors_logged < 10:
+                    self._errors_logged += 1
+                    extra = {"topic": msg.topic[:200]}
+                    log.error("inbound message handler raised", extra=extra, exc_info=exc)
 
     async def run(
         self,

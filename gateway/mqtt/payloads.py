@@ -37,13 +37,31 @@ class TwinUpdate:
     expected: dict[str, Any] = field(default_factory=dict)
 
 
+def decode_json(payload: bytes) -> Any:
+    """``json.loads`` that fails only with :class:`PayloadError`, whatever a peer sends.
+
+    Beyond syntax errors and invalid UTF-8, the standard parser raises ``RecursionError``
+    for deep nesting (``[[[[...``) and ``ValueError`` for integers of more than 4,300
+    digits; left uncaught, either escapes the message handler, the message is never
+    acknowledged and the broker redelivers it forever (a poison message)."""
+    try:
+        return json.loads(payload)
+    except RecursionError:
+        raise PayloadError("bad_shape", "payload nests arrays or objects too deeply") from None
+    except UnicodeDecodeError as exc:
+        reason = f"payload is not UTF-8 JSON: {exc.reason} at byte {exc.start}"
+        raise PayloadError("not_json", reason) from None
+    except json.JSONDecodeError as exc:
+        raise PayloadError("not_json", f"payload is not JSON: {exc}") from None
+    except ValueError as exc:  # the int digit limit (CVE-2020-10735 guard), and kin
+        reason = str(exc).split(";")[0]
+        raise PayloadError("bad_shape", f"payload holds a number Python will not parse: {reason}") from None
+
+
 def _load(payload: bytes, max_size: int) -> dict[str, Any]:
     if len(payload) > max_size:
         raise PayloadError("oversize", f"payload is {len(payload)} bytes, more than {max_size}")
-    try:
-        doc = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PayloadError("not_json", f"payload is not JSON: {exc}") from None
+    doc = decode_json(payload)
     if not isinstance(doc, dict):
         raise PayloadError("bad_shape", f"payload must be a JSON object, got {type(doc).__name__}")
     return doc
@@ -77,10 +95,11 @@ def _timestamp(doc: dict[str, Any]) -> int | None:
 def event_id_of(payload: bytes) -> str:
     """Best-effort event_id of a payload we are rejecting, to answer with it."""
     try:
-        doc = json.loads(payload)
-        return str(doc.get("event_id", ""))[:128] if isinstance(doc, dict) else ""
-    except (ValueError, UnicodeDecodeError):
+        doc = decode_json(payload)
+    except PayloadError:
         return ""
+    event_id = doc.get("event_id", "") if isinstance(doc, dict) else ""
+    return event_id[:128] if isinstance(event_id, str) else ""
 
 
 def parse_twin_update(payload: bytes, max_size: int) -> TwinUpdate:
@@ -209,8 +228,16 @@ def state_result(event_id: str, now_ms: int, dev: DeviceTwin) -> bytes:
     return _dumps(doc)
 
 
-def property_value(rep: Reported) -> bytes:
-    return _dumps({"value": rep.value, "timestamp": rep.timestamp, "version": rep.version})
+def property_value(prop: PropertyTwin) -> bytes:
+    """The retained document of one property: its latest reported value, and why its
+    last read failed when it did (``readError``, until the next accepted value)."""
+    doc: dict[str, Any] = {}
+    rep = prop.reported
+    if rep is not None:
+        doc = {"value": rep.value, "timestamp": rep.timestamp, "version": rep.version}
+    if prop.read_error:
+        doc["readError"] = prop.read_error
+    return _dumps(doc)
 
 
 def twin_set_request(event_id: str, now_ms: int, values: dict[str, Any]) -> bytes:

@@ -49,7 +49,21 @@ MIGRATIONS: list[tuple[str, list[str]]] = [
             "CREATE INDEX events_device ON events (device_id, id)",
         ],
     ),
+    (
+        "event classes: noisy kinds are trimmed before important ones",
+        [
+            # important = 0 for kinds a faulty device can repeat (rejected values, read
+            # errors, state flaps, skipped cycles); the log drops those first, so they
+            # never push conflicts and failed writes out.
+            "ALTER TABLE events ADD COLUMN important INTEGER NOT NULL DEFAULT 1",
+            "UPDATE events SET important = 0 WHERE kind IN ('rejected', 'read_error', 'state')",
+            "CREATE INDEX events_class ON events (important, id)",
+        ],
+    ),
 ]
+
+# Event kinds a faulty device or peer can repeat; the event log trims them first.
+NOISY_EVENT_KINDS = frozenset({"rejected", "read_error", "state", "cycles_skipped"})
 
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 import sqlite_utils
 
-from gateway.store.schema import migrate
+from gateway.store.schema import NOISY_EVENT_KINDS, migrate
 from gateway.twin.engine import (
     Changes,
     Desired,
@@ -120,7 +120,10 @@ def snapshot(engine: TwinEngine, changes: Changes) -> Batch:
             device_part = {k: v for k, v in entry.patch.items() if k != "twins"}
             batch.outbox_upserts.append((dev_id, _dump(device_part), entry.revision))
     batch.removed = [(dev_id,) for dev_id in changes.removed]
-    batch.events = [(e.ts_ms, e.device_id, e.property, e.kind, _dump(e.detail)) for e in changes.events]
+    batch.events = [
+        (e.ts_ms, e.device_id, e.property, e.kind, _dump(e.detail), int(e.kind not in NOISY_EVENT_KINDS))
+        for e in changes.events
+    ]
     batch.meta.append(("hlc", str(engine.clock.last)))
     return batch
 
@@ -147,6 +150,7 @@ class Store:
             # commit path never stalls copying the WAL into the database.
             self.conn.execute("PRAGMA wal_autocheckpoint=0")
             migrate(self.conn)
+            self._event_rows = int(self.conn.execute("SELECT count(*) FROM events").fetchone()[0])
         except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"cannot open store {self.path}: {exc}") from exc
         self.db = sqlite_utils.Database(self.conn)
@@ -210,17 +214,32 @@ class Store:
             c.executemany("DELETE FROM outbox WHERE device_id = ?", batch.outbox_deletes)
         if batch.events:
             c.executemany(
-                "INSERT INTO events (ts_ms, device_id, property, kind, detail) VALUES (?,?,?,?,?)",
+                "INSERT INTO events (ts_ms, device_id, property, kind, detail, important) "
+                "VALUES (?,?,?,?,?,?)",
                 batch.events,
             )
+            self._event_rows += len(batch.events)
             self._trim_events(c)
         if batch.meta:
             c.executemany("INSERT OR REPLACE INTO meta VALUES (?,?)", batch.meta)
 
     def _trim_events(self, c: sqlite3.Connection) -> None:
-        last = c.execute("SELECT max(id) FROM events").fetchone()[0] or 0
-        cur = c.execute("DELETE FROM events WHERE id <= ?", (last - self.events_max,))
-        self.events_dropped += max(cur.rowcount, 0)
+        """Keep the newest ``events_max`` rows: the oldest noisy ones (rejections, read
+        errors, state changes) go first; conflicts and failed writes only once they
+        alone fill the log."""
+        over = self._event_rows - self.events_max
+        for important in (0, 1):
+            if over <= 0:
+                break
+            cur = c.execute(
+                "DELETE FROM events WHERE id IN "
+                "(SELECT id FROM events WHERE important = ? ORDER BY id LIMIT ?)",
+                (important, over),
+            )
+            gone = max(cur.rowcount, 0)
+            over -= gone
+            self._event_rows -= gone
+            self.events_dropped += gone
 
     def save_objects(self, rows: list[tuple[str, str, str, str, str | None, str]], source: str) -> None:
         """Replace the stored objects of ``source`` (e.g. "manifest") with ``rows`` of

@@ -37,6 +37,12 @@ Origin = Literal["cloud", "edge"]
 ORIGINS: tuple[Origin, ...] = ("cloud", "edge")
 DEVICE_STATES = ("online", "offline", "unknown")
 
+# A message may name thousands of unknown properties: answers list at most this many.
+MAX_REJECTED_LISTED = 20
+# A property's read errors (and rejected values) reach the event log when they change, at
+# most once per this many ms per property; the others are counted in the next event.
+EVENT_REPEAT_MS = 600_000
+
 # Desired writes are retried with exponential backoff up to this many attempts.
 MAX_WRITE_ATTEMPTS = 8
 WRITE_BACKOFF_BASE_MS = 1_000
@@ -170,6 +176,10 @@ class Changes:
     removed: set[str] = field(default_factory=set)
     events: list[Event] = field(default_factory=list)
 
+    # Properties whose public view (reported value or readError) changed: the caller
+    # republishes their retained MQTT value after the commit.
+    public: set[tuple[str, str]] = field(default_factory=set)
+
     def __bool__(self) -> bool:
         return bool(self.properties or self.devices or self.outbox or self.removed or self.events)
 
@@ -197,6 +207,40 @@ class WriteRequest:
     attempt: int
 
 
+class EventLimiter:
+    """At most one event per key every ``interval_ms``; what it holds back is counted
+    and reported with the next event it lets through. Bounded by the keys used
+    (devices x properties), and entries are dropped with their device."""
+
+    def __init__(self, interval_ms: int) -> None:
+        self.interval_ms = interval_ms
+        self._last: dict[tuple[str, str], int] = {}
+        self._held: dict[tuple[str, str], int] = {}
+
+    def allow(self, key: tuple[str, str], now_ms: int) -> bool:
+        last = self._last.get(key)
+        if last is not None and now_ms - last < self.interval_ms:
+            self._held[key] = self._held.get(key, 0) + 1
+            return False
+        self._last[key] = now_ms
+        return True
+
+    def annotate(self, key: tuple[str, str], detail: dict[str, Any]) -> dict[str, Any]:
+        """``detail`` plus how many events were held back since the last one."""
+        held = self._held.pop(key, 0)
+        return {**detail, "suppressed": held} if held else detail
+
+    def forget(self, device_id: str) -> None:
+        for table in (self._last, self._held):
+            for key in [k for k in table if k[0] == device_id]:
+                del table[key]
+
+
+def clip(text: str, limit: int = 64) -> str:
+    """``text`` cut to ``limit`` characters (names and reasons from peers are unbounded)."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def canonical(value: Value) -> str:
     return json.dumps(value, sort_keys=True)
 
@@ -221,6 +265,7 @@ class TwinEngine:
         # Outbox revisions come from one counter for all devices, so an acknowledgement
         # of an old entry can never match a newer one (see seed_revisions).
         self._revision = 0
+        self._limiter = EventLimiter(EVENT_REPEAT_MS)
 
     # ----------------------------------------------------------------- definitions
     def upsert_device(self, device: Device, model: DeviceModel) -> DeviceTwin:
@@ -256,6 +301,7 @@ class TwinEngine:
         if self.devices.pop(device_id, None) is not None:
             self.outbox.pop(device_id, None)
             self.changes.removed.add(device_id)
+            self._limiter.forget(device_id)
 
     def device(self, device_id: str) -> DeviceTwin:
         try:
@@ -272,21 +318,27 @@ class TwinEngine:
         timestamp_ms: int | None = None,
     ) -> ReportOutcome:
         """Accept the reported values that fit their property; reject the rest with a
-        reason. Each accepted value gets the property's next version."""
+        reason. Each accepted value gets the property's next version. A value the model
+        cannot hold marks its property with a ``readError`` (it keeps its last good
+        value), like a failed read; unknown property names are refused and counted."""
         dev = self.device(device_id)
         accepted: dict[str, Reported] = {}
         rejected: dict[str, str] = {}
         twins_patch: dict[str, Any] = {}
+        unknown: list[str] = []
         ts = timestamp_ms if timestamp_ms is not None else now_ms
         for name, raw in values.items():
             prop = dev.properties.get(name)
             if prop is None:
-                rejected[name] = f"not a property of DeviceModel {dev.model!r}"
+                unknown.append(name)
                 continue
             try:
                 value = coerce_value(raw, prop.type, prop.minimum, prop.maximum)
             except ValueRejected as exc:
                 rejected[name] = exc.reason
+                mark = self._mark_read_error(dev, prop, f"value rejected: {exc.reason}", now_ms, "rejected")
+                if mark:
+                    twins_patch[name] = mark
                 continue
             prop.last_version += 1
             prop.reported = Reported(value, ts, prop.last_version)
@@ -305,14 +357,17 @@ class TwinEngine:
                 entry["observedDesired"] = desired_status(prop)
             twins_patch[name] = entry
             self.changes.properties.add((device_id, name))
-        for name, reason in rejected.items():
-            self._event(
-                now_ms,
-                device_id,
-                name,
-                "rejected",
-                {"value": _short(values[name]), "reason": reason},
-            )
+            self.changes.public.add((device_id, name))
+        if unknown:
+            reason = f"not a property of DeviceModel {dev.model!r}"
+            for name in unknown[:MAX_REJECTED_LISTED]:
+                rejected[clip(name)] = reason
+            if len(unknown) > MAX_REJECTED_LISTED:
+                rejected["..."] = f"{len(unknown) - MAX_REJECTED_LISTED} more names that are not properties"
+            key = (device_id, "")
+            if self._limiter.allow(key, now_ms):
+                detail = {"names": [clip(n) for n in unknown[:10]], "count": len(unknown), "reason": reason}
+                self._event(now_ms, device_id, "", "rejected", self._limiter.annotate(key, detail))
         if twins_patch:
             self._compose(device_id, {"twins": twins_patch})
         return ReportOutcome(accepted, rejected)
@@ -324,13 +379,27 @@ class TwinEngine:
         twins: dict[str, Any] = {}
         for name, reason in errors.items():
             prop = dev.properties.get(name)
-            if prop is None or prop.read_error == reason:
-                continue
-            prop.read_error = reason
-            twins[name] = {"readError": reason}
-            self._event(now_ms, device_id, name, "read_error", {"reason": reason})
+            if prop is not None and (entry := self._mark_read_error(dev, prop, clip(reason, 500), now_ms)):
+                twins[name] = entry
         if twins:
             self._compose(device_id, {"twins": twins})
+
+    def _mark_read_error(
+        self, dev: DeviceTwin, prop: PropertyTwin, reason: str, now_ms: int, kind: str = "read_error"
+    ) -> dict[str, Any] | None:
+        """Set a property's readError; returns its status entry, or None if unchanged.
+        The event log hears of it when it changes, at most once per
+        :data:`EVENT_REPEAT_MS` per property (the rest are counted in the next event),
+        so a device failing every poll cannot push other events out of the log."""
+        if prop.read_error == reason:
+            return None
+        prop.read_error = reason
+        key = (dev.id, prop.name)
+        if self._limiter.allow(key, now_ms):
+            self._event(now_ms, dev.id, prop.name, kind, self._limiter.annotate(key, {"reason": reason}))
+        self.changes.properties.add((dev.id, prop.name))
+        self.changes.public.add((dev.id, prop.name))
+        return {"readError": reason}
 
     # ----------------------------------------------------------------- desired
     def apply_desired(
