@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
@@ -154,6 +154,27 @@ class UplinkConfig(_Section):
     reconnect_max_ms: int = Field(30_000, ge=10)
 
 
+class WritesConfig(_Section):
+    """How desired values are written to devices (deltas or mapper writes)."""
+
+    # Delivered attempts before a write is marked failed. Attempts while the broker or
+    # the device is down do not count: the schedule pauses instead.
+    attempts: Annotated[int, Field(ge=1, le=1000)] = 8
+    retry_min: int = 1_000  # ms before the second attempt, doubling up to retry_max
+    retry_max: int = 60_000
+
+    @field_validator("retry_min", "retry_max", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> int:
+        return parse_duration_ms(v)
+
+    @model_validator(mode="after")
+    def _order(self) -> WritesConfig:
+        if self.retry_min > self.retry_max:
+            raise ValueError("retry_min must not exceed retry_max")
+        return self
+
+
 class GatewayConfig(_Section):
     node: str
     store: StoreConfig
@@ -163,6 +184,7 @@ class GatewayConfig(_Section):
     # Options per mapper, by protocol name (passed to the mapper as given).
     mappers: dict[str, dict[str, Any]] = Field(default_factory=dict)
     uplink: UplinkConfig | None = None
+    writes: WritesConfig = WritesConfig()
 
     @field_validator("node")
     @classmethod

@@ -35,8 +35,15 @@ from gateway.mqtt.broker import EmbeddedBroker
 from gateway.mqtt.bus import Inbound, MqttBus
 from gateway.mqtt.payloads import PayloadError
 from gateway.store.store import Store, StoreError, StoreWriter, snapshot
-from gateway.twin.engine import DesiredRejected, ReportOutcome, TwinEngine, TwinError, UnknownDevice
-from mappers.sdk import MapperError, ReportResult
+from gateway.twin.engine import (
+    DesiredRejected,
+    ReportOutcome,
+    TwinEngine,
+    TwinError,
+    UnknownDevice,
+    WritePolicy,
+)
+from mappers.sdk import DeviceUnavailable, MapperError, ReportResult
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +65,11 @@ class Gateway:
         self.cfg = cfg
         self.node = cfg.node
         self.metrics = Metrics()
-        self.engine = TwinEngine(jitter=random.random)
+        writes = cfg.writes
+        self.engine = TwinEngine(
+            jitter=random.random,
+            writes=WritePolicy(writes.attempts, writes.retry_min, writes.retry_max),
+        )
         self.store: Store | None = None
         self.writer: StoreWriter | None = None
         self.bus: MqttBus | None = None
@@ -69,6 +80,9 @@ class Gateway:
         # Everything below is released by the next commit.
         self._acks: list[Inbound] = []
         self._pubs: list[tuple[str, bytes, int, bool]] = []
+        # Deltas for external mappers: (device, properties, topic, body). One that cannot
+        # be handed to the broker gives its attempts back (TwinEngine.write_undelivered).
+        self._deltas: list[tuple[str, list[str], str, bytes]] = []
         self._retained: set[tuple[str, str]] = set()
         self._waiters: list[asyncio.Future[None]] = []
         self._dirty = asyncio.Event()
@@ -216,6 +230,7 @@ class Gateway:
         changes = self.engine.drain()
         acks, self._acks = self._acks, []
         pubs, self._pubs = self._pubs, []
+        deltas, self._deltas = self._deltas, []
         retained, self._retained = self._retained, set()
         waiters, self._waiters = self._waiters, []
         resume = self.uplink.take_resume() if self.uplink is not None else None
@@ -261,6 +276,16 @@ class Gateway:
                     bus.publish(topic, payloads.property_value(twin), 1, True)
             for topic, payload, qos, retain in pubs:
                 bus.publish(topic, payload, qos, retain)
+            for dev_id, props, topic, payload in deltas:
+                if bus.publish(topic, payload, 1, False):
+                    self.metrics.inc("deltas_sent")
+                else:  # the broker is gone: that attempt never happened
+                    for prop in props:
+                        self.engine.write_undelivered(
+                            dev_id, prop, now_ms(), "the MQTT broker is not connected"
+                        )
+                    self._dirty.set()
+                    self._writes_wake.set()
             for msg in acks:
                 bus.ack(msg)
         for w in waiters:
@@ -406,6 +431,7 @@ class Gateway:
         self._pubs.append((topics.state_update_result(dev_id), body, 1, False))
         self._acks.append(msg)
         self._dirty.set()
+        self._writes_wake.set()  # a device back online resumes its paused writes
 
     # ----------------------------------------------------------------- mapper side
     async def report(self, dev_id: str, values: Mapping[str, Any], timestamp_ms: int | None) -> ReportResult:
@@ -416,6 +442,7 @@ class Gateway:
 
     async def set_state(self, dev_id: str, state: str) -> None:
         self.engine.set_state(dev_id, state, now_ms())
+        self._writes_wake.set()  # a device back online resumes its paused writes
         await self._committed()
 
     async def report_errors(self, dev_id: str, errors: Mapping[str, str]) -> None:
@@ -429,26 +456,39 @@ class Gateway:
         self._dirty.set()
         self._writes_wake.set()
 
+    def _deliverable(self, dev_id: str) -> bool:
+        """Whether a desired write could reach the device now: it is not reported
+        offline, and its in-process mapper serves it or the broker is connected (for
+        external mappers). Writes to a device that cannot be reached wait, unspent."""
+        dev = self.engine.devices.get(dev_id)
+        if dev is None or dev.state == "offline":
+            return False
+        if self.mappers is not None and dev_id in self.mappers.by_device:
+            return True
+        return self.bus is not None and self.bus.connected.is_set()
+
     async def _write_scheduler(self) -> None:
         """Hand due desired writes to the device's mapper, or to external mappers as a
-        delta on MQTT, with the engine's backoff between attempts."""
+        delta on MQTT, with the engine's backoff between attempts. The schedule of a
+        device that cannot be reached is paused (woken when it comes back)."""
         while True:
-            due = self.engine.due_writes(now_ms())
-            external: dict[str, dict[str, Any]] = {}
+            due = self.engine.due_writes(now_ms(), self._deliverable)
+            external: dict[str, list[str]] = {}
             for req in due:
                 mapper = self.mappers.by_device.get(req.device_id) if self.mappers else None
                 if mapper is None:
-                    external.setdefault(req.device_id, {})[req.property] = req.value
+                    external.setdefault(req.device_id, []).append(req.property)
                 elif (req.device_id, req.property) not in self._writing:
                     self._spawn(self._mapper_write(req.device_id, req.property, req.value), "write")
-            for dev_id in external:
+                else:  # the previous attempt is still running: this one is not spent
+                    self.engine.write_undelivered(req.device_id, req.property, now_ms())
+            for dev_id, props in external.items():
                 dev = self.engine.devices[dev_id]
                 body = payloads.delta(now_ms(), dev, self.engine.deltas(dev_id))
-                self._pubs.append((topics.twin_update_delta(dev_id), body, 1, False))
-                self.metrics.inc("deltas_sent")
+                self._deltas.append((dev_id, props, topics.twin_update_delta(dev_id), body))
             if due:
                 self._dirty.set()
-            next_due = self.engine.next_write_due()
+            next_due = self.engine.next_write_due(self._deliverable)
             timeout = None if next_due is None else max(0.0, (next_due - now_ms()) / 1000)
             self._writes_wake.clear()
             with contextlib.suppress(TimeoutError):
@@ -462,6 +502,11 @@ class Gateway:
             await self._committed()  # the desired value is durable before we act on it
             await self.mappers.by_device[dev_id].write(self.mappers.bindings[dev_id], prop, value)
             self.metrics.inc("mapper_writes")
+        except DeviceUnavailable as exc:
+            # The device could not be reached: not an attempt. Retried once it is back.
+            self.metrics.inc("mapper_writes_undelivered")
+            self.engine.write_undelivered(dev_id, prop, now_ms(), str(exc) or "device unavailable")
+            self._dirty.set()
         except Exception as exc:
             # A mapper's own failure (MapperError, I/O) or a bug in a third-party
             # plugin: either way the attempt failed, the reason is kept, retries go on.
@@ -472,6 +517,7 @@ class Gateway:
             self._dirty.set()
         finally:
             self._writing.discard(key)
+            self._writes_wake.set()
 
     # ----------------------------------------------------------------- metrics
     async def _metrics_publisher(self) -> None:

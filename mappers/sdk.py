@@ -32,6 +32,7 @@ from deviceapi import PropertyType, Value
 
 __all__ = [
     "DeviceBinding",
+    "DeviceUnavailable",
     "Mapper",
     "MapperError",
     "MapperHost",
@@ -51,6 +52,13 @@ DEFAULT_COLLECT_CYCLE_MS = 1_000
 
 class MapperError(Exception):
     """A read or write failed; the message says why (shown in the twin and the log)."""
+
+
+class DeviceUnavailable(MapperError):
+    """The device cannot be reached right now (disconnected, out of range, its link
+    down), so a write did not get to it. Unlike a plain :class:`MapperError` this does
+    not use up one of the write's attempts: the gateway retries once the device is
+    back (reported online)."""
 
 
 @dataclass(frozen=True, slots=True)

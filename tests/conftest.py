@@ -54,11 +54,11 @@ def _mosquitto_binary() -> str:
 class Mosquitto:
     """A private mosquitto on a free loopback port."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, extra: str = "") -> None:
         self.port = free_port()
         self.workdir = workdir
-        conf = workdir / "mosquitto.conf"
-        conf.write_text(
+        self.conf = workdir / "mosquitto.conf"
+        self.conf.write_text(
             textwrap.dedent(
                 f"""
                 listener {self.port} 127.0.0.1
@@ -70,9 +70,14 @@ class Mosquitto:
                 log_dest file {workdir / "mosquitto.log"}
                 """
             )
+            + extra
         )
+        self.start()
+
+    def start(self) -> None:
+        """(Re)start the broker on the same port and config."""
         self.proc = subprocess.Popen(
-            [_mosquitto_binary(), "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            [_mosquitto_binary(), "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         wait_port(self.port)
 

@@ -21,6 +21,7 @@ from gateway.twin.engine import (
     DesiredRejected,
     TwinEngine,
     UnknownDevice,
+    WritePolicy,
     WriteState,
 )
 from gateway.twin.hlc import HybridClock, Stamp
@@ -370,3 +371,25 @@ def test_a_message_naming_thousands_of_unknown_properties_is_answered_in_bounded
     assert "4980 more" in out.rejected["..."]
     (ev,) = e.drain().events
     assert ev.detail["count"] == 5000 and len(ev.detail["names"]) == 10
+
+
+# --------------------------------------------------------------------- writes pause while unreachable
+def test_writes_to_a_device_that_cannot_be_reached_are_paused_not_spent() -> None:
+    e = TwinEngine(writes=WritePolicy(attempts=3, backoff_min_ms=100, backoff_max_ms=100))
+    e.upsert_device(device("t1"), MODEL)
+    e.apply_desired("plant.t1", "setpoint", 21, "edge", 0)
+    down = lambda _dev: False  # noqa: E731
+    for now in range(0, 100_000, 50):  # a long outage: nothing handed out, nothing spent
+        assert e.due_writes(now, down) == []
+    prop = e.devices["plant.t1"].properties["setpoint"]
+    assert prop.write_state is WriteState.PENDING and prop.write_attempts == 0
+    assert e.next_write_due(down) is None  # no timer while nothing can be delivered
+    # Back: attempts are spent again; one that still could not leave is given back.
+    (req,) = e.due_writes(100_000)
+    assert req.attempt == 1
+    e.write_undelivered("plant.t1", "setpoint", 100_000, "the MQTT broker is not connected")
+    assert prop.write_attempts == 0 and prop.write_reason == "the MQTT broker is not connected"
+    attempts = []
+    for now in range(100_000, 110_000, 10):
+        attempts += [r.attempt for r in e.due_writes(now)]
+    assert attempts == [1, 2, 3] and prop.write_state is WriteState.FAILED

@@ -41,6 +41,7 @@ from mappers.ble.codec import PRESENTATION_DESCRIPTOR, CodecError, PresentationF
 from mappers.ble.config import Connection, Visitor, parse_connection, parse_visitor
 from mappers.sdk import (
     DeviceBinding,
+    DeviceUnavailable,
     Mapper,
     MapperError,
     MapperHost,
@@ -598,19 +599,19 @@ class BleMapper(Mapper):
             if rt.client is not None and rt.client.is_connected:
                 await self._write_on(rt, rt.client, p, value)
             elif rt.conn.keepConnected:
-                raise MapperError(f"{device.id} is not connected; the write is retried when it is")
+                raise DeviceUnavailable(f"{device.id} is not connected; the write is retried when it is")
             else:
                 try:
                     ble_device = await self._locate(rt)
                 except LinkLost as exc:
-                    raise MapperError(f"cannot reach {device.id}: {exc}") from None
+                    raise DeviceUnavailable(f"cannot reach {device.id}: {exc}") from None
                 await self.slots.acquire()
                 try:
                     try:
                         client = await self._connect(rt, ble_device)
                     except LinkLost as exc:
                         rt.found = None
-                        raise MapperError(f"cannot reach {device.id}: {exc}") from None
+                        raise DeviceUnavailable(f"cannot reach {device.id}: {exc}") from None
                     try:
                         await self._prepare(rt, client)
                         await self._write_on(rt, client, p, value)

@@ -33,6 +33,7 @@ from mappers.modbus.config import BIT_TABLES, Connection, Visitor, parse_connect
 from mappers.modbus.planner import ReadRequest, Span, plan_reads
 from mappers.sdk import (
     DeviceBinding,
+    DeviceUnavailable,
     Mapper,
     MapperError,
     PropertyBinding,
@@ -339,7 +340,9 @@ class ModbusMapper(Mapper):
                 raise MapperError(f"{visitor.table} cannot be written")
             # Read back: the twin shows what the device holds, not what was sent.
             data = await link.read(visitor.table, visitor.address, visitor.count, unit)
-        except (CodecError, DeviceException, LinkDown) as exc:
+        except LinkDown as exc:
+            raise DeviceUnavailable(f"write of {prop} did not reach the device: {exc}") from None
+        except (CodecError, DeviceException) as exc:
             raise MapperError(f"write of {prop} failed: {exc}") from None
         back = decode(visitor, bits=data) if visitor.table in BIT_TABLES else decode(visitor, registers=data)
         rt.reporting.forget(prop)
