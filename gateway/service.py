@@ -27,6 +27,7 @@ from typing import Any
 from deviceapi import Device, DeviceModel, value_to_text
 from gateway import logs
 from gateway.config import ConfigError, GatewayConfig
+from gateway.dedup import RecentUpdates
 from gateway.manifests import load_manifests
 from gateway.mapper_host import MapperSet
 from gateway.metrics import Metrics
@@ -76,6 +77,8 @@ class Gateway:
         self.mappers: MapperSet | None = None
         self.uplink: Any = None  # gateway.uplink.Uplink when uplink: is configured
         self.definitions: dict[str, tuple[Device, DeviceModel]] = {}
+        # Twin updates applied lately, so a redelivery is answered, not applied again.
+        self.recent = RecentUpdates(max(2048, 2 * cfg.mqtt.receive_maximum))
         self.ready = asyncio.Event()
         # Everything below is released by the next commit.
         self._acks: list[Inbound] = []
@@ -108,6 +111,7 @@ class Gateway:
             self.engine.upsert_device(device, model)
             self.definitions[device.id] = (device, model)
         self.store.load_into(self.engine)
+        self.recent.restore(self.store.load_recent(self.recent.capacity))
         self.store.prune(self.engine)
         self.engine.seed_revisions(now_ms() * 1000)
         for stale in self.store.stored_device_ids() - set(self.engine.devices):
@@ -234,10 +238,12 @@ class Gateway:
         retained, self._retained = self._retained, set()
         waiters, self._waiters = self._waiters, []
         resume = self.uplink.take_resume() if self.uplink is not None else None
-        if changes or resume is not None:
+        recent, recent_floor = self.recent.take_added()
+        if changes or resume is not None or recent:
             assert self.writer is not None
             started = time.perf_counter()
             batch = snapshot(self.engine, changes)
+            batch.recent, batch.recent_floor = recent, recent_floor
             if resume is not None:  # the cloud's resourceVersions, with what they brought
                 batch.meta.append((UPLINK_RESUME_KEY, resume))
             try:
@@ -379,6 +385,14 @@ class Gateway:
     def _twin_update(self, msg: Inbound, dev_id: str) -> None:
         upd = payloads.parse_twin_update(msg.payload, self.cfg.mqtt.max_payload)
         now = now_ms()
+        key = self.recent.key(dev_id, upd.event_id, msg.payload)
+        seen = self.recent.lookup(key, now, msg.dup)
+        if seen is not None:  # applied before (a redelivery): answer again, apply nothing
+            self.metrics.inc("duplicates")
+            body = seen.answer or payloads.duplicate_result(upd.event_id, now)
+            self._pubs.append((topics.twin_update_result(dev_id), body, self.cfg.mqtt.result_qos, False))
+            self._ack_now(msg)
+            return
         engine = self.engine
         outcome = (
             engine.apply_reported(dev_id, upd.actual, now, upd.timestamp)
@@ -408,6 +422,7 @@ class Gateway:
             upd.event_id, now, dev, outcome.accepted, outcome.rejected, desired_info
         )
         self._pubs.append((topics.twin_update_result(dev_id), body, self.cfg.mqtt.result_qos, False))
+        self.recent.remember(key, body, now)
         self._acks.append(msg)
         self._dirty.set()
 

@@ -269,3 +269,29 @@ def test_twin_events_shows_the_local_event_log(gateway: GatewayProcess, mosquitt
     )
     text = run_cli("twin", "events", "--config", str(gateway.config))
     assert text.returncode == 0 and "rejected" in text.stdout and "above the maximum 150" in text.stdout
+
+
+def test_an_update_published_twice_is_answered_twice_and_applied_once(
+    gateway: GatewayProcess, mosquitto: Mosquitto
+) -> None:
+    """A publisher that resends (QoS 1 is at least once) does not make a new version;
+    a new message with the same value does."""
+    results = Collector(mosquitto.port, [f"{TOPIC_UPDATE}/result"])
+    body = update_payload({"label": "twice"}, "ev-twice")
+    publish(mosquitto.port, TOPIC_UPDATE, body)
+    publish(mosquitto.port, TOPIC_UPDATE, body)
+    for _ in range(100):
+        answers = [p for t, p, _ in results.messages if json.loads(p)["event_id"] == "ev-twice"]
+        if len(answers) == 2:
+            break
+        time.sleep(0.05)
+    results.close()
+    assert len(answers) == 2 and answers[0] == answers[1]
+    first = twin_get(gateway)["twin"]["label"]["reported"]["version"]
+    assert json.loads(answers[0])["twin"]["label"]["metadata"]["version"] == first
+    publish(mosquitto.port, TOPIC_UPDATE, update_payload({"label": "twice"}, "ev-twice-2"))
+    for _ in range(100):
+        if twin_get(gateway)["twin"]["label"]["reported"]["version"] == first + 1:
+            break
+        time.sleep(0.05)
+    assert twin_get(gateway)["twin"]["label"]["reported"]["version"] == first + 1

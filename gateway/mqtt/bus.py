@@ -54,6 +54,7 @@ class Inbound:
     qos: int
     mid: int
     generation: int  # which connection it came on; acks go only to the same one
+    dup: bool = False  # the broker marks this delivery a redelivery (MQTT DUP flag)
 
 
 class MqttBus:
@@ -139,7 +140,9 @@ class MqttBus:
         self._resolve_session(str(reason))
 
     def _handle_message(self, c: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
-        self._inbox.append(Inbound(msg.topic, bytes(msg.payload), msg.qos, msg.mid, self._generation))
+        self._inbox.append(
+            Inbound(msg.topic, bytes(msg.payload), msg.qos, msg.mid, self._generation, msg.dup)
+        )
         if not self._drain_scheduled:
             self._drain_scheduled = True
             self._loop.call_soon_threadsafe(self._drain)

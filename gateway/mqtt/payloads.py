@@ -175,6 +175,11 @@ def update_result(
     return _dumps(doc)
 
 
+def duplicate_result(event_id: str, now_ms: int) -> bytes:
+    """The answer to a redelivered update whose first answer was too large to keep."""
+    return _dumps({"event_id": event_id, "timestamp": now_ms, "duplicate": True})
+
+
 def error_result(event_id: str, now_ms: int, code: int, reason: str) -> bytes:
     return _dumps({"event_id": event_id, "timestamp": now_ms, "code": code, "reason": reason})
 

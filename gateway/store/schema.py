@@ -60,6 +60,17 @@ MIGRATIONS: list[tuple[str, list[str]]] = [
             "CREATE INDEX events_class ON events (important, id)",
         ],
     ),
+    (
+        "recently applied twin/update messages (gateway/dedup.py)",
+        [
+            # The newest updates applied, so a redelivery after a crash between commit and
+            # acknowledgement is answered again, not applied twice. Bounded: rows below
+            # the newest `capacity` are deleted with each commit.
+            """CREATE TABLE recent_updates (
+                seq INTEGER PRIMARY KEY, device_id TEXT NOT NULL, event_id TEXT NOT NULL,
+                digest INTEGER NOT NULL, ts_ms INTEGER NOT NULL, answer BLOB NOT NULL)""",
+        ],
+    ),
 ]
 
 # Event kinds a faulty device or peer can repeat; the event log trims them first.

@@ -58,10 +58,15 @@ class Batch:
     removed: list[tuple[str]] = field(default_factory=list)
     events: list[tuple[Any, ...]] = field(default_factory=list)
     meta: list[tuple[str, str]] = field(default_factory=list)
+    # Recently applied twin/updates (gateway/dedup.py), and the seq below which the
+    # stored ones are no longer needed.
+    recent: list[tuple[int, str, str, int, int, bytes]] = field(default_factory=list)
+    recent_floor: int = 0
 
     def __bool__(self) -> bool:
         return bool(
-            self.properties
+            self.recent
+            or self.properties
             or self.devices
             or self.outbox_upserts
             or self.outbox_deletes
@@ -222,6 +227,9 @@ class Store:
             self._trim_events(c)
         if batch.meta:
             c.executemany("INSERT OR REPLACE INTO meta VALUES (?,?)", batch.meta)
+        if batch.recent:
+            c.executemany("INSERT OR REPLACE INTO recent_updates VALUES (?,?,?,?,?,?)", batch.recent)
+            c.execute("DELETE FROM recent_updates WHERE seq < ?", (batch.recent_floor,))
 
     def _trim_events(self, c: sqlite3.Connection) -> None:
         """Keep the newest ``events_max`` rows: the oldest noisy ones (rejections, read
@@ -292,6 +300,15 @@ class Store:
         if orphans:
             with self._transaction() as c:
                 c.executemany("DELETE FROM twin_property WHERE device_id = ? AND property = ?", orphans)
+
+    def load_recent(self, limit: int) -> list[tuple[int, str, str, int, int, bytes]]:
+        """The newest ``limit`` remembered twin/updates, oldest first."""
+        rows = self.conn.execute(
+            "SELECT seq, device_id, event_id, digest, ts_ms, answer FROM recent_updates "
+            "ORDER BY seq DESC LIMIT ?",
+            (limit,),
+        ).fetchall()
+        return [tuple(r) for r in reversed(rows)]
 
     def stored_device_ids(self) -> set[str]:
         return {r[0] for r in self.conn.execute("SELECT DISTINCT device_id FROM twin_property")}
