@@ -22,6 +22,7 @@ import logging
 import random
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from deviceapi import Device, DeviceModel, value_to_text
@@ -49,6 +50,17 @@ from mappers.sdk import DeviceUnavailable, MapperError, ReportResult
 log = logging.getLogger(__name__)
 
 METRICS_INTERVAL_S = 1.0
+# Skipped polling cycles: a log warning at most this often per device, an event less.
+SKIP_WARN_INTERVAL_S = 60.0
+SKIP_EVENT_INTERVAL_S = 600.0
+
+
+@dataclass
+class _SkipCount:
+    for_log: int = 0
+    for_event: int = 0
+    logged_at: float = float("-inf")
+    evented_at: float = float("-inf")
 
 
 # Store meta key: the last resourceVersion seen of each kind from the cloud (JSON).
@@ -93,6 +105,7 @@ class Gateway:
         self._writing: set[tuple[str, str]] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._ratelimit = logs.RateLimit()
+        self._skipped: dict[str, _SkipCount] = {}
         # One commit at a time: the committer and the final commit at shutdown share the
         # store's one connection.
         self._commit_lock = asyncio.Lock()
@@ -464,6 +477,28 @@ class Gateway:
         self.engine.set_read_errors(dev_id, errors, now_ms())
         await self._committed()
 
+    def cycles_skipped(self, dev_id: str, skipped: int, cycle_ms: int) -> None:
+        """A mapper's polling loop overran its collectCycle: count the cycles it skipped
+        (metric ``cycles_skipped``), warn at most once a minute per device and note it
+        in the event log at most every 10 minutes, each with the count since."""
+        self.metrics.inc("cycles_skipped", skipped)
+        acc = self._skipped.setdefault(dev_id, _SkipCount())
+        acc.for_log += skipped
+        acc.for_event += skipped
+        now = time.monotonic()
+        if now - acc.logged_at >= SKIP_WARN_INTERVAL_S:
+            log.warning(
+                "polling cycles skipped: reads take longer than the collectCycle "
+                "(docs/mappers/modbus.md, 'Skipped cycles')",
+                extra={"device": dev_id, "skipped": acc.for_log, "cycle_ms": cycle_ms},
+            )
+            acc.for_log, acc.logged_at = 0, now
+        if now - acc.evented_at >= SKIP_EVENT_INTERVAL_S and dev_id in self.engine.devices:
+            detail = {"skipped": acc.for_event, "cycle_ms": cycle_ms}
+            self.engine.record_event(now_ms(), dev_id, "", "cycles_skipped", detail)
+            acc.for_event, acc.evented_at = 0, now
+            self._dirty.set()
+
     # ----------------------------------------------------------------- desired writes
     def _uplink_changed(self) -> None:
         """The uplink changed the engine (an acknowledged outbox entry, a cloud desired
@@ -563,3 +598,6 @@ class _Host:
 
     async def report_errors(self, device_id: str, errors: Mapping[str, str]) -> None:
         await self._gw.report_errors(device_id, errors)
+
+    def cycles_skipped(self, device_id: str, skipped: int, cycle_ms: int) -> None:
+        self._gw.cycles_skipped(device_id, skipped, cycle_ms)

@@ -24,13 +24,14 @@ import logging
 import random
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 from deviceapi import PropertyType, Value
 
 __all__ = [
+    "Cadence",
     "DeviceBinding",
     "DeviceUnavailable",
     "Mapper",
@@ -126,6 +127,11 @@ class MapperHost(Protocol):
         exception); the mark stays until a value for the property is reported."""
         ...
 
+    def cycles_skipped(self, device_id: str, skipped: int, cycle_ms: int) -> None:
+        """A polling loop overran: ``skipped`` cycles of ``cycle_ms`` were not done
+        (counted, and warned about at most once a minute per device)."""
+        ...
+
 
 class Mapper(ABC):
     """Base of every mapper plugin."""
@@ -216,6 +222,41 @@ async def cancel_tasks(tasks: list[asyncio.Task[None]]) -> None:
     tasks.clear()
 
 
+class Cadence:
+    """A fixed polling cycle on a grid of slots (``cycle_ms`` each). :meth:`wait` sleeps
+    until the next slot starts. When the work ran late, the next cycle starts at once if
+    its slot is still open (late, but done); slots that passed entirely are skipped, not
+    done in a burst, and reported to the host, which counts them and warns."""
+
+    def __init__(
+        self,
+        host: MapperHost,
+        device_id: str,
+        cycle_ms: int,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.host, self.device_id, self.cycle_ms = host, device_id, cycle_ms
+        self._clock, self._sleep = clock, sleep
+        self.next_at = clock()
+        self.skipped = 0
+
+    def restart(self) -> None:
+        """Start afresh from now (after an outage: no cycles count as skipped)."""
+        self.next_at = self._clock()
+
+    async def wait(self) -> None:
+        cycle_s = self.cycle_ms / 1000
+        self.next_at += cycle_s
+        now = self._clock()
+        missed = int((now - self.next_at) / cycle_s) if now > self.next_at else 0
+        if missed:
+            self.next_at += missed * cycle_s
+            self.skipped += missed
+            self.host.cycles_skipped(self.device_id, missed, self.cycle_ms)
+        await self._sleep(max(0.0, self.next_at - now))
+
+
 class PollingMapper(Mapper):
     """A mapper that reads every device each collectCycle, one task per device."""
 
@@ -242,10 +283,9 @@ class PollingMapper(Mapper):
         await cancel_tasks(self._tasks)
 
     async def _poll(self, device: DeviceBinding) -> None:
-        cycle_s = device.collect_cycle_ms / 1000
+        cadence = Cadence(self.host, device.id, device.collect_cycle_ms)
         delay = self.retry_min_s
         online: bool | None = None
-        next_at = time.monotonic()
         while True:
             try:
                 values = await self.read(device)
@@ -258,7 +298,7 @@ class PollingMapper(Mapper):
                     online = False
                 await asyncio.sleep(delay * random.uniform(0.5, 1.5))
                 delay = min(self.retry_max_s, delay * 2)
-                next_at = time.monotonic()
+                cadence.restart()
                 continue
             delay = self.retry_min_s
             if online is not True:
@@ -266,5 +306,4 @@ class PollingMapper(Mapper):
                 online = True
             if values:
                 await self.host.report(device.id, values, int(time.time() * 1000))
-            next_at += cycle_s
-            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+            await cadence.wait()

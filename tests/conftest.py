@@ -305,6 +305,7 @@ class RecordingHost:
         self.reports: list[tuple[float, str, dict[str, Any]]] = []
         self.errors: dict[str, dict[str, str]] = {}
         self.states: dict[str, list[str]] = {}
+        self.skipped: dict[str, int] = {}
 
     async def report(
         self, device_id: str, values: Mapping[str, Any], timestamp_ms: int | None = None
@@ -318,6 +319,9 @@ class RecordingHost:
 
     async def report_errors(self, device_id: str, errors: Mapping[str, str]) -> None:
         self.errors.setdefault(device_id, {}).update(errors)
+
+    def cycles_skipped(self, device_id: str, skipped: int, cycle_ms: int) -> None:
+        self.skipped[device_id] = self.skipped.get(device_id, 0) + skipped
 
 
 @pytest.fixture

@@ -226,3 +226,26 @@ def test_demo_cloud_lets_kubectl_follow_the_twins() -> None:
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+async def test_the_cadence_skips_and_counts_only_slots_that_passed_without_a_start() -> None:
+    from mappers.sdk import Cadence
+    from tests.conftest import RecordingHost
+
+    now = [0.0]
+    starts: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    host = RecordingHost()
+    cadence = Cadence(host, "d", 100, clock=lambda: now[0], sleep=sleep)
+    for work_s in (0.0, 0.13, 0.0, 0.26, 0.0, 0.0, 0.95):
+        starts.append(round(now[0], 3))
+        now[0] += work_s
+        await cadence.wait()
+    # 130 ms of work: the next cycle starts late inside its slot (done, not skipped);
+    # 260 ms: one whole slot passed without a start; 950 ms from 0.7 s: the slots from
+    # 0.8 to 1.6 s (eight) passed, the one from 1.6 s is still open at 1.65 s.
+    assert starts == [0.0, 0.1, 0.23, 0.3, 0.56, 0.6, 0.7]
+    assert host.skipped == {"d": 9} and cadence.skipped == 9

@@ -201,3 +201,89 @@ async def test_a_register_value_the_model_cannot_hold_is_a_read_error_not_an_eve
         stop.set()
         await asyncio.wait_for(task, 15)
         await server.shutdown()  # type: ignore[no-untyped-call]
+
+
+async def test_cycles_a_slow_device_cannot_keep_are_counted_warned_and_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A device that takes 250 ms to answer, polled every 100 ms: the cycles that pass
+    without a read are counted (metric), warned about (once, not per cycle) and noted in
+    the event log."""
+    from pymodbus.server import ModbusTcpServer
+    from pymodbus.simulator import DataType, SimData, SimDevice
+
+    from gateway.store.store import read_events
+
+    async def slow(*_args: Any) -> None:
+        await asyncio.sleep(0.25)
+
+    port = free_port()
+    server = ModbusTcpServer(
+        SimDevice(
+            id=1,
+            simdata=(
+                [SimData(0, count=8, values=False, datatype=DataType.BITS)],
+                [SimData(0, count=8, values=False, datatype=DataType.BITS)],
+                [SimData(0, count=8, values=7, datatype=DataType.REGISTERS)],
+                [SimData(0, count=8, values=0, datatype=DataType.REGISTERS)],
+            ),
+            action=slow,
+        ),
+        address=("127.0.0.1", port),
+    )
+    await server.serve_forever(background=True)
+    docs = [
+        {
+            "apiVersion": "edgetwin.io/v1alpha1",
+            "kind": "DeviceModel",
+            "metadata": {"name": "slow", "namespace": "plant"},
+            "spec": {"properties": [{"name": "value", "type": "INT"}]},
+        },
+        {
+            "apiVersion": "edgetwin.io/v1alpha1",
+            "kind": "Device",
+            "metadata": {"name": "slow-1", "namespace": "plant"},
+            "spec": {
+                "deviceModelRef": {"name": "slow"},
+                "nodeName": NODE,
+                "protocol": {"protocolName": "modbus", "configData": {"host": "127.0.0.1", "port": port}},
+                "properties": [
+                    {
+                        "name": "value",
+                        "collectCycle": "100ms",
+                        "visitors": {
+                            "protocolName": "modbus",
+                            "configData": {"table": "holding_register", "address": 0},
+                        },
+                    }
+                ],
+            },
+        },
+    ]
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump_all(docs))
+    cfg = parse_config(
+        {
+            "node": NODE,
+            "store": {"path": str(tmp_path / "s.db")},
+            "mqtt": {"embedded": {"host": "127.0.0.1", "port": free_port()}},
+            "manifests": [str(tmp_path / "m.yaml")],
+        }
+    )
+    gw = Gateway(cfg)
+    stop = asyncio.Event()
+    task = asyncio.create_task(gw.run(stop))
+    try:
+        await asyncio.wait_for(gw.ready.wait(), 15)
+        await asyncio.sleep(2.5)  # about 10 reads in 25 cycles
+        skipped = gw.metrics.counters["cycles_skipped"]
+        reads = gw.engine.devices["plant.slow-1"].properties["value"].last_version
+        assert 10 <= skipped <= 20 and 6 <= reads <= 12, (skipped, reads)
+        warnings = [r for r in caplog.records if "polling cycles skipped" in r.getMessage()]
+        assert len(warnings) == 1 and warnings[0].__dict__["device"] == "plant.slow-1"
+        await eventually(
+            lambda: any(e["kind"] == "cycles_skipped" for e in read_events(open_reader(cfg.store.path)))
+        )
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 15)
+        await server.shutdown()  # type: ignore[no-untyped-call]

@@ -717,6 +717,10 @@ class TwinEngine:
             },
         )
 
+    def record_event(self, ts_ms: int, device_id: str, prop: str, kind: str, detail: dict[str, Any]) -> None:
+        """Add an event of the caller's (e.g. skipped polling cycles) to the event log."""
+        self._event(ts_ms, device_id, prop, kind, detail)
+
     def _event(self, ts_ms: int, device_id: str, prop: str, kind: str, detail: dict[str, Any]) -> None:
         self.changes.events.append(Event(ts_ms, device_id, prop, kind, detail))
 

@@ -32,6 +32,7 @@ from mappers.modbus.codec import CodecError, decode, encode, encode_bit
 from mappers.modbus.config import BIT_TABLES, Connection, Visitor, parse_connection, parse_visitor
 from mappers.modbus.planner import ReadRequest, Span, plan_reads
 from mappers.sdk import (
+    Cadence,
     DeviceBinding,
     DeviceUnavailable,
     Mapper,
@@ -289,7 +290,7 @@ class ModbusMapper(Mapper):
         host, dev_id = self.host, rt.binding.id
         delay = RETRY_MIN_S
         online: bool | None = None
-        next_at = time.monotonic()
+        cadence = Cadence(host, dev_id, cycle_ms)
         while True:
             try:
                 values, errors = await self.read_once(rt, names)
@@ -300,7 +301,7 @@ class ModbusMapper(Mapper):
                     online = False
                 await asyncio.sleep(delay * random.uniform(0.5, 1.5))
                 delay = min(RETRY_MAX_S, delay * 2)
-                next_at = time.monotonic()
+                cadence.restart()
                 continue
             delay = RETRY_MIN_S
             if online is not True:
@@ -311,11 +312,7 @@ class ModbusMapper(Mapper):
             due = self.due_reports(rt, values, time.monotonic())
             if due:
                 await host.report(dev_id, due, int(time.time() * 1000))
-            next_at += cycle_ms / 1000
-            now = time.monotonic()
-            if next_at < now:  # overran: skip the missed cycles instead of bursting
-                next_at = now
-            await asyncio.sleep(next_at - now)
+            await cadence.wait()  # an overrun skips (and counts) the missed cycles
 
     # ----------------------------------------------------------------- writes
     async def write(self, device: DeviceBinding, prop: str, value: Value) -> None:
