@@ -451,3 +451,42 @@ async def test_works_with_bumbles_own_controllers_app(controllers_app: str) -> N
         assert 21.5 <= host.values[b.id]["temperature"] < 22.0
     finally:
         await m.stop()
+
+
+async def test_an_unreachable_peripheral_does_not_delay_the_others_reconnects(sim: SimProcess) -> None:
+    """env-sensor-17 goes out of range for good while env-sensor-18 keeps dropping its
+    connection: 18 is back within about a scan window each time, however long 17's
+    own connect attempts would take (connectTimeout 10 s)."""
+    docs = bindings(sensor_manifests("edge", count=18, collect_cycle="1s"))
+    dead, live = docs["env-sensor-17"], docs["env-sensor-18"]
+    for b in (dead, live):
+        b.config["requestTimeout"] = "1s"  # type: ignore[index]
+        b.config["scanTimeout"] = "2s"  # type: ignore[index]
+    host = RecordingHost()
+    m = mapper(host, sim, reconnectMin="50ms", reconnectMax="200ms")
+    await m.start([dead, live])
+    try:
+        await eventually(
+            lambda: host.states.get(dead.id) == ["online"] and host.states.get(live.id) == ["online"],
+            within=15,
+        )
+        sim.command("silence env-sensor-17 120")
+        await eventually(lambda: host.states[dead.id][-1] == "offline", within=10)
+        took = []
+        for _ in range(6):
+            await asyncio.sleep(0.5)
+            before = len(host.states[live.id])
+            sim.command("drop env-sensor-18")
+            dropped = time.monotonic()
+            await eventually(
+                lambda before=before: (
+                    host.states[live.id][before:][-1:] == ["online"]
+                    and len(host.states[live.id]) >= before + 2
+                ),
+                within=30,
+            )
+            took.append(time.monotonic() - dropped)
+        assert max(took) < 3.0, took
+    finally:
+        sim.command("silence env-sensor-17 0.01")
+        await m.stop()

@@ -68,6 +68,9 @@ def plain_address(address: Address) -> str:
 
 Listener = Callable[[Advertisement], None]
 
+# How long a cancelled connection attempt may take to be confirmed by the controller.
+CANCEL_CONFIRM_S = 2.0
+
 
 class BumbleAdapter:
     """One Bumble host on an HCI transport, shared by the scanners and clients of a loop."""
@@ -156,10 +159,16 @@ class BumbleAdapter:
         return Address(upper, kind)
 
     async def connect(self, address: Address, timeout: float) -> Connection:  # noqa: ASYNC109 (Bumble's own)
+        """Initiate one connection (the controller takes one at a time). On timeout
+        Bumble cancels the attempt and waits for the controller to confirm; a
+        controller that never confirms (Bumble's stock emulated one) would hold the
+        lock for ever, so that wait is bounded too."""
         async with self._connect_lock:
             device = self._need()
             try:
-                return await device.connect(address, timeout=timeout)
+                return await asyncio.wait_for(
+                    device.connect(address, timeout=timeout), timeout + CANCEL_CONFIRM_S
+                )
             except (TimeoutError, BumbleTimeoutError):
                 raise TimeoutError(
                     f"no connection to {plain_address(address)} within {timeout:g} s"

@@ -54,6 +54,13 @@ from mappers.sdk import (
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_CONNECTIONS = 5
+# A connection is initiated only to a device seen advertising this recently (so an
+# absent device never holds the adapter's one connection attempt for connectTimeout,
+# stalling every other device's connect); otherwise it is scanned for first.
+FRESH_ADVERT_S = 2.0
+# A keepConnected: false device reconnected without a scan (it ended its last cycle
+# cleanly) gets this long to connect; if it fails it is scanned for next time.
+DIRECT_CONNECT_S = 2.0
 
 
 class LinkLost(Exception):
@@ -104,6 +111,7 @@ class Slots:
 
 
 AdvertCallback = Callable[[BLEDevice, AdvertisementData], None]
+SEEN_TTL_S = 300.0
 
 
 class Discovery:
@@ -115,10 +123,21 @@ class Discovery:
         self._users = 0
         self._lock = asyncio.Lock()
         self._watchers: dict[object, AdvertCallback] = {}
+        # When each address last advertised (while the scanner ran). Bounded by the
+        # devices in radio range; forgotten after SEEN_TTL_S.
+        self.last_seen: dict[str, float] = {}
 
     def _on_advert(self, device: BLEDevice, adv: AdvertisementData) -> None:
+        now = time.monotonic()
+        self.last_seen[device.address.upper()] = now
+        if len(self.last_seen) > 4096:  # many strangers in range: forget the stale ones
+            self.last_seen = {a: t for a, t in self.last_seen.items() if now - t < SEEN_TTL_S}
         for watcher in list(self._watchers.values()):
             watcher(device, adv)
+
+    def seen_within(self, address: str, seconds: float) -> bool:
+        seen = self.last_seen.get(address.upper())
+        return seen is not None and time.monotonic() - seen <= seconds
 
     async def _use(self, delta: int) -> None:
         async with self._lock:
@@ -215,6 +234,9 @@ class DeviceRuntime:
     notifications: int = 0
     connects: int = 0
     found: BLEDevice | None = None
+    # The last session ended cleanly (keepConnected: false cycles): its device may be
+    # reconnected without a scan. Any loss clears it: the next attempt scans first.
+    reusable: bool = False
     write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
@@ -318,6 +340,8 @@ class BleMapper(Mapper):
                 if not isinstance(exc, LinkLost | BleakError | TimeoutError | OSError):
                     # A bug must not end the device's loop; log it and carry on.
                     log.error("ble session failed", extra={"device": rt.binding.id}, exc_info=exc)
+                # Lost, or never reached: look for it (a scan) before connecting again.
+                rt.found, rt.reusable = None, False
                 if rt.online:  # it was up: a fresh outage starts from the shortest delay
                     delay = self.retry_min_s
                 await self._set_online(rt, False, str(exc) or type(exc).__name__)
@@ -328,11 +352,22 @@ class BleMapper(Mapper):
                 await asyncio.sleep(max(0.0, started + rt.cycle_s - time.monotonic()))
 
     async def _locate(self, rt: DeviceRuntime) -> BLEDevice:
-        """The device as last found by a scan; scanned for (before a slot is taken, so a
-        device out of range holds none) when not found yet or the last connect failed.
-        Reusing it spares a scan per cycle for devices that connect each cycle."""
-        if rt.found is None:
-            rt.found = await self.discovery.find(rt.conn, rt.conn.scanTimeout / 1000)
+        """The device to connect to: scanned for (before a slot is taken, so a device
+        out of range holds none), unless it was seen advertising just now, or it ended
+        its last cycle cleanly (keepConnected: false devices, sparing a scan per
+        cycle; their direct connect gets only DIRECT_CONNECT_S)."""
+        found = rt.found
+        if found is not None and (rt.reusable or self.discovery.seen_within(found.address, FRESH_ADVERT_S)):
+            return found
+        rt.found = await self.discovery.find(rt.conn, rt.conn.scanTimeout / 1000)
+        return rt.found
+
+    async def _fresh(self, rt: DeviceRuntime, ble_device: BLEDevice) -> BLEDevice:
+        """After waiting for a slot: the device again if its advert went stale meanwhile
+        (it may have left), so no connection is initiated to an absent device."""
+        if rt.reusable or self.discovery.seen_within(ble_device.address, FRESH_ADVERT_S):
+            return ble_device
+        rt.found = await self.discovery.find(rt.conn, rt.conn.scanTimeout / 1000)
         return rt.found
 
     async def _connect(self, rt: DeviceRuntime, ble_device: BLEDevice) -> BleakClient:
@@ -344,6 +379,8 @@ class BleMapper(Mapper):
             rt.wake.set()
 
         timeout_s = conn.connectTimeout / 1000
+        if rt.reusable and not self.discovery.seen_within(ble_device.address, FRESH_ADVERT_S):
+            timeout_s = min(timeout_s, DIRECT_CONNECT_S)
         client = BleakClient(
             ble_device, disconnected_callback=on_disconnect, timeout=timeout_s, **self._backend_kwargs()
         )
@@ -362,10 +399,11 @@ class BleMapper(Mapper):
         await self.slots.acquire()
         try:
             try:
-                client = await self._connect(rt, ble_device)
+                client = await self._connect(rt, await self._fresh(rt, ble_device))
             except LinkLost:
                 rt.found = None  # scan again next time: it may have moved or changed address
                 raise
+            rt.reusable = False  # until this session ends cleanly
             try:
                 await self._prepare(rt, client)
                 rt.client = client
@@ -375,6 +413,7 @@ class BleMapper(Mapper):
                 await self._read_and_report(rt, client, include_notified=True)
                 if rt.conn.keepConnected:
                     await self._serve(rt, client)
+                rt.reusable = True
             finally:
                 rt.client = None
                 with contextlib.suppress(BleakError, TimeoutError, OSError):
@@ -608,9 +647,9 @@ class BleMapper(Mapper):
                 await self.slots.acquire()
                 try:
                     try:
-                        client = await self._connect(rt, ble_device)
+                        client = await self._connect(rt, await self._fresh(rt, ble_device))
                     except LinkLost as exc:
-                        rt.found = None
+                        rt.found, rt.reusable = None, False
                         raise DeviceUnavailable(f"cannot reach {device.id}: {exc}") from None
                     try:
                         await self._prepare(rt, client)

@@ -268,6 +268,39 @@ class SimBeacon(_Peripheral):
         await self._advertise()
 
 
+class CancellingController(Controller):
+    """Bumble's emulated controller with a working LE Create Connection Cancel.
+
+    The stock one (bumble 0.0.236) answers the cancel with success but keeps the
+    attempt pending, so after one connect to a silent device times out every later
+    LE Create Connection is refused (Command Disallowed) until that device advertises
+    again. A real controller ends the attempt and reports it with an LE Connection
+    Complete event carrying Unknown Connection Identifier (Core spec Vol 4 Part E
+    7.8.13), which is what this one does."""
+
+    def on_hci_le_create_connection_cancel_command(
+        self, command: hci.HCI_LE_Create_Connection_Cancel_Command
+    ) -> hci.HCI_StatusReturnParameters:
+        pending = self.pending_le_connection
+        if pending is None:
+            return hci.HCI_StatusReturnParameters(hci.HCI_ErrorCode.COMMAND_DISALLOWED_ERROR)
+        self.pending_le_connection = None
+        event = hci.HCI_LE_Connection_Complete_Event(
+            status=hci.HCI_ErrorCode.UNKNOWN_CONNECTION_IDENTIFIER_ERROR,
+            connection_handle=0,
+            role=hci.Role.CENTRAL,
+            peer_address_type=pending.peer_address.address_type,
+            peer_address=pending.peer_address,
+            connection_interval=0,
+            peripheral_latency=0,
+            supervision_timeout=0,
+            central_clock_accuracy=0,
+        )
+        # After the Command Complete this method's return value produces.
+        asyncio.get_running_loop().call_soon(self.send_hci_packet, event)
+        return hci.HCI_StatusReturnParameters(hci.HCI_ErrorCode.SUCCESS)
+
+
 class CentralServer:
     """HCI over TCP: each client connection gets a fresh central controller on the link."""
 
@@ -285,7 +318,7 @@ class CentralServer:
 
             def connection_made(self, transport: asyncio.BaseTransport) -> None:
                 assert isinstance(transport, asyncio.WriteTransport)
-                self.controller = Controller(
+                self.controller = CancellingController(
                     f"central-{index}",
                     host_source=self,
                     host_sink=StreamPacketSink(transport),
