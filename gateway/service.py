@@ -106,6 +106,7 @@ class Gateway:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._ratelimit = logs.RateLimit()
         self._skipped: dict[str, _SkipCount] = {}
+        self._broker_dropped_seen: int | None = None
         # One commit at a time: the committer and the final commit at shutdown share the
         # store's one connection.
         self._commit_lock = asyncio.Lock()
@@ -353,6 +354,9 @@ class Gateway:
                 self._reject(msg, "internal", reason)
 
     def _route(self, msg: Inbound) -> None:
+        if msg.topic == topics.BROKER_DROPPED:
+            self._broker_dropped(msg.payload)
+            return
         route = topics.parse_inbound(msg.topic)
         if route is None:
             self.metrics.inc("rejected_unknown_topic")
@@ -376,6 +380,31 @@ class Gateway:
             self._reject(msg, exc.kind, exc.reason)
         except TwinError as exc:
             self._reject(msg, "bad_value", str(exc))
+
+    def _broker_dropped(self, payload: bytes) -> None:
+        """mosquitto's count of messages it dropped since it started. A rise means the
+        broker lost messages it had acknowledged to their publishers (a session queue
+        was full: max_queued_messages / max_queued_bytes): counted (metric
+        broker_messages_dropped, the broker's total) and warned about."""
+        try:
+            total = int(payload.decode("ascii").strip())
+        except (UnicodeDecodeError, ValueError):
+            return
+        seen = self._broker_dropped_seen
+        self._broker_dropped_seen = total
+        self.metrics.total("broker_messages_dropped", total)
+        if seen is not None and total > seen and self._ratelimit.allow("broker_dropped"):
+            log.warning(
+                "the MQTT broker dropped messages it had acknowledged to their publishers (a "
+                "client's queue was full; for the gateway's session these are lost updates); raise "
+                "its max_queued_messages / max_queued_bytes (docs/mqtt.md, 'Broker settings')",
+                extra={"dropped": total - seen, "broker_total": total},
+            )
+        elif seen is None and total > 0:
+            log.warning(
+                "the MQTT broker reports messages dropped before the gateway connected",
+                extra={"broker_total": total},
+            )
 
     def _ack_now(self, msg: Inbound) -> None:
         # Nothing of this message is stored, but it is still acknowledged in order with

@@ -160,10 +160,14 @@ def write_config(tmp: Path, node: str, port: int, manifests: Path, **extra: Any)
 class Collector:
     """A paho client that records what arrives on its subscriptions."""
 
-    def __init__(self, port: int, topics: list[str], client_id: str = "") -> None:
+    def __init__(
+        self, port: int, topics: list[str], client_id: str = "", auth: tuple[str, str] | None = None
+    ) -> None:
         self.messages: list[tuple[str, bytes, bool]] = []
         self.cond = threading.Condition()
         self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id)
+        if auth is not None:
+            self.client.username_pw_set(*auth)
         self.client.on_message = self._on_message
         self.client.connect("127.0.0.1", port)
         self.client.loop_start()
@@ -205,8 +209,11 @@ class GatewayProcess:
     """``edgetwin gateway run`` in a subprocess, with readiness from its retained
     online status on MQTT."""
 
-    def __init__(self, config: Path, port: int, node: str, log: Path) -> None:
+    def __init__(
+        self, config: Path, port: int, node: str, log: Path, auth: tuple[str, str] | None = None
+    ) -> None:
         self.config, self.port, self.node, self.log = config, port, node, log
+        self.auth = auth
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, wait: bool = True) -> GatewayProcess:
@@ -223,7 +230,7 @@ class GatewayProcess:
 
     def wait_ready(self, timeout: float = 20.0) -> None:
         status = f"edgetwin/{self.node}/gateway/status"
-        client = Collector(self.port, [])
+        client = Collector(self.port, [], auth=self.auth)
         got = threading.Event()
 
         def on_message(c: Any, u: Any, msg: paho.MQTTMessage) -> None:

@@ -62,7 +62,7 @@ class MqttBus:
         self,
         cfg: MqttConfig,
         client_id: str,
-        subscriptions: tuple[str, ...],
+        subscriptions: tuple[tuple[str, int], ...],
         metrics: Metrics,
         will: tuple[str, bytes] | None = None,
     ) -> None:
@@ -133,7 +133,7 @@ class MqttBus:
         # Bumped here, on the network thread, before any message of this connection is
         # tagged with it (acks of earlier connections' messages are then skipped).
         self._generation += 1
-        c.subscribe([(topic, 1) for topic in self.subscriptions])
+        c.subscribe(list(self.subscriptions))
         self._loop.call_soon_threadsafe(self._connected)
 
     def _handle_disconnect(self, c: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:

@@ -10,11 +10,17 @@ from dataclasses import dataclass
 
 PREFIX = "$hw/events/device/"
 
-# What the gateway subscribes to (QoS 1).
-SUBSCRIPTIONS = (
-    PREFIX + "+/twin/update",
-    PREFIX + "+/twin/get",
-    PREFIX + "+/state/update",
+# mosquitto's running count of messages it dropped (queue limits, a client's session
+# full): updates it acknowledged to a publisher and then lost. Published every
+# sys_interval (10 s by default); brokers without it simply never send it.
+BROKER_DROPPED = "$SYS/broker/publish/messages/dropped"
+
+# What the gateway subscribes to, with the QoS of each subscription.
+SUBSCRIPTIONS: tuple[tuple[str, int], ...] = (
+    (PREFIX + "+/twin/update", 1),
+    (PREFIX + "+/twin/get", 1),
+    (PREFIX + "+/state/update", 1),
+    (BROKER_DROPPED, 0),
 )
 
 TWIN_UPDATE = "twin/update"
