@@ -3,13 +3,18 @@ mutual TLS, between the gateway's outbox and the Kubernetes API.
 
 Per stream, for the node named by the client certificate's common name:
 
-* ``hello`` starts the spec feeds (:class:`cloud.spec_feed.NodeFeed`): the node's Devices
-  (by ``spec.nodeName``) and the DeviceModels, each from the gateway's last seen
-  resourceVersion;
+* ``hello`` is answered with ``welcome`` and starts the spec feeds
+  (:class:`cloud.spec_feed.NodeFeed`): the node's Devices and the DeviceModels, each from
+  the gateway's last seen resourceVersion;
 * each ``status`` goes to the node's :class:`cloud.status_writer.StatusWriter` (its own
   devices only, at most one write per device per ``min_status_interval``); its outcome
   goes back as ``applied`` or ``refused``;
-* frames are numbered, acknowledged cumulatively and batched (``deviceapi.wire``).
+* frames are numbered, acknowledged cumulatively, compressed in one context per stream
+  and batched (``deviceapi.wire``), and paced at the bytes/s the gateway's hello allows,
+  each frame holding at most a couple of seconds of it, so the gateway's heartbeats are
+  never queued behind minutes of data;
+* a frame asking for an echo is answered at once with a bare ack; a stream the gateway
+  has sent nothing on for ``dead_after_s`` is taken as dead and closed.
 
 The relay keeps nothing beyond the stream: a restarted or different replica serves the
 next stream the same way, because applying status is idempotent and order-insensitive.
@@ -18,10 +23,12 @@ next stream the same way, because applying status is idempotent and order-insens
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,31 +37,33 @@ import grpc
 from lightkube import AsyncClient
 from lightkube.generic_resource import create_namespaced_resource
 
-from cloud.spec_feed import NodeFeed
+from cloud.spec_feed import NodeFeed, SelectorMode
 from cloud.status_writer import Device, Outcome, StatusWriter
 from deviceapi.proto.edgetwin.sync.v1 import sync_pb2, sync_pb2_grpc
 from deviceapi.types import split_device_id
 from deviceapi.wire import (
     EDGE_TO_CLOUD,
+    MAX_FRAME_BYTES,
+    PROTOCOL_VERSION,
+    FrameDecoder,
+    FrameEncoder,
     Incoming,
     Outgoing,
     WireError,
-    decode_batch,
-    encode_batch,
+    pack_batch,
 )
 
 log = logging.getLogger(__name__)
 
 DeviceModel = create_namespaced_resource("edgetwin.io", "v1alpha1", "DeviceModel", "devicemodels")
 
-# Keepalive: ping an idle stream every 20 s, give up 10 s after an unanswered ping, so a
-# dead or half-open link is noticed within 30 s.
-KEEPALIVE_OPTIONS = [
-    ("grpc.keepalive_time_ms", 20_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
-    ("grpc.http2.max_pings_without_data", 0),
+# HTTP/2 options for both ends: no BDP probe pings (each costs bytes on a narrowband
+# link, and a 64 KiB flow-control window is plenty for it). Dead links are noticed by
+# the application heartbeat (Frame.echo), not by HTTP/2 keepalive pings.
+CHANNEL_OPTIONS: list[tuple[str, int | str]] = [
+    ("grpc.http2.bdp_probe", 0),
+    ("grpc.max_receive_message_length", MAX_FRAME_BYTES + 1024),
+    ("grpc.max_send_message_length", MAX_FRAME_BYTES + 1024),
 ]
 
 
@@ -63,109 +72,182 @@ class RelaySettings:
     min_status_interval_s: float = 5.0
     batch_max: int = 500  # messages per frame
     flush_s: float = 0.05  # how long to gather messages into one frame
-    queue_max: int = 10_000  # messages waiting to go to the gateway; feeds wait when full
+    queue_max: int = 10_000  # spec messages waiting to go to a gateway; feeds wait when full
+    # No frame from the gateway for this long: the link is dead (the gateway's heartbeat
+    # comes every 20 s when idle).
+    dead_after_s: float = 45.0
+    down_bps: int = 8_000  # when the gateway's hello names no budget
+    frame_s: float = 2.0  # a frame carries at most this many seconds of the budget
+    node_selector: SelectorMode = "auto"
+    rv_every_s: float = 60.0
+
+
+class StreamEnded(Exception):
+    """The stream is over (dead link, protocol error); the message says why."""
 
 
 class _Session:
-    def __init__(self, client: AsyncClient, node: str, settings: RelaySettings) -> None:
-        self.client, self.node, self.settings = client, node, settings
-        self.out: asyncio.Queue[dict[str, Any]] = asyncio.Queue(settings.queue_max)
+    def __init__(
+        self,
+        client: AsyncClient,
+        node: str,
+        settings: RelaySettings,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> None:
+        self.client, self.node, self.settings, self.context = client, node, settings, context
+        self.feed_out: asyncio.Queue[dict[str, Any]] = asyncio.Queue(settings.queue_max)
+        # Answers to status messages: bounded by what the gateway's window lets it send.
+        self.answers: collections.deque[dict[str, Any]] = collections.deque()
         self.outgoing: Outgoing[None] = Outgoing(window=64)
         self.incoming = Incoming()
+        self.decoder = FrameDecoder()
+        self.encoder = FrameEncoder()
         self.writer = StatusWriter(client, node, settings.min_status_interval_s)
         self.tasks: list[asyncio.Task[None]] = []
-        self.ack_due = asyncio.Event()
-        self.window_open = asyncio.Event()
-        self.window_open.set()
-        self.ended = asyncio.Event()
+        self.wake = asyncio.Event()
+        self.ack_due = False
+        self.echo_due = False
+        self.last_rx = time.monotonic()
+        self.bps = settings.down_bps
+        self.hello: dict[str, Any] | None = None
+        self.bytes_down = 0
 
-    async def _feed(self, feed: NodeFeed, resume: str) -> None:
-        try:
-            async for msg in feed.messages(resume):
-                await self.out.put(msg)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # the API server failed us: end the stream; the gateway reconnects
-            log.warning("spec feed failed", extra={"node": self.node, "error": repr(exc)})
-            self.ended.set()
-
-    def _answer(self, dev: str, rev: int, fut: asyncio.Future[Outcome]) -> None:
-        if fut.cancelled():
-            return
-        outcome = fut.result()
-        msg: dict[str, Any] = {"t": "applied", "dev": dev, "rev": rev}
-        if not outcome.applied:
-            msg = {"t": "refused", "dev": dev, "rev": rev, "reason": outcome.reason}
-        with contextlib.suppress(asyncio.QueueFull):
-            self.out.put_nowait(msg)
+    # ----------------------------------------------------------------- inbound
+    async def read(self) -> None:
+        while True:
+            frame = await self.context.read()
+            if frame is grpc.aio.EOF:
+                raise StreamEnded("the gateway closed the stream")
+            self.last_rx = time.monotonic()
+            if frame.ack:
+                self.outgoing.on_ack(frame.ack)
+                self.wake.set()
+            if frame.echo:
+                self.echo_due = True
+                self.wake.set()
+            if not frame.seq:
+                continue
+            if self.incoming.accept(frame.seq):
+                for msg in self.decoder.decode(frame.encoding, frame.payload, EDGE_TO_CLOUD):
+                    self._handle(msg)
+            self.ack_due = True
+            self.wake.set()
 
     def _handle(self, msg: dict[str, Any]) -> None:
-        if msg["t"] == "hello":
-            if self.tasks:
+        kind = msg["t"]
+        if kind == "hello":
+            if self.hello is not None:
                 return  # one hello per stream
+            if msg["proto"] != PROTOCOL_VERSION:
+                raise StreamEnded(
+                    f"the gateway speaks sync protocol {msg['proto']}, this relay {PROTOCOL_VERSION}: "
+                    "run the same edgetwin release on both"
+                )
+            self.hello = msg
+            self.bps = max(100, int(msg.get("bps") or self.settings.down_bps))
+            self.answers.append({"t": "welcome", "proto": PROTOCOL_VERSION})
             resume = msg["resume"]
+            store = str(msg.get("store") or "")
             feeds = [
-                (NodeFeed(self.client, Device, "Device", self.node), str(resume.get("Device", ""))),
-                (NodeFeed(self.client, DeviceModel, "DeviceModel", None), str(resume.get("DeviceModel", ""))),
+                (NodeFeed(self.client, Device, "Device", self.node, self.settings.node_selector), "Device"),
+                (NodeFeed(self.client, DeviceModel, "DeviceModel", None), "DeviceModel"),
             ]
-            for feed, rv in feeds:
-                self.tasks.append(asyncio.create_task(self._feed(feed, rv)))
-        elif msg["t"] == "status":
+            for feed, kind_name in feeds:
+                feed.rv_every_s = self.settings.rv_every_s
+                rv = str(resume.get(kind_name) or "")
+                self.tasks.append(asyncio.create_task(self._feed(feed, rv, store), name=f"feed {kind_name}"))
+        elif kind == "status":
             dev, rev = msg["dev"], msg["rev"]
+            part = _part_index(msg)
             try:
                 namespace, name = split_device_id(dev)
             except ValueError as exc:
-                self.out.put_nowait({"t": "refused", "dev": dev, "rev": rev, "reason": str(exc)})
+                self._answer_now(dev, rev, part, Outcome(False, str(exc)))
                 return
             fut = self.writer.submit(namespace, name, rev, msg["patch"])
-            fut.add_done_callback(functools.partial(self._answer, dev, rev))
+            fut.add_done_callback(functools.partial(self._answer, dev, rev, part))
 
-    async def read(self, frames: AsyncIterator[sync_pb2.Frame]) -> None:
-        try:
-            async for frame in frames:
-                if frame.ack:
-                    self.outgoing.on_ack(frame.ack)
-                    self.window_open.set()
-                if not frame.seq:
-                    continue
-                if self.incoming.accept(frame.seq):
-                    for msg in decode_batch(frame.encoding, frame.payload, EDGE_TO_CLOUD):
-                        self._handle(msg)
-                self.ack_due.set()
-        except WireError as exc:
-            log.warning("bad frame from gateway", extra={"node": self.node, "error": str(exc)})
-        finally:
-            self.ended.set()
+    async def _feed(self, feed: NodeFeed, resume: str, store: str) -> None:
+        async for msg in feed.messages(resume, store):
+            await self.feed_out.put(msg)
+            self.wake.set()
 
-    async def frames(self) -> AsyncIterator[sync_pb2.Frame]:
-        """Frames to the gateway: batches of queued messages, or a bare ack."""
-        while not self.ended.is_set():
-            get = asyncio.ensure_future(self.out.get())
-            ack = asyncio.ensure_future(self.ack_due.wait())
-            end = asyncio.ensure_future(self.ended.wait())
-            done, pending = await asyncio.wait({get, ack, end}, return_when=asyncio.FIRST_COMPLETED)
-            for p in pending:
-                p.cancel()
-            batch: list[dict[str, Any]] = []
-            if get in done:
-                batch.append(get.result())
-                await asyncio.sleep(self.settings.flush_s)  # let a burst gather
-                while len(batch) < self.settings.batch_max and not self.out.empty():
-                    batch.append(self.out.get_nowait())
-            elif not get.cancelled() and get.done():
-                batch.append(get.result())
-            if self.ended.is_set() and not batch:
-                return
-            self.ack_due.clear()
-            if not batch:
-                yield sync_pb2.Frame(seq=0, ack=self.incoming.ack)
+    def _answer(self, dev: str, rev: int, part: int | None, fut: asyncio.Future[Outcome]) -> None:
+        if not fut.cancelled():
+            self._answer_now(dev, rev, part, fut.result())
+
+    def _answer_now(self, dev: str, rev: int, part: int | None, outcome: Outcome) -> None:
+        msg: dict[str, Any] = {"t": "applied", "dev": dev, "rev": rev}
+        if not outcome.applied:
+            msg = {"t": "refused", "dev": dev, "rev": rev, "reason": outcome.reason, "retry": outcome.retry}
+        if part is not None:
+            msg["part"] = part
+        self.answers.append(msg)
+        self.wake.set()
+
+    # ----------------------------------------------------------------- outbound
+    def _next_batch(self) -> list[dict[str, Any]]:
+        """Answers first, then spec messages, up to a frame's worth of the budget."""
+        budget = max(2048, int(self.bps * self.settings.frame_s)) * 4  # raw; compresses ~4x or better
+        batch: list[dict[str, Any]] = []
+        size = 0
+        while len(batch) < self.settings.batch_max and size < budget:
+            if self.answers:
+                msg = self.answers.popleft()
+            elif not self.feed_out.empty():
+                msg = self.feed_out.get_nowait()
+            else:
+                break
+            batch.append(msg)
+            size += _estimate(msg)
+        return batch
+
+    async def write(self) -> None:
+        """The one writer of the stream: answers and spec messages in frames paced at the
+        gateway's budget (a token bucket over payload bytes), bare acks and echo replies
+        whenever due (they are tiny, and the heartbeat must never wait)."""
+        tokens, last = float(self.bps), time.monotonic()
+        while True:
+            now = time.monotonic()
+            tokens, last = min(float(self.bps), tokens + (now - last) * self.bps), now
+            data = bool(self.answers) or not self.feed_out.empty()
+            can_data = data and self.outgoing.can_send and tokens >= 0
+            if not (can_data or self.ack_due or self.echo_due):
+                # Idle, or data held back by the window (an ack wakes us) or the budget.
+                self.wake.clear()
+                wait = -tokens / self.bps if data and tokens < 0 else None
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.wake.wait(), wait)
                 continue
-            while not self.outgoing.can_send:
-                self.window_open.clear()
-                await self.window_open.wait()
-            encoding, payload = encode_batch(batch)
-            seq = self.outgoing.send(encoding, payload, None)
-            yield sync_pb2.Frame(seq=seq, ack=self.incoming.ack, encoding=encoding, payload=payload)  # type: ignore[arg-type]
+            if can_data and self.settings.flush_s:
+                await asyncio.sleep(self.settings.flush_s)  # let a burst gather
+            batch = self._next_batch() if can_data else []
+            ack = self.incoming.ack
+            self.ack_due = self.echo_due = False
+            if not batch:
+                await self.context.write(sync_pb2.Frame(seq=0, ack=ack))
+                continue
+            try:
+                raw = pack_batch(batch)
+                encoding, payload = self.encoder.encode(raw)
+            except WireError as exc:
+                log.error(
+                    "cannot send to gateway; messages dropped", extra={"node": self.node, "error": str(exc)}
+                )
+                continue
+            seq = self.outgoing.send(raw, None)
+            await self.context.write(
+                sync_pb2.Frame(seq=seq, ack=ack, encoding=encoding, payload=payload)  # type: ignore[arg-type]
+            )
+            self.bytes_down += len(payload)
+            tokens -= len(payload)
+
+    async def watchdog(self) -> None:
+        while True:
+            silent = time.monotonic() - self.last_rx
+            if silent >= self.settings.dead_after_s:
+                raise StreamEnded(f"nothing from the gateway for {silent:.0f} s: the link is dead")
+            await asyncio.sleep(min(5.0, self.settings.dead_after_s - silent + 0.05))
 
     async def close(self) -> None:
         for task in self.tasks:
@@ -173,16 +255,41 @@ class _Session:
         await asyncio.gather(*self.tasks, return_exceptions=True)
         await self.writer.close()
 
+    def feeds_failed(self) -> BaseException | None:
+        for task in self.tasks:
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                return task.exception()
+        return None
+
+
+def _part_index(msg: dict[str, Any]) -> int | None:
+    part = msg.get("part")
+    return int(part[0]) if isinstance(part, list) and part and isinstance(part[0], int) else None
+
+
+def _estimate(msg: dict[str, Any]) -> int:
+    """A cheap size estimate of a message (for filling frames, not a bound)."""
+    if msg["t"] == "upsert":
+        return 200 + 60 * len((msg["obj"].get("spec") or {}).get("properties") or ())
+    if msg["t"] == "synced":
+        return 40 + 24 * len(msg["names"])
+    return 40
+
 
 class SyncService(sync_pb2_grpc.SyncServicer):
-    def __init__(self, client: AsyncClient, settings: RelaySettings | None = None) -> None:
+    def __init__(
+        self,
+        client: AsyncClient,
+        settings: RelaySettings | None = None,
+        on_stream: Callable[[str, bool], None] | None = None,
+    ) -> None:
         self.client = client
         self.settings = settings or RelaySettings()
         self.streams = 0
+        self.active: dict[str, int] = {}  # node -> open streams
+        self.on_stream = on_stream
 
-    async def Link(
-        self, request_iterator: AsyncIterator[sync_pb2.Frame], context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[sync_pb2.Frame]:
+    async def Link(self, request_iterator: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         names = context.auth_context().get("x509_common_name", [])
         if not names:
             await context.abort(
@@ -190,17 +297,44 @@ class SyncService(sync_pb2_grpc.SyncServicer):
             )
         node = names[0].decode()
         self.streams += 1
-        log.info("gateway connected", extra={"node": node})
-        session = _Session(self.client, node, self.settings)
-        reader = asyncio.create_task(session.read(request_iterator))
+        self.active[node] = self.active.get(node, 0) + 1
+        session = _Session(self.client, node, self.settings, context)
+        log.info("gateway connected", extra={"node": node, "peer": context.peer()})
+        tasks = [
+            asyncio.create_task(session.read(), name=f"read {node}"),
+            asyncio.create_task(session.write(), name=f"write {node}"),
+            asyncio.create_task(session.watchdog(), name=f"watchdog {node}"),
+        ]
+        why = "closed"
         try:
-            async for frame in session.frames():
-                yield frame
+            while True:
+                done, _ = await asyncio.wait(tasks, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
+                failed = session.feeds_failed()
+                if done or failed is not None:
+                    error = failed or next(iter(done)).exception()
+                    why = _reason(error)
+                    break
         finally:
-            reader.cancel()
-            await asyncio.gather(reader, return_exceptions=True)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             await session.close()
-            log.info("gateway disconnected", extra={"node": node})
+            self.active[node] -= 1
+            if not self.active[node]:
+                del self.active[node]
+            log.info("gateway disconnected", extra={"node": node, "reason": why})
+        if isinstance(why, str) and why.startswith("protocol:"):
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, why.removeprefix("protocol: "))
+
+
+def _reason(error: BaseException | None) -> str:
+    if error is None:
+        return "closed"
+    if isinstance(error, StreamEnded) and "sync protocol" in str(error):
+        return f"protocol: {error}"
+    if isinstance(error, grpc.aio.AioRpcError):
+        return f"{error.code().name}: {error.details()}"
+    return str(error) or type(error).__name__
 
 
 def read_pki(directory: Path) -> tuple[bytes, bytes, bytes]:
@@ -220,10 +354,13 @@ async def serve(
 ) -> tuple[grpc.aio.Server, SyncService, int]:
     """Start the relay's gRPC server (mutual TLS) on ``address``; returns the server,
     the service and the bound port."""
-    server = grpc.aio.server(options=KEEPALIVE_OPTIONS)
+    server = grpc.aio.server(options=CHANNEL_OPTIONS)
     service = SyncService(client, settings)
     sync_pb2_grpc.add_SyncServicer_to_server(service, server)  # type: ignore[no-untyped-call]
     creds = grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=True)
     port = server.add_secure_port(address, creds)
     await server.start()
     return server, service, port
+
+
+__all__ = ["CHANNEL_OPTIONS", "RelaySettings", "SyncService", "read_pki", "serve"]

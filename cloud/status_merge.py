@@ -43,6 +43,11 @@ def merge_edge_status(status: dict[str, Any] | None, patch: dict[str, Any], rev:
             return True
         return False
 
+    for key in ("observedGeneration", "edgeStore"):
+        # The spec generation the gateway serves, and its store's id (spec_feed.py uses
+        # both to keep the relay's own status writes from echoing back to the edge).
+        if key in patch and newer(key):
+            new[key] = patch[key]
     if ("state" in patch or "lastOnlineTime" in patch) and newer("state"):
         for key in ("state", "lastOnlineTime"):
             if key in patch:

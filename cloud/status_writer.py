@@ -34,8 +34,13 @@ MAX_CONFLICT_RETRIES = 10
 
 @dataclass(frozen=True)
 class Outcome:
+    """How a status message ended. Not applied with ``retry``: not yet (the Device does
+    not exist yet: the gateway keeps it and tries again later); without: never as things
+    stand (another node's Device)."""
+
     applied: bool
     reason: str = ""
+    retry: bool = False
 
 
 @dataclass
@@ -129,7 +134,7 @@ class StatusWriter:
                 obj = await self.client.get(Device, name, namespace=namespace)
             except httpx.HTTPStatusError as exc:
                 if exc.response.status_code == 404:
-                    return Outcome(False, f"device {namespace}/{name} does not exist")
+                    return Outcome(False, f"device {namespace}/{name} does not exist (yet)", retry=True)
                 raise
             node = (obj.get("spec") or {}).get("nodeName")
             if node != self.node:
@@ -154,7 +159,7 @@ class StatusWriter:
                     self.conflicts += 1
                     continue
                 if exc.response.status_code == 404:
-                    return Outcome(False, f"device {namespace}/{name} does not exist")
+                    return Outcome(False, f"device {namespace}/{name} does not exist (yet)", retry=True)
                 raise
             self.writes += 1
             return Outcome(True)

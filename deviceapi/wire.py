@@ -1,31 +1,49 @@
 """The edge <-> cloud sync wire format: the batches inside a ``Frame`` of
-``protos/edgetwin/sync/v1/sync.proto``, and the sequence/acknowledgement bookkeeping of
-each direction. Pure: no sockets, no gRPC, no clocks. docs/sync-protocol.md explains it.
+``protos/edgetwin/sync/v1/sync.proto``, their compression, and the sequence and
+acknowledgement bookkeeping of each direction. Pure: no sockets, no gRPC, no clocks.
+docs/sync-protocol.md explains it; this module is the one place that defines it.
 
 A batch is a msgpack array of messages, each a map with a type ``t``:
 
 edge -> cloud
-    ``hello``   ``{"t": "hello", "proto": 1, "resume": {"Device": rv, "DeviceModel": rv}}``:
-                the last resourceVersion the gateway has seen of each kind ("" = none).
+    ``hello``   ``{"t": "hello", "proto": 2, "resume": {"Device": rv, "DeviceModel": rv},
+                "bps": 8000, "store": "<store id>", "version": "0.2.0"}``: first message of a
+                stream. ``resume``: the last resourceVersion the gateway has seen of each
+                kind ("" or absent: none, relist). ``bps``: bytes/s the relay may send
+                down. ``store``: the gateway store's id (a new one after a store loss).
     ``status``  ``{"t": "status", "dev": "ns.name", "rev": 17, "patch": {...}}``: one
-                composed outbox entry (Device status merge patch; ``twins`` keyed by
-                property name) and its outbox revision.
+                composed outbox entry (a Device status merge patch; ``twins`` keyed by
+                property name) and its outbox revision. An entry too large for one frame
+                is sent in parts (``"part": [i, n]``), each a patch of its own.
+    ``stats``   ``{"t": "stats", "s": {"devices": 12, "backlog": 3, "oldestMs": 5400, ...}}``:
+                the gateway's health, for its Gateway resource.
 cloud -> edge
+    ``welcome`` ``{"t": "welcome", "proto": 2}``: the relay took the hello; the stream is up.
     ``upsert``  ``{"t": "upsert", "kind": "Device", "obj": {...}}``: added or changed.
     ``delete``  ``{"t": "delete", "kind": "Device", "ns": "plant", "name": "x", "rv": "9"}``
     ``synced``  ``{"t": "synced", "kind": "Device", "names": ["ns/name", ...], "rv": "12"}``:
-                after a relist (410 Gone), every object that exists now; the gateway drops
-                the others.
+                after a relist, every object that exists now; the gateway drops the others.
+    ``rv``      ``{"t": "rv", "kind": "Device", "rv": "20"}``: nothing for this node changed
+                up to rv (from watch bookmarks): the resume point moves on.
     ``applied`` ``{"t": "applied", "dev": "ns.name", "rev": 17}``: the API server accepted
-                the status of that outbox revision (the gateway may drop the entry if it
-                has not changed since).
-    ``refused`` ``{"t": "refused", "dev": "ns.name", "rev": 17, "reason": "..."}``: it never
-                will (another node's device, a device that does not exist).
+                the status of that outbox revision (and ``part``, if it was sent in parts).
+    ``refused`` ``{"t": "refused", "dev": "ns.name", "rev": 17, "reason": "...", "retry": true}``:
+                not written. ``retry: true``: not yet (the Device does not exist yet; the
+                gateway keeps the entry and tries again); false: never as things are (another
+                node's device).
 
 Frames are numbered per direction from 1 and acknowledged cumulatively: ``ack = n``
 means every frame up to n has been applied. Unacknowledged frames are sent again after
 a reconnect; a receiver skips a seq it has already applied (re-acknowledging it), so
-replays are harmless.
+replays are harmless. A frame with ``echo`` set asks the peer for an immediate bare ack
+frame: the application heartbeat that notices a dead or half-open link.
+
+Payload encodings: 1 plain msgpack; 2 msgpack + zlib per frame; 3 msgpack + raw deflate
+with one compression context per stream and direction (frames end in a sync flush, whose
+fixed 4-byte tail is left off; a preset dictionary of the protocol's words primes it).
+Encoding 3 compresses each frame against the ones before it on the same stream, so a
+steady trickle of small status messages costs a few bytes each. Unacknowledged frames
+are kept uncompressed and encoded again in the new stream's context when replayed.
 """
 
 from __future__ import annotations
@@ -37,10 +55,11 @@ from typing import Any, Generic, TypeVar
 
 import msgpack
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 ENCODING_MSGPACK = 1
 ENCODING_MSGPACK_ZLIB = 2
+ENCODING_MSGPACK_ZSTREAM = 3
 
 # Bounds: a frame's payload on the wire, a batch decompressed (no zip bombs), and the
 # messages in one batch. A sender splits work into batches that fit.
@@ -48,17 +67,44 @@ MAX_FRAME_BYTES = 1 << 20
 MAX_BATCH_BYTES = 8 << 20
 MAX_MESSAGES = 10_000
 
-EDGE_TO_CLOUD = frozenset({"hello", "status"})
-CLOUD_TO_EDGE = frozenset({"upsert", "delete", "synced", "applied", "refused"})
+# Stream compression: a 4 KiB window and small state, so a relay holding a thousand
+# streams spends about 45 KB per stream on it (a 32 KiB window would cost 300 KB).
+_WBITS = 12
+_MEM_LEVEL = 5
+_SYNC_TAIL = b"\x00\x00\xff\xff"
+# Words every stream uses; both ends prime their context with them.
+ZDICT = (
+    b"resourceVersionmanagedFieldsnodeNamedeviceModelRefprotocolNameconfigDatavisitors"
+    b"collectCyclereportCycleDeviceModelDeviceedgetwin.io/v1alpha1apiVersionkindmetadata"
+    b"namespacenamespecpropertiesdesiredvaluestatusobservedDesiredorigincloudedgestamp"
+    b"writeStatewriteReasonpendingappliedfailedreadErrorreportedtimestampversiontypefloat"
+    b"intstringbooleanconditionsDesiredConflictReadyTrueFalselastTransitionTimereason"
+    b"messagestateonlineofflineunknownlastOnlineTimetwinspatchrevdevhelloresumewelcome"
+    b"upsertdeletesyncedrefusedretrystatspartobservedGenerationedgeStoregeneration"
+)
 
-_REQUIRED: dict[str, dict[str, type | tuple[type, ...]]] = {
+EDGE_TO_CLOUD = frozenset({"hello", "status", "stats"})
+CLOUD_TO_EDGE = frozenset({"welcome", "upsert", "delete", "synced", "rv", "applied", "refused"})
+
+_Type = type | tuple[type, ...]
+_REQUIRED: dict[str, dict[str, _Type]] = {
     "hello": {"proto": int, "resume": dict},
     "status": {"dev": str, "rev": int, "patch": dict},
+    "stats": {"s": dict},
+    "welcome": {"proto": int},
     "upsert": {"kind": str, "obj": dict},
     "delete": {"kind": str, "ns": str, "name": str, "rv": str},
     "synced": {"kind": str, "names": list, "rv": str},
+    "rv": {"kind": str, "rv": str},
     "applied": {"dev": str, "rev": int},
     "refused": {"dev": str, "rev": int, "reason": str},
+}
+_OPTIONAL: dict[str, dict[str, _Type]] = {
+    "hello": {"bps": int, "store": str, "version": str},
+    "status": {"part": list},
+    "welcome": {"relay": str},
+    "applied": {"part": int},
+    "refused": {"retry": bool, "part": int},
 }
 
 
@@ -66,43 +112,19 @@ class WireError(ValueError):
     """A frame or batch is malformed; the message says what is wrong."""
 
 
-def encode_batch(messages: list[dict[str, Any]], compress: bool = True) -> tuple[int, bytes]:
-    """(encoding, payload) for a batch; raises :class:`WireError` if it exceeds the
-    frame bound (split the batch)."""
+# --------------------------------------------------------------------------- batches
+def pack_batch(messages: list[dict[str, Any]]) -> bytes:
+    """A batch as msgpack; raises :class:`WireError` beyond the bounds."""
     if len(messages) > MAX_MESSAGES:
         raise WireError(f"a batch holds at most {MAX_MESSAGES} messages, not {len(messages)}")
-    raw = msgpack.packb(messages, use_bin_type=True)
+    raw: bytes = msgpack.packb(messages, use_bin_type=True)
     if len(raw) > MAX_BATCH_BYTES:
         raise WireError(f"batch of {len(raw)} bytes exceeds {MAX_BATCH_BYTES}")
-    if compress:
-        data, encoding = zlib.compress(raw, 6), ENCODING_MSGPACK_ZLIB
-    else:
-        data, encoding = raw, ENCODING_MSGPACK
-    if len(data) > MAX_FRAME_BYTES:
-        raise WireError(f"frame payload of {len(data)} bytes exceeds {MAX_FRAME_BYTES}; split the batch")
-    return encoding, data
+    return raw
 
 
-def decode_batch(
-    encoding: int, payload: bytes, allowed: frozenset[str] | None = None
-) -> list[dict[str, Any]]:
-    """The messages of a frame, checked; raises :class:`WireError` naming the problem."""
-    if len(payload) > MAX_FRAME_BYTES:
-        raise WireError(f"frame payload of {len(payload)} bytes exceeds {MAX_FRAME_BYTES}")
-    if encoding == ENCODING_MSGPACK_ZLIB:
-        inflater = zlib.decompressobj()
-        try:
-            raw = inflater.decompress(payload, MAX_BATCH_BYTES + 1)
-        except zlib.error as exc:
-            raise WireError(f"payload is not valid zlib data: {exc}") from None
-        if len(raw) > MAX_BATCH_BYTES or inflater.unconsumed_tail:
-            raise WireError(f"decompressed batch exceeds {MAX_BATCH_BYTES} bytes")
-        if not inflater.eof:
-            raise WireError("payload is truncated zlib data")
-    elif encoding == ENCODING_MSGPACK:
-        raw = payload
-    else:
-        raise WireError(f"unknown payload encoding {encoding}")
+def unpack_batch(raw: bytes, allowed: frozenset[str] | None = None) -> list[dict[str, Any]]:
+    """The checked messages of a msgpack batch; raises :class:`WireError`."""
     try:
         batch = msgpack.unpackb(raw, raw=False, strict_map_key=True, max_array_len=MAX_MESSAGES * 4)
     except (msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, ValueError, TypeError) as exc:
@@ -116,51 +138,141 @@ def decode_batch(
     return batch
 
 
+def encode_batch(messages: list[dict[str, Any]], compress: bool = True) -> tuple[int, bytes]:
+    """(encoding, payload) of a batch compressed on its own (encoding 2, or 1 plain);
+    raises :class:`WireError` if it exceeds the frame bound (split the batch)."""
+    raw = pack_batch(messages)
+    data, encoding = (zlib.compress(raw, 6), ENCODING_MSGPACK_ZLIB) if compress else (raw, ENCODING_MSGPACK)
+    if len(data) > MAX_FRAME_BYTES:
+        raise WireError(f"frame payload of {len(data)} bytes exceeds {MAX_FRAME_BYTES}; split the batch")
+    return encoding, data
+
+
+def decode_batch(
+    encoding: int, payload: bytes, allowed: frozenset[str] | None = None
+) -> list[dict[str, Any]]:
+    """The messages of a self-contained frame (encoding 1 or 2), checked; raises
+    :class:`WireError` naming the problem. Stream frames need a :class:`FrameDecoder`."""
+    return unpack_batch(_inflate_frame(encoding, payload), allowed)
+
+
+def _inflate(inflater: Any, data: bytes) -> bytes:
+    try:
+        raw: bytes = inflater.decompress(data, MAX_BATCH_BYTES + 1)
+    except zlib.error as exc:
+        raise WireError(f"payload is not valid deflate data: {exc}") from None
+    if len(raw) > MAX_BATCH_BYTES or inflater.unconsumed_tail:
+        raise WireError(f"decompressed batch exceeds {MAX_BATCH_BYTES} bytes")
+    return raw
+
+
+def _inflate_frame(encoding: int, payload: bytes) -> bytes:
+    if len(payload) > MAX_FRAME_BYTES:
+        raise WireError(f"frame payload of {len(payload)} bytes exceeds {MAX_FRAME_BYTES}")
+    if encoding == ENCODING_MSGPACK:
+        return payload
+    if encoding == ENCODING_MSGPACK_ZLIB:
+        inflater = zlib.decompressobj()
+        raw = _inflate(inflater, payload)
+        if not inflater.eof:
+            raise WireError("payload is truncated zlib data")
+        return raw
+    if encoding == ENCODING_MSGPACK_ZSTREAM:
+        raise WireError("a stream-compressed frame outside a stream")
+    raise WireError(f"unknown payload encoding {encoding}")
+
+
 def check_message(msg: Any, index: int = 0, allowed: frozenset[str] | None = None) -> None:
     if not isinstance(msg, dict):
         raise WireError(f"message {index}: a map, not {type(msg).__name__}")
     kind = msg.get("t")
     if kind not in _REQUIRED:
-        raise WireError(f"message {index}: unknown type {kind!r}")
+        raise WireError(f"message {index}: unknown type {kind!r:.40}")
     if allowed is not None and kind not in allowed:
         raise WireError(f"message {index}: {kind!r} is not sent in this direction")
     for key, typ in _REQUIRED[kind].items():
-        value = msg.get(key)
-        if not isinstance(value, typ) or isinstance(value, bool):
-            raise WireError(
-                f"message {index} ({kind}): {key} must be {_name(typ)}, got {type(value).__name__}"
-            )
+        _check_field(msg, index, kind, key, typ)
+    for key, typ in _OPTIONAL.get(kind, {}).items():
+        if key in msg:
+            _check_field(msg, index, kind, key, typ)
 
 
-def _name(typ: type | tuple[type, ...]) -> str:
+def _check_field(msg: dict[str, Any], index: int, kind: str, key: str, typ: _Type) -> None:
+    value = msg.get(key)
+    if not isinstance(value, typ) or (isinstance(value, bool) and typ is not bool):
+        raise WireError(f"message {index} ({kind}): {key} must be {_name(typ)}, got {type(value).__name__}")
+
+
+def _name(typ: _Type) -> str:
     return typ.__name__ if isinstance(typ, type) else " or ".join(t.__name__ for t in typ)
 
 
+# --------------------------------------------------------------------------- stream codecs
+class FrameEncoder:
+    """One stream direction's compressor (encoding 3); frames must be sent in the order
+    they were encoded."""
+
+    def __init__(self) -> None:
+        self._deflater = zlib.compressobj(6, zlib.DEFLATED, -_WBITS, _MEM_LEVEL, zdict=ZDICT)
+
+    def encode(self, raw: bytes) -> tuple[int, bytes]:
+        data = self._deflater.compress(raw) + self._deflater.flush(zlib.Z_SYNC_FLUSH)
+        if data.endswith(_SYNC_TAIL):
+            data = data[: -len(_SYNC_TAIL)]
+        if len(data) > MAX_FRAME_BYTES:
+            raise WireError(f"frame payload of {len(data)} bytes exceeds {MAX_FRAME_BYTES}; split the batch")
+        return ENCODING_MSGPACK_ZSTREAM, data
+
+
+class FrameDecoder:
+    """One stream direction's decompressor: frames of any encoding, in order. A bad
+    stream frame leaves the context unusable: the stream must end (the peer reconnects
+    and replays on a fresh one)."""
+
+    def __init__(self) -> None:
+        self._inflater = zlib.decompressobj(-_WBITS, zdict=ZDICT)
+
+    def decode(
+        self, encoding: int, payload: bytes, allowed: frozenset[str] | None = None
+    ) -> list[dict[str, Any]]:
+        if encoding != ENCODING_MSGPACK_ZSTREAM:
+            return unpack_batch(_inflate_frame(encoding, payload), allowed)
+        if len(payload) > MAX_FRAME_BYTES:
+            raise WireError(f"frame payload of {len(payload)} bytes exceeds {MAX_FRAME_BYTES}")
+        return unpack_batch(_inflate(self._inflater, payload + _SYNC_TAIL), allowed)
+
+
+# --------------------------------------------------------------------------- sequencing
 M = TypeVar("M")
 
 
 @dataclass
 class Outgoing(Generic[M]):
-    """One direction's sender side: numbers frames, keeps them until acknowledged, and
-    gives them back to send again after a reconnect. ``meta`` rides along with each
-    frame (e.g. which outbox revisions it carries) and comes back on acknowledgement.
-    Bound: ``window`` unacknowledged frames; :attr:`can_send` is false when it is full."""
+    """One direction's sender side: numbers frames, keeps them (uncompressed) until
+    acknowledged, and gives them back to send again after a reconnect. ``meta`` rides
+    along with each frame (e.g. which outbox revisions it carries) and comes back on
+    acknowledgement. Bounds: ``window`` unacknowledged frames and ``window_bytes`` of
+    their batches; :attr:`can_send` is false when either is reached."""
 
     window: int = 64
+    window_bytes: int = 1 << 30
     next_seq: int = 1
     acked: int = 0
-    unacked: OrderedDict[int, tuple[int, bytes, M]] = field(default_factory=OrderedDict)
+    unacked: OrderedDict[int, tuple[bytes, M]] = field(default_factory=OrderedDict)
+    unacked_bytes: int = 0
 
     @property
     def can_send(self) -> bool:
-        return len(self.unacked) < self.window
+        return len(self.unacked) < self.window and self.unacked_bytes < self.window_bytes
 
-    def send(self, encoding: int, payload: bytes, meta: M) -> int:
-        if not self.can_send:
+    def send(self, raw: bytes, meta: M) -> int:
+        """Number a batch (``pack_batch`` output); returns its seq."""
+        if len(self.unacked) >= self.window:
             raise WireError(f"send window of {self.window} frames is full")
         seq = self.next_seq
         self.next_seq += 1
-        self.unacked[seq] = (encoding, payload, meta)
+        self.unacked[seq] = (raw, meta)
+        self.unacked_bytes += len(raw)
         return seq
 
     def on_ack(self, ack: int) -> list[M]:
@@ -169,14 +281,15 @@ class Outgoing(Generic[M]):
             raise WireError(f"ack {ack} is for a frame never sent (last sent {self.next_seq - 1})")
         done: list[M] = []
         while self.unacked and next(iter(self.unacked)) <= ack:
-            _, (_, _, meta) = self.unacked.popitem(last=False)
+            _, (raw, meta) = self.unacked.popitem(last=False)
+            self.unacked_bytes -= len(raw)
             done.append(meta)
         self.acked = max(self.acked, ack)
         return done
 
-    def replay(self) -> list[tuple[int, int, bytes]]:
-        """(seq, encoding, payload) of every unacknowledged frame, in order."""
-        return [(seq, enc, data) for seq, (enc, data, _) in self.unacked.items()]
+    def replay(self) -> list[tuple[int, bytes]]:
+        """(seq, batch) of every unacknowledged frame, in order."""
+        return [(seq, raw) for seq, (raw, _) in self.unacked.items()]
 
 
 @dataclass

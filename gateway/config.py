@@ -147,11 +147,44 @@ class UplinkConfig(_Section):
     cert_file: Path  # this node's certificate (its common name is the node name)
     key_file: Path
     server_name: str | None = None  # the relay certificate's name, if not the address host
-    # Link budget in bytes per second of frame payload (8,000 = 64 kbit/s).
+    # Link budget in bytes per second of frame payload (8,000 = 64 kbit/s), up and down
+    # (budget_down_bps: the relay's pace towards this gateway; default budget_bps).
     budget_bps: int = Field(8_000, ge=100)
+    budget_down_bps: int | None = Field(None, ge=100)
     batch_max: int = Field(500, ge=1, le=10_000)  # status messages per frame
-    reconnect_min_ms: int = Field(500, ge=10)
-    reconnect_max_ms: int = Field(30_000, ge=10)
+    # A frame carries at most this many seconds of the budget, so a heartbeat never waits
+    # behind more; larger outbox entries go in parts.
+    frame_s: float = Field(2.0, ge=0.1, le=60)
+    # After the outbox changes, gather this long before sending (more updates a frame).
+    batch_window_ms: int = 500
+    # Silence from the relay this long: send a heartbeat (echo request). Nothing at all
+    # for dead_after_ms: the link is dead (noticed within 30 s with the defaults).
+    heartbeat_ms: int = 20_000
+    dead_after_ms: int = 27_000
+    reconnect_min_ms: int = 500
+    reconnect_max_ms: int = 30_000
+
+    @field_validator(
+        "batch_window_ms",
+        "heartbeat_ms",
+        "dead_after_ms",
+        "reconnect_min_ms",
+        "reconnect_max_ms",
+        mode="before",
+    )
+    @classmethod
+    def _durations(cls, v: Any) -> int:
+        return parse_duration_ms(v)
+
+    @model_validator(mode="after")
+    def _timers(self) -> UplinkConfig:
+        if self.heartbeat_ms >= self.dead_after_ms:
+            raise ValueError(
+                "heartbeat_ms must be shorter than dead_after_ms (the heartbeat keeps the link alive)"
+            )
+        if self.reconnect_min_ms > self.reconnect_max_ms:
+            raise ValueError("reconnect_min_ms must not exceed reconnect_max_ms")
+        return self
 
 
 class WritesConfig(_Section):
@@ -185,6 +218,9 @@ class GatewayConfig(_Section):
     mappers: dict[str, dict[str, Any]] = Field(default_factory=dict)
     uplink: UplinkConfig | None = None
     writes: WritesConfig = WritesConfig()
+    # Protocols served by external mappers over MQTT (no plugin installed for them):
+    # their devices are Ready; a protocol neither installed nor listed here is not.
+    external_protocols: list[str] = Field(default_factory=list)
 
     @field_validator("node")
     @classmethod

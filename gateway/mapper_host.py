@@ -95,46 +95,109 @@ def validate_devices(devices: list[tuple[Device, DeviceModel]]) -> list[str]:
 
 
 class MapperSet:
-    """The running mapper instances of one gateway, and which device each serves."""
+    """The running mapper instances of one gateway, and which device each serves.
+    Devices come and go while running (cluster-defined devices): :meth:`apply` starts,
+    reconfigures or stops one device through the mapper's hooks, without disturbing the
+    others; a mapper without the hooks is restarted with all its devices."""
 
     def __init__(self, host: MapperHost, options: Mapping[str, Mapping[str, Any]]) -> None:
         self.host = host
         self.options = options
+        self.available = discover()
         self.mappers: dict[str, Mapper] = {}
         self.bindings: dict[str, DeviceBinding] = {}
         self.by_device: dict[str, Mapper] = {}
 
+    def serves(self, protocol: str) -> bool:
+        return protocol in self.available
+
     async def start(self, devices: list[tuple[Device, DeviceModel]]) -> None:
-        available = discover()
+        """Start the mappers for the devices served at start. A device whose config its
+        mapper refuses raises :class:`MapperLoadError` (local manifests: fix the file)."""
         per_protocol: dict[str, list[DeviceBinding]] = {}
         for device, model in devices:
-            if device.spec.protocol is None:
+            b = self._binding(device, model)
+            if b is None:
                 continue
-            name = device.spec.protocol.protocolName
-            if name not in available:
-                log.warning(
-                    "no mapper installed for protocol; device left to external mappers",
-                    extra={
-                        "device": device.id,
-                        "protocol": name,
-                        "installed": ", ".join(sorted(available)),
-                    },
-                )
-                continue
-            b = binding(device, model)
             try:
-                available[name].validate(b)
+                self.available[b.protocol].validate(b)
             except ValueError as exc:
                 raise MapperLoadError(str(exc)) from None
-            per_protocol.setdefault(name, []).append(b)
+            per_protocol.setdefault(b.protocol, []).append(b)
         for name, bindings in per_protocol.items():
-            mapper = available[name](self.host, self.options.get(name, {}))
+            mapper = self.available[name](self.host, self.options.get(name, {}))
             await mapper.start(bindings)
             self.mappers[name] = mapper
             for b in bindings:
                 self.bindings[b.id] = b
                 self.by_device[b.id] = mapper
             log.info("mapper started", extra={"protocol": name, "devices": len(bindings)})
+
+    def _binding(self, device: Device, model: DeviceModel) -> DeviceBinding | None:
+        if device.spec.protocol is None:
+            return None
+        name = device.spec.protocol.protocolName
+        if name not in self.available:
+            log.warning(
+                "no mapper installed for protocol; device left to external mappers",
+                extra={"device": device.id, "protocol": name, "installed": ", ".join(sorted(self.available))},
+            )
+            return None
+        return binding(device, model)
+
+    async def apply(self, serve: list[tuple[Device, DeviceModel]], remove: list[str]) -> None:
+        """Start or reconfigure the devices of ``serve``, stop those of ``remove``."""
+        for dev_id in remove:
+            await self._drop(dev_id)
+        for device, model in serve:
+            b = self._binding(device, model)
+            current = self.by_device.get(device.id)
+            if b is None:
+                await self._drop(device.id)
+                continue
+            mapper = self.mappers.get(b.protocol)
+            if current is not None and current is not mapper:
+                await self._drop(device.id)  # another protocol now
+                current = None
+            if mapper is None:
+                mapper = self.available[b.protocol](self.host, self.options.get(b.protocol, {}))
+                await mapper.start([b])
+                self.mappers[b.protocol] = mapper
+            elif current is None:
+                await self._hook(mapper, b.protocol, mapper.add_device(b), extra=b)
+            else:
+                await self._hook(mapper, b.protocol, mapper.update_device(b), extra=b)
+            self.bindings[b.id] = b
+            self.by_device[b.id] = mapper
+
+    async def _drop(self, dev_id: str) -> None:
+        mapper = self.by_device.pop(dev_id, None)
+        binding_ = self.bindings.pop(dev_id, None)
+        if mapper is not None and binding_ is not None:
+            await self._hook(mapper, binding_.protocol, mapper.remove_device(dev_id))
+
+    async def _hook(
+        self, mapper: Mapper, protocol: str, call: Any, extra: DeviceBinding | None = None
+    ) -> None:
+        """Run a device hook; a mapper without it is restarted with all its devices."""
+        try:
+            await call
+        except NotImplementedError:
+            bindings = [b for d, b in self.bindings.items() if self.by_device.get(d) is mapper]
+            if extra is not None:
+                bindings = [b for b in bindings if b.id != extra.id] + [extra]
+            log.info(
+                "mapper has no per-device hooks; restarting it with its devices",
+                extra={"protocol": protocol, "devices": len(bindings)},
+            )
+            await mapper.stop()
+            fresh = self.available[protocol](self.host, self.options.get(protocol, {}))
+            await fresh.start(bindings)
+            self.mappers[protocol] = fresh
+            for b in bindings:
+                self.by_device[b.id] = fresh
+        except Exception as exc:  # a bug in a plugin must not stop the gateway
+            log.error("mapper hook failed", extra={"protocol": protocol}, exc_info=exc)
 
     async def stop(self) -> None:
         for name, mapper in self.mappers.items():

@@ -26,9 +26,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from deviceapi import Device, DeviceModel, value_to_text
+from deviceapi.version import __version__
 from gateway import logs
 from gateway.config import ConfigError, GatewayConfig
 from gateway.dedup import RecentUpdates
+from gateway.devices import Devices
 from gateway.manifests import load_manifests
 from gateway.mapper_host import MapperSet
 from gateway.metrics import Metrics
@@ -44,6 +46,7 @@ from gateway.twin.engine import (
     TwinError,
     UnknownDevice,
     WritePolicy,
+    clip,
 )
 from mappers.sdk import DeviceUnavailable, MapperError, ReportResult
 
@@ -88,7 +91,9 @@ class Gateway:
         self.bus: MqttBus | None = None
         self.mappers: MapperSet | None = None
         self.uplink: Any = None  # gateway.uplink.Uplink when uplink: is configured
-        self.definitions: dict[str, tuple[Device, DeviceModel]] = {}
+        # The devices served and where their definitions come from (manifests, cluster).
+        self.devices = Devices(self)
+        self.store_id = ""
         # Twin updates applied lately, so a redelivery is answered, not applied again.
         self.recent = RecentUpdates(max(2048, 2 * cfg.mqtt.receive_maximum))
         self.ready = asyncio.Event()
@@ -107,52 +112,48 @@ class Gateway:
         self._ratelimit = logs.RateLimit()
         self._skipped: dict[str, _SkipCount] = {}
         self._broker_dropped_seen: int | None = None
+        self._republish_devices = False
         # One commit at a time: the committer and the final commit at shutdown share the
         # store's one connection.
         self._commit_lock = asyncio.Lock()
 
     # ----------------------------------------------------------------- start-up
     def load(self) -> None:
-        """Open the store, load manifests, restore twins and commit the result."""
+        """Open the store, load manifests and the cluster's definitions kept in the store,
+        restore twins and commit the result."""
         cfg = self.cfg
         self.store = Store(cfg.store.path, cfg.store.events_max)
         owner = self.store.get_meta("node")
         if owner is not None and owner != self.node:
             raise ConfigError("store.path", f"{cfg.store.path} belongs to node {owner!r}, not {self.node!r}")
+        self.store_id = self.store.get_meta("store_id") or ""
         manifests = load_manifests(cfg.manifests, self.node)
-        for device in manifests.devices.values():
-            model = manifests.model_for(device)
-            self.engine.upsert_device(device, model)
-            self.definitions[device.id] = (device, model)
+        decision = self.devices.load(list(manifests.devices.values()), list(manifests.models.values()))
         self.store.load_into(self.engine)
         self.recent.restore(self.store.load_recent(self.recent.capacity))
         self.store.prune(self.engine)
         self.engine.seed_revisions(now_ms() * 1000)
         for stale in self.store.stored_device_ids() - set(self.engine.devices):
             self.engine.changes.removed.add(stale)
-        now = now_ms()
-        for device, _ in self.definitions.values():
-            self.engine.apply_spec(device, now)
+        self.devices.finish_load(decision)
         objects: list[Device | DeviceModel] = [*manifests.models.values(), *manifests.devices.values()]
-        rows: list[tuple[str, str, str, str, str | None, str]] = [
-            (
-                obj.kind,
-                obj.metadata.namespace,
-                obj.metadata.name,
-                "manifest",
-                None,
-                obj.model_dump_json(),
-            )
+        rows: list[tuple[str, str, str, str | None, str]] = [
+            (obj.kind, obj.metadata.namespace, obj.metadata.name, None, obj.model_dump_json())
             for obj in objects
         ]
         self.store.save_objects(rows, "manifest")
         self.store.set_meta("node", self.node)
-        self.store.commit(snapshot(self.engine, self.engine.drain()))
+        batch = snapshot(self.engine, self.engine.drain())
+        batch.objects, batch.objects_deleted, batch.served, batch.unserved = self.devices.take_rows()
+        self.store.commit(batch)
+        sources = [d.source for d in self.devices.registry.served.values()]
         log.info(
             "gateway loaded",
             extra={
                 "node": self.node,
-                "devices": len(self.definitions),
+                "devices": len(sources),
+                "from_manifests": sources.count("manifest"),
+                "from_cluster": sources.count("cluster"),
                 "store": str(cfg.store.path),
             },
         )
@@ -166,18 +167,19 @@ class Gateway:
             broker = EmbeddedBroker(self.cfg.mqtt.embedded.host, self.cfg.mqtt.embedded.port)
             await broker.start()
         try:
+            self.mappers = MapperSet(_Host(self), self.cfg.mappers)
             self.load()
             assert self.store is not None
             self.writer = StoreWriter(self.store, self.cfg.store.commit_mode)
             self.bus = MqttBus(
                 self.cfg.mqtt,
                 self.cfg.mqtt.client_id or f"edgetwin-{self.node}",
-                topics.SUBSCRIPTIONS,
+                topics.subscriptions(self.node),
                 self.metrics,
                 will=(topics.gateway_status(self.node), b"offline"),
             )
-            self.mappers = MapperSet(_Host(self), self.cfg.mappers)
             committer = self._spawn(self._committer(), "committer")
+            self._spawn(self.devices.run_mapper_changes(), "mapper changes")
             self._spawn(self.bus.run(self._on_message, self._on_connect), "mqtt")
             self._spawn(self._write_scheduler(), "writes")
             self._spawn(self._metrics_publisher(), "metrics")
@@ -187,9 +189,17 @@ class Gateway:
                 assert self.store is not None
                 saved = self.store.get_meta(UPLINK_RESUME_KEY)
                 resume = json.loads(saved) if saved else {}
-                self.uplink = Uplink(self.cfg.uplink, self.engine, self._uplink_changed, resume)
+                self.uplink = Uplink(
+                    self.cfg.uplink,
+                    self.engine,
+                    self._uplink_changed,
+                    self.devices.on_cloud,
+                    resume,
+                    self.store_id,
+                    __version__,
+                )
                 self._spawn(self.uplink.run(), "uplink")
-            await self.mappers.start(list(self.definitions.values()))
+            await self.mappers.start(self.devices.served())
             # Start-up objects (manifests, twins) live for the whole run: keep them out
             # of the cyclic collector's full passes, which otherwise stall the loop.
             gc.collect()
@@ -253,11 +263,18 @@ class Gateway:
         waiters, self._waiters = self._waiters, []
         resume = self.uplink.take_resume() if self.uplink is not None else None
         recent, recent_floor = self.recent.take_added()
-        if changes or resume is not None or recent:
+        objects, objects_deleted, served, unserved = self.devices.take_rows()
+        if changes or resume is not None or recent or objects or objects_deleted or served or unserved:
             assert self.writer is not None
             started = time.perf_counter()
             batch = snapshot(self.engine, changes)
             batch.recent, batch.recent_floor = recent, recent_floor
+            batch.objects, batch.objects_deleted, batch.served, batch.unserved = (
+                objects,
+                objects_deleted,
+                served,
+                unserved,
+            )
             if resume is not None:  # the cloud's resourceVersions, with what they brought
                 batch.meta.append((UPLINK_RESUME_KEY, resume))
             try:
@@ -296,6 +313,8 @@ class Gateway:
                     bus.publish(topic, payloads.property_value(twin), 1, True)
             for topic, payload, qos, retain in pubs:
                 bus.publish(topic, payload, qos, retain)
+            republish, self._republish_devices = self._republish_devices, False
+            self.devices.publish(bus.publish, set(self.engine.devices) if republish else changes.devices)
             for dev_id, props, topic, payload in deltas:
                 if bus.publish(topic, payload, 1, False):
                     self.metrics.inc("deltas_sent")
@@ -331,6 +350,8 @@ class Gateway:
             self._retained.update(
                 (dev.id, n) for n, p in dev.properties.items() if p.reported or p.read_error
             )
+        self.devices.republish_all()
+        self._republish_devices = True
         self._writes_wake.set()
         self._dirty.set()
 
@@ -357,17 +378,32 @@ class Gateway:
         if msg.topic == topics.BROKER_DROPPED:
             self._broker_dropped(msg.payload)
             return
+        if msg.topic == topics.membership_get(self.node):
+            event_id = payloads.parse_twin_get(msg.payload, self.cfg.mqtt.max_payload)
+            served = [d for d in self.engine.devices.values() if d.served]
+            body = payloads.membership_get_result(event_id, now_ms(), served)
+            self._pubs.append((topics.membership_get_result(self.node), body, 1, False))
+            self._ack_now(msg)
+            return
         route = topics.parse_inbound(msg.topic)
         if route is None:
             self.metrics.inc("rejected_unknown_topic")
             self._ack_now(msg)
             return
-        if route.device_id not in self.engine.devices:
+        dev = self.engine.devices.get(route.device_id)
+        if dev is None:
             self._reject(
                 msg,
                 "unknown_device",
-                f"device {route.device_id!r} is not defined for node {self.node!r}",
+                f"device {clip(route.device_id, 100)!r} is not defined for node {self.node!r}",
             )
+            return
+        if not dev.served:
+            ready = dev.conditions.get("Ready") or {}
+            reason = (
+                f"device {route.device_id!r} is not served: {ready.get('message', 'no valid definition')}"
+            )
+            self._reject(msg, "not_served", reason)
             return
         try:
             if route.action == topics.TWIN_UPDATE:
@@ -406,6 +442,14 @@ class Gateway:
                 extra={"broker_total": total},
             )
 
+    def changed(self) -> None:
+        """Something changed that the next commit must carry."""
+        self._dirty.set()
+
+    def writes_wake(self) -> None:
+        """A desired write may be due: let the write scheduler look."""
+        self._writes_wake.set()
+
     def _ack_now(self, msg: Inbound) -> None:
         # Nothing of this message is stored, but it is still acknowledged in order with
         # the rest, after the next commit.
@@ -419,7 +463,7 @@ class Gateway:
         if self._ratelimit.allow(kind):
             log.warning("rejected MQTT message", extra={"topic": msg.topic, "kind": kind, "reason": reason})
         if len(msg.payload) <= self.cfg.mqtt.max_payload:
-            code = 404 if kind == "unknown_device" else 400
+            code = {"unknown_device": 404, "not_served": 409}.get(kind, 400)
             body = payloads.error_result(payloads.event_id_of(msg.payload), now_ms(), code, reason)
             self._pubs.append((f"{msg.topic}/result", body, 1, False))
         self._ack_now(msg)

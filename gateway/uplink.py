@@ -1,123 +1,188 @@
 """The gateway's uplink: one gRPC stream to the cloud relay (mutual TLS), draining the
-twin engine's outbox and taking desired values from the cloud.
+twin engine's outbox and bringing the cluster's Device and DeviceModel changes down.
 
-* Status: each device's composed outbox entry goes up as one ``status`` message,
-  devices whose entry carries state or desired acknowledgements first, within the link
-  budget (a token bucket of ``budget_bps`` bytes/s over frame payloads). An entry leaves
-  the outbox only when the relay answers ``applied`` for its revision and only if it has
-  not changed since (``TwinEngine.outbox_acked``); a changed entry is sent again.
-* Spec: ``upsert`` of a Device the gateway serves carries its ``spec.properties[].desired``;
-  a desired value the cloud has not sent before is applied with origin ``cloud`` under
-  the engine's conflict rule.
-* The link: frames numbered and acknowledged (``deviceapi.wire``), keepalive pings every
-  10 s with a 10 s timeout so a dead or half-open link is noticed within 30 s, reconnects
-  with exponential backoff and jitter; after a reconnect every outbox entry is offered
-  again (the relay's rule makes replays harmless) and the spec resumes from the last
-  resourceVersion seen.
+* **Status.** Each device's composed outbox entry goes up as one ``status`` message
+  (devices whose entry carries state, conditions or desired acknowledgements first),
+  gathered for ``batch_window`` and paced by a token bucket at ``budget_bps`` bytes/s
+  of frame payload. A frame holds at most ``frame_s`` seconds of the budget, so a
+  heartbeat is never queued behind more than that; an entry larger than a frame is
+  sent in parts. An entry leaves the outbox only when the relay answers ``applied``
+  for its revision (all its parts) and only if it has not changed since
+  (``TwinEngine.outbox_acked``). ``refused`` with ``retry`` (the Device does not exist
+  yet) keeps the entry and tries again with backoff (5 s doubling to 5 min), or at once
+  when the Device appears; a refusal without retry (another node's Device) waits 10 min.
+  Nothing is dropped: the outbox is bounded by the devices' properties.
+* **Cloud to edge.** ``upsert``/``delete``/``synced``/``rv`` messages go to the gateway
+  (``on_cloud``), which applies them; their resourceVersions become the resume point.
+* **The link.** A frame with ``echo`` after ``heartbeat_s`` of silence; nothing received
+  for ``dead_after_s`` (default 27 s, so a dead or half-open link is noticed within 30 s
+  however busy the stream was) ends the stream. Reconnects back off exponentially with
+  jitter, starting over after a healthy stream (one that was up ``HEALTHY_S``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable
-from datetime import UTC, datetime
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+import msgpack
 
 from deviceapi.proto.edgetwin.sync.v1 import sync_pb2, sync_pb2_grpc
-from deviceapi.types import device_id
 from deviceapi.wire import (
     CLOUD_TO_EDGE,
+    MAX_FRAME_BYTES,
     PROTOCOL_VERSION,
+    FrameDecoder,
+    FrameEncoder,
     Incoming,
     Outgoing,
     WireError,
-    decode_batch,
-    encode_batch,
+    pack_batch,
 )
 from gateway.config import UplinkConfig
-from gateway.twin.engine import DesiredRejected, TwinEngine
-from gateway.twin.hlc import Stamp
+from gateway.twin.engine import OutboxEntry, TwinEngine
 
 log = logging.getLogger(__name__)
 
-KEEPALIVE_OPTIONS = [
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.max_pings_without_data", 0),
+# The same HTTP/2 options as the relay's (cloud.relay.CHANNEL_OPTIONS; gateway and cloud
+# never import each other): no BDP probe pings, frames up to the wire bound.
+CHANNEL_OPTIONS: list[tuple[str, int | str]] = [
+    ("grpc.http2.bdp_probe", 0),
+    ("grpc.max_receive_message_length", MAX_FRAME_BYTES + 1024),
+    ("grpc.max_send_message_length", MAX_FRAME_BYTES + 1024),
 ]
+# A stream that stayed up this long was healthy: the next reconnect starts from the
+# shortest backoff again.
+HEALTHY_S = 5.0
+RETRY_MIN_S, RETRY_MAX_S = 5.0, 300.0  # status the relay could not apply yet
+REFUSED_WAIT_S = 600.0  # status the relay refused (another node's device)
+# A gateway with no resume point (a new or lost store) waits for the relist of its
+# Devices before sending status, so their cloud status is adopted first (versions go on
+# above it); at most this long.
+HOLD_MAX_S = 60.0
+
+
+class LinkDead(Exception):
+    """Nothing arrived from the relay for too long."""
 
 
 def _priority(patch: dict[str, Any]) -> int:
-    """0 for device state and desired acknowledgements, 1 for reported values only."""
+    """0 for device state, conditions and desired acknowledgements; 1 for reported values."""
     if "state" in patch or "conditions" in patch:
         return 0
     twins = patch.get("twins") or {}
     return 0 if any("observedDesired" in t for t in twins.values() if isinstance(t, dict)) else 1
 
 
-def cloud_stamp(meta: dict[str, Any]) -> Stamp | None:
-    """When the Device's spec was last written in the cloud: the newest
-    ``metadata.managedFields[].time`` outside the status subresource (kube-apiserver
-    keeps these, to the second). The conflict rule compares it with edge stamps."""
-    latest: int | None = None
-    for entry in meta.get("managedFields") or []:
-        if not isinstance(entry, dict) or entry.get("subresource") or not entry.get("time"):
-            continue
-        try:
-            when = datetime.strptime(str(entry["time"]), "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
-        except ValueError:
-            continue
-        ms = int(when.timestamp() * 1000)
-        latest = ms if latest is None else max(latest, ms)
-    return None if latest is None else Stamp(latest)
+def split_patch(patch: dict[str, Any], limit: int) -> list[dict[str, Any]]:
+    """A status patch as parts of at most about ``limit`` bytes (msgpack), each a status
+    patch of its own (the relay applies each on its own): the device-level fields, then
+    the properties, as many to a part as fit. A property larger than ``limit`` is a part
+    by itself (a value is at most 16 KiB, so it still fits a frame)."""
+    if len(msgpack.packb(patch)) <= limit:
+        return [patch]
+    parts: list[dict[str, Any]] = []
+    current: dict[str, Any] = {k: v for k, v in patch.items() if k != "twins"}
+    size = len(msgpack.packb(current)) if current else 0
+    for name, entry in (patch.get("twins") or {}).items():
+        entry_size = len(msgpack.packb({name: entry}))
+        if current and size + entry_size > limit:
+            parts.append(current)
+            current, size = {}, 0
+        current.setdefault("twins", {})[name] = entry
+        size += entry_size
+    if current:
+        parts.append(current)
+    return parts
+
+
+@dataclass
+class _Deferral:
+    until: float
+    backoff: float
+
+
+@dataclass
+class _InFlight:
+    rev: int
+    parts: set[int] = field(default_factory=set)
 
 
 class Uplink:
+    """The link to the relay. ``on_cloud`` takes each cloud-to-edge message about objects
+    (upsert, delete, synced, rv); ``changed`` tells the gateway to commit."""
+
     def __init__(
         self,
         cfg: UplinkConfig,
         engine: TwinEngine,
         changed: Callable[[], None],
+        on_cloud: Callable[[dict[str, Any]], None],
         resume: dict[str, str] | None = None,
+        store_id: str = "",
+        version: str = "",
     ) -> None:
         self.cfg = cfg
         self.engine = engine
-        self.changed = changed  # tells the gateway to commit
+        self.changed = changed
+        self.on_cloud = on_cloud
+        self.store_id = store_id
+        self.version = version
         # The last resourceVersion seen of each kind; persisted by the gateway's commits
         # (take_resume), so a restarted gateway resumes instead of relisting.
         self.resume: dict[str, str] = dict(resume or {})
         self._resume_dirty = False
-        self.connected = asyncio.Event()
+        self.connected = asyncio.Event()  # the relay welcomed the stream
+        self.wake = asyncio.Event()  # the outbox changed, or something else to send
+        self.deferred: dict[str, _Deferral] = {}
+        # Counters (metrics, tests, benchmarks).
         self.bytes_sent = 0
+        self.bytes_received = 0
+        self.frames_sent = 0
         self.applied = 0
         self.connects = 0
-        self._cloud_desired: dict[tuple[str, str], str] = {}
-        self._unknown_warned: set[str] = set()
+        self.last_error = ""
+        self.connected_since: float | None = None
+        self.last_rx_at: float | None = None
+        self._hold_until: float = 0.0
 
+    @property
+    def holding(self) -> bool:
+        """Status waits for the relist of the Devices (see HOLD_MAX_S)."""
+        return time.monotonic() < self._hold_until
+
+    # ----------------------------------------------------------------- lifecycle
     async def run(self) -> None:
         delay = self.cfg.reconnect_min_ms / 1000
         while True:
             try:
                 await self._session()
-                delay = self.cfg.reconnect_min_ms / 1000
-            except (grpc.aio.AioRpcError, WireError, OSError) as exc:
-                log.warning(
-                    "uplink down", extra={"error": str(exc).splitlines()[0] if str(exc) else repr(exc)}
-                )
-            except Exception as exc:  # a bug must not end the uplink: log it, reconnect
-                log.error("uplink failed", exc_info=exc)
-            finally:
-                self.connected.clear()
+            except Exception as exc:
+                self.last_error = describe(exc)
+                level = logging.WARNING if self.connected.is_set() or self.connects else logging.INFO
+                log.log(level, "uplink down", extra={"relay": self.cfg.address, "error": self.last_error})
+            healthy = (
+                self.connected_since is not None and time.monotonic() - self.connected_since >= HEALTHY_S
+            )
+            self.connected.clear()
+            self.connected_since = None
+            if healthy:
+                delay = self.cfg.reconnect_min_ms / 1000  # a healthy stream: start over
             await asyncio.sleep(delay * random.uniform(0.5, 1.5))
             delay = min(self.cfg.reconnect_max_ms / 1000, delay * 2)
+
+    def notify(self) -> None:
+        """The outbox changed: there may be something to send."""
+        self.wake.set()
 
     def take_resume(self) -> str | None:
         """The resume point as JSON if it changed since the last call (for the store)."""
@@ -126,11 +191,16 @@ class Uplink:
         self._resume_dirty = False
         return json.dumps(self.resume, sort_keys=True)
 
-    def _set_resume(self, kind: str, rv: str) -> None:
+    def set_resume(self, kind: str, rv: str) -> None:
         if rv and self.resume.get(kind) != rv:
             self.resume[kind] = rv
             self._resume_dirty = True
             self.changed()
+
+    def retry_now(self, device_id: str) -> None:
+        """The device appeared in the cluster: send its deferred status at once."""
+        if self.deferred.pop(device_id, None) is not None:
+            self.wake.set()
 
     def _credentials(self) -> grpc.ChannelCredentials:
         return grpc.ssl_channel_credentials(
@@ -138,123 +208,267 @@ class Uplink:
         )
 
     async def _session(self) -> None:
-        options: list[tuple[str, int | str]] = list(KEEPALIVE_OPTIONS)
+        options = list(CHANNEL_OPTIONS)
         if self.cfg.server_name:
             options.append(("grpc.ssl_target_name_override", self.cfg.server_name))
         async with grpc.aio.secure_channel(self.cfg.address, self._credentials(), options=options) as channel:
-            queue: asyncio.Queue[sync_pb2.Frame] = asyncio.Queue()
-            out: Outgoing[list[tuple[str, int]]] = Outgoing(window=32)
-            inc = Incoming()
-            in_flight: dict[str, int] = {}
-
-            async def frames() -> AsyncIterator[sync_pb2.Frame]:
-                while True:
-                    yield await queue.get()
-
-            def send(messages: list[dict[str, Any]], meta: list[tuple[str, int]]) -> int:
-                encoding, payload = encode_batch(messages)
-                seq = out.send(encoding, payload, meta)
-                queue.put_nowait(sync_pb2.Frame(seq=seq, ack=inc.ack, encoding=encoding, payload=payload))  # type: ignore[arg-type]
-                self.bytes_sent += len(payload)
-                return len(payload)
-
-            call = sync_pb2_grpc.SyncStub(channel).Link(frames())  # type: ignore[no-untyped-call]
-            send([{"t": "hello", "proto": PROTOCOL_VERSION, "resume": dict(self.resume)}], [])
-            sender = asyncio.create_task(self._drain(send, out, in_flight))
-            self.connects += 1
-            self.connected.set()
+            call = sync_pb2_grpc.SyncStub(channel).Link()  # type: ignore[no-untyped-call]
+            stream = _Stream(self, call)
+            tasks = [
+                asyncio.create_task(stream.read(), name="uplink read"),
+                asyncio.create_task(stream.write(), name="uplink write"),
+                asyncio.create_task(stream.watchdog(), name="uplink watchdog"),
+            ]
             try:
-                async for frame in call:
-                    if frame.ack:
-                        out.on_ack(frame.ack)
-                    if frame.seq and inc.accept(frame.seq):
-                        for msg in decode_batch(frame.encoding, frame.payload, CLOUD_TO_EDGE):
-                            self._handle(msg, in_flight)
-                        queue.put_nowait(sync_pb2.Frame(seq=0, ack=inc.ack))
+                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                error = next(iter(done)).exception()
+                if error is not None:
+                    raise error
+                raise ConnectionError("the relay ended the stream")
             finally:
-                sender.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await sender
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                call.cancel()
 
-    async def _drain(
-        self,
-        send: Callable[[list[dict[str, Any]], list[tuple[str, int]]], int],
-        out: Outgoing[list[tuple[str, int]]],
-        in_flight: dict[str, int],
-    ) -> None:
-        budget = float(self.cfg.budget_bps)
-        tokens, last = budget, time.monotonic()
-        while True:
-            entries = [
-                (_priority(e.patch), dev, e)
-                for dev, e in self.engine.outbox.items()
-                if in_flight.get(dev) != e.revision
-            ]
-            if not entries or not out.can_send:
-                await asyncio.sleep(0.05)
-                continue
-            entries.sort(key=lambda x: (x[0], x[2].revision))
-            batch = entries[: self.cfg.batch_max]
-            messages = [
-                {"t": "status", "dev": dev, "rev": e.revision, "patch": e.patch} for _, dev, e in batch
-            ]
-            for _, dev, e in batch:
-                in_flight[dev] = e.revision
-            size = send(messages, [(dev, e.revision) for _, dev, e in batch])
-            # The budget: wait until the link has carried this frame.
-            now = time.monotonic()
-            tokens = min(budget, tokens + (now - last) * budget) - size
-            last = now
-            if tokens < 0:
-                await asyncio.sleep(-tokens / budget)
-            else:
-                await asyncio.sleep(0)
-
-    def _handle(self, msg: dict[str, Any], in_flight: dict[str, int]) -> None:
+    # ----------------------------------------------------------------- messages from the relay
+    def handle(self, msg: dict[str, Any], stream: _Stream) -> None:
         kind = msg["t"]
-        if kind in ("applied", "refused"):
-            dev, rev = msg["dev"], msg["rev"]
-            if kind == "refused":
-                log.warning("relay refused status", extra={"device": dev, "reason": msg["reason"]})
-            if in_flight.get(dev) == rev:
-                del in_flight[dev]
-            if self.engine.outbox_acked(dev, rev):
-                self.applied += 1
-            self.changed()
-        elif kind == "upsert":
-            obj = msg["obj"]
-            meta = obj.get("metadata") or {}
-            self._set_resume(msg["kind"], str(meta.get("resourceVersion", "")))
-            if msg["kind"] == "Device":
-                dev = device_id(meta.get("namespace", ""), meta.get("name", ""))
-                self._cloud_spec(dev, obj.get("spec") or {}, cloud_stamp(meta))
-        elif kind in ("delete", "synced"):
-            self._set_resume(msg["kind"], msg["rv"])
+        if kind == "welcome":
+            self.connects += 1
+            self.connected_since = time.monotonic()
+            self._hold_until = 0.0 if self.resume.get("Device") else time.monotonic() + HOLD_MAX_S
+            self.connected.set()
+            log.info("uplink connected", extra={"relay": self.cfg.address, "resume": json.dumps(self.resume)})
+        elif kind in ("applied", "refused"):
+            stream.answered(msg)
+        else:
+            if kind in ("delete", "synced", "rv"):
+                self.set_resume(msg["kind"], msg["rv"])
+            if kind == "synced" and msg["kind"] == "Device" and self._hold_until:
+                self._hold_until = 0.0
+                self.wake.set()
+            elif kind == "upsert":
+                meta = msg["obj"].get("metadata") or {}
+                self.set_resume(msg["kind"], str(meta.get("resourceVersion", "")))
+            self.on_cloud(msg)
 
-    def _cloud_spec(self, dev: str, spec: dict[str, Any], stamp: Stamp | None) -> None:
-        if dev not in self.engine.devices:
-            # Devices are defined by the gateway's manifests; one created in the cloud is
-            # not served until it is added there (and the gateway restarted).
-            if dev not in self._unknown_warned:
-                self._unknown_warned.add(dev)
+
+class _Stream:
+    """One stream's state: numbering, compression, in-flight status, pacing."""
+
+    def __init__(self, uplink: Uplink, call: Any) -> None:
+        self.up = uplink
+        self.call = call
+        cfg = uplink.cfg
+        self.budget = float(cfg.budget_bps)
+        # Raw (msgpack) bytes per frame: frame_s of the budget, at a conservative 4x
+        # compression; the in-flight window a few frames of it.
+        self.frame_raw = max(4096, int(cfg.budget_bps * cfg.frame_s)) * 4
+        self.out: Outgoing[list[tuple[str, int, int | None]]] = Outgoing(
+            window=32, window_bytes=max(64 * 1024, self.frame_raw * 3)
+        )
+        self.inc = Incoming()
+        self.encoder = FrameEncoder()
+        self.decoder = FrameDecoder()
+        self.in_flight: dict[str, _InFlight] = {}
+        # Parts of entries too large for one frame, waiting for their frames:
+        # (device, revision, index, count, patch).
+        self.parts: collections.deque[tuple[str, int, int, int, dict[str, Any]]] = collections.deque()
+        self.ack_due = False
+        self.last_rx = time.monotonic()
+        self.last_echo = 0.0
+
+    # ----------------------------------------------------------------- inbound
+    async def read(self) -> None:
+        while True:
+            frame = await self.call.read()
+            if frame is grpc.aio.EOF:
+                raise ConnectionError("the relay closed the stream")
+            self.last_rx = self.up.last_rx_at = time.monotonic()
+            self.up.bytes_received += len(frame.payload)
+            if frame.ack:
+                self.out.on_ack(frame.ack)  # the window opens; the answers say what was applied
+                self.up.wake.set()
+            if frame.seq and self.inc.accept(frame.seq):
+                for msg in self.decoder.decode(frame.encoding, frame.payload, CLOUD_TO_EDGE):
+                    self.up.handle(msg, self)
+            if frame.seq:
+                self.ack_due = True
+                self.up.wake.set()
+
+    def answered(self, msg: dict[str, Any]) -> None:
+        dev, rev = msg["dev"], msg["rev"]
+        flight = self.in_flight.get(dev)
+        if flight is None or flight.rev != rev:
+            return  # an answer to an older revision: a newer one is on its way
+        if msg["t"] == "refused":
+            del self.in_flight[dev]
+            previous = self.up.deferred.get(dev)
+            if msg.get("retry"):
+                backoff = min(RETRY_MAX_S, previous.backoff * 2) if previous else RETRY_MIN_S
+            else:
+                backoff = REFUSED_WAIT_S
+            self.up.deferred[dev] = _Deferral(time.monotonic() + backoff * random.uniform(0.8, 1.2), backoff)
+            if previous is None:
                 log.warning(
-                    "device added in the cloud is not in this gateway's manifests; not served",
-                    extra={"device": dev},
+                    "relay could not apply status; kept and retried",
+                    extra={"device": dev, "reason": msg["reason"], "retry_s": round(backoff)},
                 )
             return
-        now = int(time.time() * 1000)
-        if stamp is None:  # an API server that keeps no managedFields: when it reached us
-            stamp = Stamp(now)
-        for prop in spec.get("properties") or []:
-            desired = prop.get("desired") if isinstance(prop, dict) else None
-            if not isinstance(desired, dict) or "value" not in desired:
+        flight.parts.discard(msg.get("part", 0))
+        if flight.parts:
+            return
+        del self.in_flight[dev]
+        self.up.deferred.pop(dev, None)
+        if self.up.engine.outbox_acked(dev, rev):
+            self.up.applied += 1
+        self.up.changed()
+
+    # ----------------------------------------------------------------- outbound
+    def _due_entries(self) -> list[tuple[str, OutboxEntry]]:
+        now = time.monotonic()
+        due = []
+        for dev, entry in self.up.engine.outbox.items():
+            flight = self.in_flight.get(dev)
+            if flight is not None and flight.rev == entry.revision:
                 continue
-            key, value = (dev, str(prop.get("name"))), str(desired["value"])
-            if self._cloud_desired.get(key) == value:
-                continue  # seen before: not a new cloud write
-            self._cloud_desired[key] = value
-            try:
-                self.engine.apply_desired(dev, key[1], value, "cloud", now, stamp=stamp)
-            except DesiredRejected as exc:
-                log.warning("cloud desired value rejected", extra={"device": dev, "error": str(exc)})
-            self.changed()
+            deferral = self.up.deferred.get(dev)
+            if deferral is not None and deferral.until > now:
+                continue
+            due.append((dev, entry))
+        due.sort(key=lambda d: (_priority(d[1].patch), d[1].revision))
+        return due
+
+    def _next_deferral(self) -> float | None:
+        times = [d.until for dev, d in self.up.deferred.items() if dev in self.up.engine.outbox]
+        return min(times) if times else None
+
+    def _status_batch(self) -> tuple[list[dict[str, Any]], list[tuple[str, int, int | None]]]:
+        """The next frame's status messages: queued parts of a large entry first, then
+        whole entries by priority, up to ``frame_raw`` bytes and ``batch_max`` messages."""
+        outbox = self.up.engine.outbox
+        messages: list[dict[str, Any]] = []
+        metas: list[tuple[str, int, int | None]] = []
+        size = 0
+        while self.parts:
+            dev, rev, index, count, part = self.parts[0]
+            entry = outbox.get(dev)
+            if entry is None or entry.revision != rev:  # superseded: the new revision goes whole
+                self.parts.popleft()
+                continue
+            part_size = len(msgpack.packb(part))
+            if messages and size + part_size > self.frame_raw:
+                return messages, metas
+            self.parts.popleft()
+            messages.append({"t": "status", "dev": dev, "rev": rev, "patch": part, "part": [index, count]})
+            metas.append((dev, rev, index))
+            size += part_size
+        if messages:
+            return messages, metas
+        for dev, entry in self._due_entries():
+            if len(messages) >= self.up.cfg.batch_max:
+                break
+            entry_size = len(msgpack.packb(entry.patch))
+            if entry_size > self.frame_raw:
+                parts = split_patch(entry.patch, self.frame_raw)
+                self.in_flight[dev] = _InFlight(entry.revision, set(range(len(parts))))
+                self.parts.extend((dev, entry.revision, i, len(parts), part) for i, part in enumerate(parts))
+                if messages:
+                    break  # this frame goes as it is; the parts follow
+                return self._status_batch()
+            if messages and size + entry_size > self.frame_raw:
+                break
+            self.in_flight[dev] = _InFlight(entry.revision, {0})
+            messages.append({"t": "status", "dev": dev, "rev": entry.revision, "patch": entry.patch})
+            metas.append((dev, entry.revision, None))
+            size += entry_size
+        return messages, metas
+
+    async def _send(self, messages: list[dict[str, Any]], meta: list[tuple[str, int, int | None]]) -> int:
+        raw = pack_batch(messages)
+        encoding, payload = self.encoder.encode(raw)
+        seq = self.out.send(raw, meta)
+        self.ack_due = False
+        await self.call.write(
+            sync_pb2.Frame(seq=seq, ack=self.inc.ack, encoding=encoding, payload=payload)  # type: ignore[arg-type]
+        )
+        self.up.bytes_sent += len(payload)
+        self.up.frames_sent += 1
+        return len(payload)
+
+    async def write(self) -> None:
+        up, cfg = self.up, self.up.cfg
+        hello = {
+            "t": "hello",
+            "proto": PROTOCOL_VERSION,
+            "resume": dict(up.resume),
+            "bps": cfg.budget_down_bps or cfg.budget_bps,
+            "store": up.store_id,
+            "version": up.version,
+        }
+        await self._send([hello], [])
+        tokens, last = self.budget, time.monotonic()
+        gathered_since: float | None = None
+        while True:
+            now = time.monotonic()
+            tokens, last = min(self.budget, tokens + (now - last) * self.budget), now
+            if (
+                up.connected.is_set()
+                and not up.holding
+                and self.out.can_send
+                and tokens >= 0
+                and (self.parts or self._due_entries())
+            ):
+                # Gather a little (batch_window) so a frame carries many updates.
+                if gathered_since is None:
+                    gathered_since = now
+                wait = gathered_since + cfg.batch_window_ms / 1000 - now
+                if wait <= 0:
+                    messages, metas = self._status_batch()
+                    if messages:
+                        tokens -= await self._send(messages, metas)
+                        gathered_since = None
+                        continue
+                    gathered_since = None
+            else:
+                gathered_since = None
+                wait = 1.0
+            if self.ack_due:
+                self.ack_due = False
+                await self.call.write(sync_pb2.Frame(seq=0, ack=self.inc.ack))
+                continue
+            silent = now - self.last_rx
+            if silent >= cfg.heartbeat_ms / 1000 and now - self.last_echo >= cfg.heartbeat_ms / 1000:
+                self.last_echo = now
+                await self.call.write(sync_pb2.Frame(seq=0, ack=self.inc.ack, echo=True))
+                continue
+            # Sleep until: a wake (outbox change, ack, frame to acknowledge), the end of
+            # the gathering window, the budget refilling, a deferral ending, or the next
+            # heartbeat.
+            deadlines = [cfg.heartbeat_ms / 1000 - silent, wait]
+            if tokens < 0:
+                deadlines.append(-tokens / self.budget)
+            if (retry_at := self._next_deferral()) is not None:
+                deadlines.append(retry_at - now)
+            up.wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(up.wake.wait(), max(0.01, min(deadlines)))
+
+    async def watchdog(self) -> None:
+        dead_after = self.up.cfg.dead_after_ms / 1000
+        while True:
+            silent = time.monotonic() - self.last_rx
+            if silent >= dead_after:
+                raise LinkDead(f"nothing from the relay for {silent:.0f} s (dead or half-open link)")
+            await asyncio.sleep(min(1.0, dead_after - silent + 0.01))
+
+
+def describe(exc: BaseException) -> str:
+    """An error for the log: gRPC status and details, not the multi-line repr."""
+    if isinstance(exc, grpc.aio.AioRpcError):
+        details = (exc.details() or "").strip().splitlines()
+        return f"{exc.code().name}: {details[0] if details else 'no details'}"
+    if isinstance(exc, WireError):
+        return f"bad frame from the relay: {exc}"
+    return str(exc) or type(exc).__name__

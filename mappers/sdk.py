@@ -155,6 +155,23 @@ class Mapper(ABC):
     async def stop(self) -> None:
         """Stop all work and release connections."""
 
+    async def add_device(self, device: DeviceBinding) -> None:
+        """Start serving one more device (defined in the cluster while running). The
+        default raises ``NotImplementedError``: the gateway then restarts this mapper with
+        all its devices, which disturbs the others; mappers should implement it."""
+        raise NotImplementedError
+
+    async def update_device(self, device: DeviceBinding) -> None:
+        """A served device's definition changed (its config, visitors, or its model).
+        The default removes and adds it again."""
+        await self.remove_device(device.id)
+        await self.add_device(device)
+
+    async def remove_device(self, device_id: str) -> None:
+        """Stop serving a device: no more requests to it, its connection released. The
+        default raises ``NotImplementedError`` (the gateway restarts the mapper)."""
+        raise NotImplementedError
+
     async def write(self, device: DeviceBinding, prop: str, value: Value) -> None:
         """Write a desired value to the device, then report the value read back.
         Raise :class:`MapperError` with the reason when it cannot be written."""
@@ -267,6 +284,7 @@ class PollingMapper(Mapper):
     def __init__(self, host: MapperHost, options: Mapping[str, Any] | None = None) -> None:
         super().__init__(host, options)
         self._tasks: list[asyncio.Task[None]] = []
+        self._by_device: dict[str, asyncio.Task[None]] = {}
         self.devices: dict[str, DeviceBinding] = {}
 
     @abstractmethod
@@ -276,11 +294,25 @@ class PollingMapper(Mapper):
 
     async def start(self, devices: list[DeviceBinding]) -> None:
         for device in devices:
-            self.devices[device.id] = device
-            self._tasks.append(asyncio.create_task(self._poll(device), name=f"poll {device.id}"))
+            await self.add_device(device)
 
     async def stop(self) -> None:
         await cancel_tasks(self._tasks)
+        self._by_device.clear()
+
+    async def add_device(self, device: DeviceBinding) -> None:
+        await self.remove_device(device.id)
+        self.devices[device.id] = device
+        task = asyncio.create_task(self._poll(device), name=f"poll {device.id}")
+        self._tasks.append(task)
+        self._by_device[device.id] = task
+
+    async def remove_device(self, device_id: str) -> None:
+        self.devices.pop(device_id, None)
+        task = self._by_device.pop(device_id, None)
+        if task is not None:
+            self._tasks.remove(task)
+            await cancel_tasks([task])
 
     async def _poll(self, device: DeviceBinding) -> None:
         cadence = Cadence(self.host, device.id, device.collect_cycle_ms)

@@ -83,7 +83,7 @@ def publish_at_rate(port: int, auth: tuple[str, str], total: int, rate: float) -
 def broker_dropped(port: int, auth: tuple[str, str] | None) -> int:
     sys_topic = Collector(port, ["$SYS/broker/publish/messages/dropped"], auth=auth)
     try:
-        _, payload = sys_topic.wait_for(lambda t, p: True, 15)
+        _, payload = sys_topic.wait_for(lambda t, p: True, 30)  # sys_interval is 10 s; a busy broker lags
         return int(payload)
     finally:
         sys_topic.close()

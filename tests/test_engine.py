@@ -139,13 +139,23 @@ writes = st.lists(
 
 @given(writes, st.randoms())
 def test_rule_is_order_insensitive(ws: list[tuple[str, int, int, int]], rnd: Any) -> None:
-    """Whatever order the writes arrive in, the one in effect is the max by
-    (stamp, cloud-on-tie): the rule needs no coordination between edge and cloud."""
-    winner = max(ws, key=lambda w: (Stamp(w[1], w[2]), w[0] == "cloud"))
-    shuffled = list(ws)
-    rnd.shuffle(shuffled)
+    """Whatever way edge writes interleave with the cloud's, the one in effect is the
+    max by (stamp, cloud-on-tie) of the edge writes and the cloud's last write: the rule
+    needs no coordination between edge and cloud. Cloud writes arrive in the order the
+    API server took them (the watch is ordered; their times never go backwards), and a
+    newer spec value always replaces the one before it."""
+    cloud = sorted((w for w in ws if w[0] == "cloud"), key=lambda w: (w[1], w[2]))
+    edge = [w for w in ws if w[0] == "edge"]
+    candidates = edge + cloud[-1:]
+    winner = max(candidates, key=lambda w: (Stamp(w[1], w[2]), w[0] == "cloud"))
+    # A random interleaving that keeps the cloud's order.
+    order = ["c"] * len(cloud) + ["e"] * len(edge)
+    rnd.shuffle(order)
+    rnd.shuffle(edge)
+    clouds, edges = iter(cloud), iter(edge)
     e = engine_with()
-    for origin, wall, counter, value in shuffled:
+    for which in order:
+        origin, wall, counter, value = next(clouds) if which == "c" else next(edges)
         e.apply_desired("plant.t1", "setpoint", value, origin, 0, Stamp(wall, counter))  # type: ignore[arg-type]
     d = e.devices["plant.t1"].properties["setpoint"].desired
     assert d is not None and (d.origin, d.stamp, d.value) == (
@@ -153,6 +163,15 @@ def test_rule_is_order_insensitive(ws: list[tuple[str, int, int, int]], rnd: Any
         Stamp(winner[1], winner[2]),
         float(winner[3]),
     )
+
+
+def test_a_newer_spec_value_replaces_the_previous_one_whatever_its_stamp() -> None:
+    """A manifest's value applied at start (a millisecond stamp) is replaced by a
+    kubectl patch a moment later, whose API-server time is cut to the second."""
+    e = engine_with()
+    e.apply_desired("plant.t1", "setpoint", 21.5, "cloud", 0, Stamp(1_000_015))
+    out = e.apply_desired("plant.t1", "setpoint", 23, "cloud", 0, Stamp(1_000_000))
+    assert out.won and out.conflict is None and out.desired.value == 23.0
 
 
 @given(st.lists(st.tuples(st.integers(0, 10**6), st.booleans()), max_size=40))

@@ -19,7 +19,7 @@ from lightkube.types import PatchType
 from cloud.relay import RelaySettings, read_pki, serve
 from cloud.status_writer import Device
 from deviceapi.proto.edgetwin.sync.v1 import sync_pb2, sync_pb2_grpc
-from deviceapi.wire import CLOUD_TO_EDGE, Incoming, decode_batch, encode_batch
+from deviceapi.wire import CLOUD_TO_EDGE, PROTOCOL_VERSION, FrameDecoder, Incoming, encode_batch
 from edgetwin.kube_emulator import Emulator, RunningEmulator
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,6 +67,7 @@ class Gateway:
         self.send_q: asyncio.Queue[sync_pb2.Frame] = asyncio.Queue()
         self.received: list[dict[str, Any]] = []
         self.incoming = Incoming()
+        self.decoder = FrameDecoder()
         self.seq = 0
         self.call = sync_pb2_grpc.SyncStub(self.channel).Link(self._frames())
         self.task = asyncio.create_task(self._read())
@@ -78,7 +79,7 @@ class Gateway:
     async def _read(self) -> None:
         async for frame in self.call:
             if frame.seq and self.incoming.accept(frame.seq):
-                self.received += decode_batch(frame.encoding, frame.payload, CLOUD_TO_EDGE)
+                self.received += self.decoder.decode(frame.encoding, frame.payload, CLOUD_TO_EDGE)
                 self.send_q.put_nowait(sync_pb2.Frame(seq=0, ack=self.incoming.ack))
 
     def send(self, *messages: dict[str, Any]) -> None:
@@ -119,8 +120,8 @@ async def test_a_node_sees_and_writes_only_its_own_devices(
     a = Gateway(pki, "edge-a", port)
     b = Gateway(pki, "edge-b", port)
     try:
-        a.send({"t": "hello", "proto": 1, "resume": {}})
-        b.send({"t": "hello", "proto": 1, "resume": {}})
+        a.send({"t": "hello", "proto": PROTOCOL_VERSION, "resume": {}})
+        b.send({"t": "hello", "proto": PROTOCOL_VERSION, "resume": {}})
         await a.until(lambda r: any(m["t"] == "synced" and m["kind"] == "Device" for m in r))
         await b.until(lambda r: any(m["t"] == "synced" and m["kind"] == "Device" for m in r))
         assert names(a.received) == {"a1", "a2"} and names(b.received) == {"b1"}
@@ -153,7 +154,7 @@ async def test_a_new_stream_resumes_from_the_gateways_resource_version(
 ) -> None:
     _, client, port = relay
     a = Gateway(pki, "edge-a", port)
-    a.send({"t": "hello", "proto": 1, "resume": {}})
+    a.send({"t": "hello", "proto": PROTOCOL_VERSION, "resume": {}})
     await a.until(lambda r: any(m["t"] == "synced" and m["kind"] == "Device" for m in r))
     rv = next(m["rv"] for m in a.received if m["t"] == "synced" and m["kind"] == "Device")
     await a.close()  # the link drops (or the relay restarts)
@@ -161,7 +162,7 @@ async def test_a_new_stream_resumes_from_the_gateways_resource_version(
     await client.patch(Device, "a2", desired, namespace="plant", patch_type=PatchType.MERGE)
     again = Gateway(pki, "edge-a", port)
     try:
-        again.send({"t": "hello", "proto": 1, "resume": {"Device": rv}})
+        again.send({"t": "hello", "proto": PROTOCOL_VERSION, "resume": {"Device": rv}})
         await again.until(lambda r: names(r) == {"a2"})
         await asyncio.sleep(0.3)
         assert names(again.received) == {"a2"}  # only what changed; no relist
@@ -222,7 +223,7 @@ async def test_edgetwin_cloud_run_serves_the_relay(tmp_path: Path, pki: Path) ->
             await asyncio.to_thread(wait_port, port)
             gw = Gateway(pki, "edge-a", port)
             try:
-                gw.send({"t": "hello", "proto": 1, "resume": {}})
+                gw.send({"t": "hello", "proto": PROTOCOL_VERSION, "resume": {}})
                 gw.send({"t": "status", "dev": "plant.a1", "rev": 1, "patch": status(1, 20.25)})
                 await gw.until(lambda r: any(m["t"] == "applied" for m in r))
                 assert names(gw.received) == {"a1"}

@@ -20,12 +20,17 @@ from deviceapi.wire import (
     CLOUD_TO_EDGE,
     ENCODING_MSGPACK,
     ENCODING_MSGPACK_ZLIB,
+    ENCODING_MSGPACK_ZSTREAM,
     MAX_BATCH_BYTES,
+    MAX_FRAME_BYTES,
+    FrameDecoder,
+    FrameEncoder,
     Incoming,
     Outgoing,
     WireError,
     decode_batch,
     encode_batch,
+    pack_batch,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,7 +62,7 @@ def test_batches_round_trip_and_compress() -> None:
 @pytest.mark.parametrize(
     ("encoding", "payload", "message"),
     [
-        (ENCODING_MSGPACK_ZLIB, b"not zlib", "not valid zlib"),
+        (ENCODING_MSGPACK_ZLIB, b"not zlib", "not valid deflate"),
         (ENCODING_MSGPACK_ZLIB, zlib.compress(msgpack.packb([{"t": "hello"}]))[:-4], "truncated"),
         (ENCODING_MSGPACK, b"\xc1", "not a msgpack batch"),
         (ENCODING_MSGPACK, msgpack.packb({"t": "hello"}), "an array of messages"),
@@ -108,8 +113,7 @@ def test_every_frame_is_applied_once_in_order_across_reconnects(
     for i, n in enumerate(sends):
         for _ in range(n):
             counter += 1
-            enc, payload = encode_batch([{"t": "applied", "dev": "a.b", "rev": counter}])
-            seq = out.send(enc, payload, counter)
+            seq = out.send(pack_batch([{"t": "applied", "dev": "a.b", "rev": counter}]), counter)
             in_flight.append((seq, counter))
         event = events[i] if i < len(events) else "ack"
         if event == "lose":  # the link breaks: an arbitrary tail of in-flight frames is lost
@@ -123,7 +127,7 @@ def test_every_frame_is_applied_once_in_order_across_reconnects(
             acknowledged += out.on_ack(inc.ack)
         if event in ("reconnect", "lose"):
             # After a reconnect the sender replays everything unacknowledged.
-            in_flight = [(seq, out.unacked[seq][2]) for seq, _, _ in out.replay()]
+            in_flight = [(seq, out.unacked[seq][1]) for seq, _ in out.replay()]
     for seq, meta in in_flight:
         if inc.accept(seq):
             applied.append(meta)
@@ -140,11 +144,11 @@ def test_a_restarted_receiver_starts_from_the_first_frame_it_sees() -> None:
     with pytest.raises(WireError, match="frames were lost"):
         inc.accept(44)
     out: Outgoing[str] = Outgoing(window=2)
-    out.send(1, b"", "a")
-    out.send(1, b"", "b")
+    out.send(b"", "a")
+    out.send(b"", "b")
     assert not out.can_send
     with pytest.raises(WireError, match="window"):
-        out.send(1, b"", "c")
+        out.send(b"", "c")
     with pytest.raises(WireError, match="never sent"):
         out.on_ack(3)
     assert out.on_ack(1) == ["a"] and out.on_ack(1) == []
@@ -159,3 +163,41 @@ def test_generated_grpc_code_is_not_stale(tmp_path: Path) -> None:
     )
     stale = [str(p) for p in fresh if not filecmp.cmp(tmp_path / p, committed / p, shallow=False)]
     assert not stale, f"protos/ changed; run scripts/gen-protos ({stale})"
+
+
+def test_stream_frames_round_trip_in_order_and_a_trickle_costs_a_few_bytes_each() -> None:
+    enc, dec = FrameEncoder(), FrameDecoder()
+    sizes = []
+    for i in range(200):  # one device's temperature, once a second
+        batch = [status(f"plant.d{i % 50}", 1000 + i, 20 + (i % 7) / 10)]
+        encoding, payload = enc.encode(pack_batch(batch))
+        assert encoding == ENCODING_MSGPACK_ZSTREAM
+        assert dec.decode(encoding, payload) == batch
+        sizes.append(len(payload))
+    per_frame_zlib = len(encode_batch([status("plant.d1", 1100, 20.5)])[1])
+    # Against the frames before it, a small status message compresses far better than alone.
+    assert sum(sizes[-100:]) / 100 < per_frame_zlib / 3, (sizes[-10:], per_frame_zlib)
+
+
+def test_stream_decoder_refuses_bombs_garbage_and_out_of_order_frames() -> None:
+    enc, dec = FrameEncoder(), FrameDecoder()
+    with pytest.raises(WireError, match="exceeds"):
+        pack_batch([{"t": "hello", "proto": 2, "resume": {"x": "0" * (MAX_BATCH_BYTES + 10)}}])
+    zeros = FrameEncoder()
+    _, payload = zeros.encode(b"\x00" * (MAX_BATCH_BYTES + 10))
+    assert len(payload) < MAX_FRAME_BYTES
+    with pytest.raises(WireError, match="exceeds"):
+        FrameDecoder().decode(ENCODING_MSGPACK_ZSTREAM, payload)
+    first = enc.encode(pack_batch([status("a.b", 1, 1.0)]))
+    second = enc.encode(pack_batch([status("a.b", 2, 2.0)]))
+    with pytest.raises(WireError):
+        dec.decode(*second)  # frames of a stream decode only in order
+    assert FrameDecoder().decode(*first)[0]["rev"] == 1
+
+
+@given(st.lists(st.binary(max_size=200), max_size=5))
+def test_stream_garbage_never_escapes_as_anything_but_wire_error(payloads: list[bytes]) -> None:
+    dec = FrameDecoder()
+    for payload in payloads:
+        with contextlib.suppress(WireError):
+            dec.decode(ENCODING_MSGPACK_ZSTREAM, payload)

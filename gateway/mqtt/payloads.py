@@ -254,3 +254,56 @@ def twin_set_request(event_id: str, now_ms: int, values: dict[str, Any]) -> byte
             "twin": {name: {"expected": {"value": v}} for name, v in values.items()},
         }
     )
+
+
+# ----------------------------------------------------------------- device lifecycle
+def device_state(dev: DeviceTwin) -> bytes:
+    """``edgetwin/{node}/{ns}/{name}/_state``: state, readiness and conditions."""
+    ready = dev.conditions.get("Ready")
+    doc: dict[str, Any] = {
+        "state": dev.state,
+        "ready": ready["status"] == "True" if ready else None,
+        "served": dev.served,
+        "conditions": [dev.conditions[k] for k in sorted(dev.conditions)],
+    }
+    if dev.last_online_ms is not None:
+        doc["lastOnlineTime"] = dev.last_online_ms
+    return _dumps(doc)
+
+
+def device_spec(definition: Any) -> bytes:
+    """``edgetwin/{node}/{ns}/{name}/_spec``: what the device is served with (a
+    gateway.registry.Definition): its source, spec and model."""
+    return _dumps(
+        {
+            "source": definition.source,
+            "generation": definition.generation,
+            "spec": definition.device.spec.model_dump(mode="json", exclude_none=True),
+            "model": definition.model.spec.model_dump(mode="json", exclude_none=True),
+        }
+    )
+
+
+def device_list(devices: list[dict[str, Any]]) -> bytes:
+    """``edgetwin/{node}/devices``: the node's devices."""
+    return _dumps({"devices": devices})
+
+
+def _member(dev: DeviceTwin) -> dict[str, Any]:
+    return {"id": dev.id, "name": dev.name, "namespace": dev.namespace, "state": dev.state}
+
+
+def membership_updated(now_ms: int, added: list[DeviceTwin], removed: list[tuple[str, str]]) -> bytes:
+    """KubeEdge's membership/updated event: devices added to and removed from the node."""
+    return _dumps(
+        {
+            "event_id": new_event_id(),
+            "timestamp": now_ms,
+            "added_devices": [_member(d) for d in added],
+            "removed_devices": [{"id": dev_id, "name": name} for dev_id, name in removed],
+        }
+    )
+
+
+def membership_get_result(event_id: str, now_ms: int, devices: list[DeviceTwin]) -> bytes:
+    return _dumps({"event_id": event_id, "timestamp": now_ms, "devices": [_member(d) for d in devices]})

@@ -23,6 +23,26 @@ SUBSCRIPTIONS: tuple[tuple[str, int], ...] = (
     (BROKER_DROPPED, 0),
 )
 
+
+def subscriptions(node: str) -> tuple[tuple[str, int], ...]:
+    """Everything the gateway of ``node`` subscribes to."""
+    return (*SUBSCRIPTIONS, (membership_get(node), 1))
+
+
+# KubeEdge's node membership topics: which devices this node serves.
+def membership_updated(node: str) -> str:
+    """Devices added to or removed from the node (not retained, QoS 1)."""
+    return f"$hw/events/node/{node}/membership/updated"
+
+
+def membership_get(node: str) -> str:
+    return f"$hw/events/node/{node}/membership/get"
+
+
+def membership_get_result(node: str) -> str:
+    return f"$hw/events/node/{node}/membership/get/result"
+
+
 TWIN_UPDATE = "twin/update"
 TWIN_GET = "twin/get"
 STATE_UPDATE = "state/update"
@@ -77,6 +97,23 @@ def state_update_result(device_id: str) -> str:
 def property_value(node: str, namespace: str, name: str, prop: str) -> str:
     """Retained JSON {value, timestamp, version} of one reported property."""
     return f"edgetwin/{node}/{namespace}/{name}/{prop}"
+
+
+def device_state(node: str, namespace: str, name: str) -> str:
+    """Retained JSON: the device's state (online/offline), readiness and conditions.
+    Property names cannot start with "_", so this never collides with a property."""
+    return f"edgetwin/{node}/{namespace}/{name}/_state"
+
+
+def device_spec(node: str, namespace: str, name: str) -> str:
+    """Retained JSON: the definition the device is served with (spec and model), for
+    external mappers to configure themselves."""
+    return f"edgetwin/{node}/{namespace}/{name}/_spec"
+
+
+def device_list(node: str) -> str:
+    """Retained JSON: every device of the node, its source and readiness."""
+    return f"edgetwin/{node}/devices"
 
 
 def gateway_status(node: str) -> str:

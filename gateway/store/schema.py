@@ -71,6 +71,31 @@ MIGRATIONS: list[tuple[str, list[str]]] = [
                 digest INTEGER NOT NULL, ts_ms INTEGER NOT NULL, answer BLOB NOT NULL)""",
         ],
     ),
+    (
+        "devices from the cluster: objects by source, served definitions, conditions",
+        [
+            # The same object may come from a local manifest and from the cluster.
+            """CREATE TABLE objects_by_source (
+                source TEXT NOT NULL, kind TEXT NOT NULL, namespace TEXT NOT NULL,
+                name TEXT NOT NULL, resource_version TEXT, body TEXT NOT NULL,
+                PRIMARY KEY (source, kind, namespace, name)) WITHOUT ROWID""",
+            """INSERT INTO objects_by_source
+                SELECT source, kind, namespace, name, resource_version, body FROM objects""",
+            "DROP TABLE objects",
+            "ALTER TABLE objects_by_source RENAME TO objects",
+            # What each device is served with (gateway/registry.py): kept so that a
+            # gateway restarted offline serves exactly what it served before, and an
+            # invalid cluster update leaves the previous definition in service.
+            """CREATE TABLE served (
+                device_id TEXT PRIMARY KEY, source TEXT NOT NULL, generation INTEGER NOT NULL,
+                resource_version TEXT NOT NULL, device TEXT NOT NULL, model TEXT NOT NULL)
+                WITHOUT ROWID""",
+            "ALTER TABLE device_state ADD COLUMN conditions TEXT NOT NULL DEFAULT '{}'",
+            "ALTER TABLE device_state ADD COLUMN observed_generation INTEGER NOT NULL DEFAULT 0",
+            # A random id per store: a store that was lost and made anew has another one.
+            "INSERT OR IGNORE INTO meta VALUES ('store_id', lower(hex(randomblob(8))))",
+        ],
+    ),
 ]
 
 # Event kinds a faulty device or peer can repeat; the event log trims them first.

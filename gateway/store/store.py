@@ -62,10 +62,22 @@ class Batch:
     # stored ones are no longer needed.
     recent: list[tuple[int, str, str, int, int, bytes]] = field(default_factory=list)
     recent_floor: int = 0
+    # Cluster objects (kind, namespace, name, resourceVersion, body) to keep, and ones
+    # deleted (kind, namespace, name); what each device is served with
+    # (device, source, generation, resourceVersion, device JSON, model JSON), and devices
+    # no longer served.
+    objects: list[tuple[str, str, str, str, str]] = field(default_factory=list)
+    objects_deleted: list[tuple[str, str, str]] = field(default_factory=list)
+    served: list[tuple[str, str, int, str, str, str]] = field(default_factory=list)
+    unserved: list[tuple[str]] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(
             self.recent
+            or self.objects
+            or self.objects_deleted
+            or self.served
+            or self.unserved
             or self.properties
             or self.devices
             or self.outbox_upserts
@@ -116,7 +128,9 @@ def snapshot(engine: TwinEngine, changes: Changes) -> Batch:
     for dev_id in changes.devices:
         dev = devices.get(dev_id)
         if dev is not None:
-            batch.devices.append((dev_id, dev.state, dev.last_online_ms))
+            batch.devices.append(
+                (dev_id, dev.state, dev.last_online_ms, _dump(dev.conditions), dev.observed_generation)
+            )
     for dev_id in changes.outbox:
         entry = engine.outbox.get(dev_id)
         if entry is None:
@@ -207,12 +221,12 @@ class Store:
     def _write(self, batch: Batch) -> None:
         c = self.conn
         if batch.removed:
-            for table in ("twin_property", "device_state", "outbox"):
+            for table in ("twin_property", "device_state", "outbox", "served"):
                 c.executemany(f"DELETE FROM {table} WHERE device_id = ?", batch.removed)
         if batch.properties:
             c.executemany(_UPSERT_PROPERTY, batch.properties)
         if batch.devices:
-            c.executemany("INSERT OR REPLACE INTO device_state VALUES (?,?,?)", batch.devices)
+            c.executemany("INSERT OR REPLACE INTO device_state VALUES (?,?,?,?,?)", batch.devices)
         if batch.outbox_upserts:
             c.executemany("INSERT OR REPLACE INTO outbox VALUES (?,?,?)", batch.outbox_upserts)
         if batch.outbox_deletes:
@@ -230,6 +244,20 @@ class Store:
         if batch.recent:
             c.executemany("INSERT OR REPLACE INTO recent_updates VALUES (?,?,?,?,?,?)", batch.recent)
             c.execute("DELETE FROM recent_updates WHERE seq < ?", (batch.recent_floor,))
+        if batch.objects:
+            c.executemany(
+                "INSERT OR REPLACE INTO objects VALUES ('cluster',?,?,?,?,?)",
+                batch.objects,
+            )
+        if batch.objects_deleted:
+            c.executemany(
+                "DELETE FROM objects WHERE source = 'cluster' AND kind = ? AND namespace = ? AND name = ?",
+                batch.objects_deleted,
+            )
+        if batch.served:
+            c.executemany("INSERT OR REPLACE INTO served VALUES (?,?,?,?,?,?)", batch.served)
+        if batch.unserved:
+            c.executemany("DELETE FROM served WHERE device_id = ?", batch.unserved)
 
     def _trim_events(self, c: sqlite3.Connection) -> None:
         """Keep the newest ``events_max`` rows: the oldest noisy ones (rejections, read
@@ -249,12 +277,24 @@ class Store:
             self._event_rows -= gone
             self.events_dropped += gone
 
-    def save_objects(self, rows: list[tuple[str, str, str, str, str | None, str]], source: str) -> None:
+    def save_objects(self, rows: list[tuple[str, str, str, str | None, str]], source: str) -> None:
         """Replace the stored objects of ``source`` (e.g. "manifest") with ``rows`` of
-        (kind, namespace, name, source, resource_version, body)."""
+        (kind, namespace, name, resource_version, body)."""
         with self._transaction() as c:
             c.execute("DELETE FROM objects WHERE source = ?", (source,))
-            c.executemany("INSERT OR REPLACE INTO objects VALUES (?,?,?,?,?,?)", rows)
+            c.executemany(
+                "INSERT OR REPLACE INTO objects VALUES (?,?,?,?,?,?)", [(source, *row) for row in rows]
+            )
+
+    def load_objects(self, source: str) -> list[tuple[str, dict[str, Any]]]:
+        """The stored objects of ``source`` as (kind, object)."""
+        rows = self.conn.execute("SELECT kind, body FROM objects WHERE source = ?", (source,)).fetchall()
+        return [(kind, json.loads(body)) for kind, body in rows]
+
+    def load_served(self) -> list[tuple[str, str, int, str, dict[str, Any], dict[str, Any]]]:
+        """What each device was served with: (device, source, generation, rv, device, model)."""
+        rows = self.conn.execute("SELECT * FROM served").fetchall()
+        return [(d, src, gen, rv, json.loads(dev), json.loads(model)) for d, src, gen, rv, dev, model in rows]
 
     def get_meta(self, key: str) -> str | None:
         row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
@@ -281,6 +321,8 @@ class Store:
             dev = engine.devices.get(row["device_id"])
             if dev is not None:
                 dev.state, dev.last_online_ms = row["state"], row["last_online_ms"]
+                dev.conditions = json.loads(row["conditions"])
+                dev.observed_generation = row["observed_generation"]
         stored = {r["device_id"]: r for r in self.db.query("SELECT * FROM outbox")}
         for dev_id in engine.devices:
             outbox_row = stored.get(dev_id)

@@ -9,10 +9,12 @@ and sync. Rules (DESIGN.md, "Twin rules"):
   value, so a version that anyone has seen is never given to another value).
 * Reported state belongs to the edge; nothing from the cloud changes it.
 * Desired writes come from the spec (``origin="cloud"``: the cloud, or local manifests
-  standing in for it) or from the edge (``origin="edge"``). Per property the later HLC
-  stamp wins; on equal stamps the cloud wins. The loser is recorded as a :class:`Conflict`
-  when it was a real concurrent change: an incoming write older than the one in effect,
-  or a cloud write replacing an edge write the cloud had not yet acknowledged.
+  standing in for it) or from the edge (``origin="edge"``). Between the two, per
+  property the later HLC stamp wins; on equal stamps the cloud wins. A new spec value
+  always replaces the previous spec value (the API server orders spec writes). The
+  loser is recorded as a :class:`Conflict` when it was a real concurrent change: an
+  incoming write older than the one in effect, or a cloud write replacing an edge write
+  the cloud had not yet acknowledged.
 * A writable property whose desired value differs from reported has a pending write;
   :meth:`TwinEngine.due_writes` hands out attempts with exponential backoff until the
   device reports the desired value (applied) or the attempts run out (failed).
@@ -161,6 +163,13 @@ class DeviceTwin:
     properties: dict[str, PropertyTwin]
     state: str = "unknown"
     last_online_ms: int | None = None
+    # False for a device declared in the cluster that cannot be served: a placeholder
+    # with no properties, kept so its status (Ready=False and why) can be written.
+    served: bool = True
+    # Conditions reported in Device status, by type (the dict as status shows it).
+    conditions: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # The cluster spec generation this gateway has seen for it (0: none).
+    observed_generation: int = 0
 
 
 @dataclass(slots=True)
@@ -307,11 +316,27 @@ class TwinEngine:
             properties=props,
             state=old.state if old else "unknown",
             last_online_ms=old.last_online_ms if old else None,
+            conditions=old.conditions if old else {},
+            observed_generation=old.observed_generation if old else 0,
         )
         self.devices[dev_id] = twin_dev
         self.changes.devices.add(dev_id)
         self.changes.properties.update((dev_id, name) for name in props)
         return twin_dev
+
+    def define_unserved(self, device_id: str, namespace: str, name: str) -> DeviceTwin:
+        """A placeholder for a device declared in the cluster that cannot be served: no
+        properties, no values, only status (conditions) to report."""
+        dev = self.devices.get(device_id)
+        if dev is None or dev.served:
+            old = dev
+            dev = DeviceTwin(device_id, namespace, name, "", None, {}, served=False)
+            if old is not None:
+                dev.conditions, dev.observed_generation = old.conditions, old.observed_generation
+                dev.state, dev.last_online_ms = old.state, old.last_online_ms
+            self.devices[device_id] = dev
+            self.changes.devices.add(device_id)
+        return dev
 
     def remove_device(self, device_id: str) -> None:
         if self.devices.pop(device_id, None) is not None:
@@ -609,6 +634,120 @@ class TwinEngine:
             self.changes.devices.add(device_id)
             self._compose(device_id, patch)
 
+    def set_condition(
+        self, device_id: str, ctype: str, status: str | None, reason: str, message: str, now_ms: int
+    ) -> bool:
+        """Set (or with ``status=None`` clear) a status condition of a device; only a
+        change goes to the outbox. ``lastTransitionTime`` moves when the status does."""
+        dev = self.device(device_id)
+        current = dev.conditions.get(ctype)
+        if status is None:
+            if current is None:
+                return False
+            del dev.conditions[ctype]
+            self.changes.devices.add(device_id)
+            self._compose(device_id, {"conditions": {ctype: None}})
+            return True
+        if current is not None and (current["status"], current["reason"], current["message"]) == (
+            status,
+            reason,
+            message,
+        ):
+            return False
+        moved = current is None or current["status"] != status
+        cond = {
+            "type": ctype,
+            "status": status,
+            "reason": reason,
+            "message": message,
+            "lastTransitionTime": iso_ms(now_ms) if moved else current["lastTransitionTime"],  # type: ignore[index]
+        }
+        dev.conditions[ctype] = cond
+        self.changes.devices.add(device_id)
+        self._compose(device_id, {"conditions": {ctype: cond}})
+        return True
+
+    def set_observed_generation(self, device_id: str, generation: int, store_id: str) -> None:
+        """The cluster spec generation the gateway has seen for a device, reported with
+        the store's id (the relay uses both to keep its own writes from echoing back)."""
+        dev = self.device(device_id)
+        if dev.observed_generation != generation:
+            dev.observed_generation = generation
+            self.changes.devices.add(device_id)
+            self._compose(device_id, {"observedGeneration": generation, "edgeStore": store_id})
+
+    def adopt_status(self, device_id: str, status: Mapping[str, Any] | None, now_ms: int) -> list[str]:
+        """Take what the cloud's status knows that this twin does not: after a store was
+        lost (new hardware, a wiped disk) versions would restart at 1 and the relay would
+        ignore every value as older than what status holds. So for each property whose
+        cloud version is at or above ours, versions continue above the cloud's; a value
+        this twin has not reported yet is taken from the cloud (its value, timestamp and
+        version), and one reported since the loss is renumbered above the cloud's version
+        so that it wins. An edge desired value the cloud holds and this twin lacks is
+        restored. Returns the properties adopted."""
+        dev = self.devices.get(device_id)
+        if dev is None or not status or not dev.served:
+            return []
+        adopted: list[str] = []
+        for entry in status.get("twins") or []:
+            if not isinstance(entry, dict):
+                continue
+            prop = dev.properties.get(str(entry.get("propertyName", "")))
+            if prop is None:
+                continue
+            reported = entry.get("reported")
+            meta = reported.get("metadata") if isinstance(reported, dict) else None
+            cloud_version = _as_int((meta or {}).get("version"))
+            behind = cloud_version is not None and (
+                cloud_version > prop.last_version
+                or (
+                    cloud_version == prop.last_version
+                    and prop.reported is not None
+                    and value_to_text(prop.reported.value) != str(reported.get("value"))  # type: ignore[union-attr]
+                )
+            )
+            if behind and cloud_version is not None:
+                adopted.append(prop.name)
+                if prop.reported is None:
+                    try:
+                        value = coerce_value(reported["value"], prop.type, prop.minimum, prop.maximum)  # type: ignore[index]
+                    except (ValueRejected, KeyError, TypeError):
+                        value = None
+                    prop.last_version = cloud_version
+                    if value is not None:
+                        ts = _as_int((meta or {}).get("timestamp")) or now_ms
+                        prop.reported = Reported(value, ts, cloud_version)
+                        self.changes.public.add((device_id, prop.name))
+                else:
+                    prop.last_version = cloud_version + 1
+                    prop.reported.version = prop.last_version
+                    self.changes.public.add((device_id, prop.name))
+                    self._compose(device_id, {"twins": {prop.name: {"reported": reported_status(prop)}}})
+                self.changes.properties.add((device_id, prop.name))
+            desired = entry.get("observedDesired")
+            if prop.desired is None and prop.writable and isinstance(desired, dict):
+                self._restore_edge_desired(device_id, prop, desired, now_ms)
+        return adopted
+
+    def _restore_edge_desired(
+        self, device_id: str, prop: PropertyTwin, desired: dict[str, Any], now_ms: int
+    ) -> None:
+        meta = desired.get("metadata") or {}
+        if meta.get("origin") != "edge":
+            return  # cloud desired values come back from the spec itself
+        try:
+            value = coerce_value(desired.get("value"), prop.type, prop.minimum, prop.maximum)
+            stamp = Stamp.parse(str(meta.get("stamp", "")))
+        except (ValueRejected, ValueError):
+            return
+        self.clock.observe(stamp)
+        prop.desired = Desired(value, "edge", stamp, acked=True)
+        if prop.reported is not None and _same(prop.reported.value, value):
+            prop.write_state, prop.next_write_ms = WriteState.APPLIED, None
+        else:
+            prop.write_state, prop.write_attempts, prop.next_write_ms = WriteState.PENDING, 0, now_ms
+        self.changes.properties.add((device_id, prop.name))
+
     # ----------------------------------------------------------------- outbox
     def outbox_acked(self, device_id: str, revision: int) -> bool:
         """The cloud accepted the device's patch at ``revision``. Edge desired writes in
@@ -764,8 +903,19 @@ def property_status(prop: PropertyTwin) -> dict[str, Any]:
     return entry
 
 
+def _as_int(text: Any) -> int | None:
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        return None
+
+
 def _wins(incoming: Desired, current: Desired) -> bool:
-    """The conflict rule: later stamp wins; on equal stamps the cloud wins."""
+    """The conflict rule between the cloud and the edge: the later stamp wins; on equal
+    stamps the cloud wins. A new spec value always replaces the previous spec value: the
+    API server orders spec writes (its write times, kept to the second, may not)."""
+    if incoming.origin == current.origin == "cloud":
+        return True
     return (incoming.stamp, incoming.origin == "cloud") > (current.stamp, current.origin == "cloud")
 
 

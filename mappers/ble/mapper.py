@@ -274,6 +274,7 @@ class BleMapper(Mapper):
             raise MapperError("mappers.ble: need 0 < reconnectMin <= reconnectMax")
         self.devices: dict[str, DeviceRuntime] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        self._by_device: dict[str, asyncio.Task[None]] = {}
         self.discovery = Discovery(self._scanner)
 
     # --- backend selection ------------------------------------------------------------
@@ -302,15 +303,31 @@ class BleMapper(Mapper):
 
     async def start(self, devices: list[DeviceBinding]) -> None:
         for device in devices:
-            conn = parse_connection(device.id, device.config)
-            props = {p.name: _Prop(p, parse_visitor(device.id, conn, p)) for p in device.properties}
-            rt = DeviceRuntime(device, conn, props)
-            self.devices[device.id] = rt
-            run = self._run_advertised if conn.source == "advertisement" else self._run_connected
-            self._tasks.append(asyncio.create_task(run(rt), name=f"ble {device.id}"))
+            await self.add_device(device)
+
+    async def add_device(self, device: DeviceBinding) -> None:
+        await self.remove_device(device.id)
+        conn = parse_connection(device.id, device.config)
+        props = {p.name: _Prop(p, parse_visitor(device.id, conn, p)) for p in device.properties}
+        rt = DeviceRuntime(device, conn, props)
+        self.devices[device.id] = rt
+        run = self._run_advertised if conn.source == "advertisement" else self._run_connected
+        task = asyncio.create_task(run(rt), name=f"ble {device.id}")
+        self._tasks.append(task)
+        self._by_device[device.id] = task
+
+    async def remove_device(self, device_id: str) -> None:
+        """Stop serving a device: its loop ends, its connection (and slot) is released,
+        an advertisement device stops watching the scanner."""
+        self.devices.pop(device_id, None)
+        task = self._by_device.pop(device_id, None)
+        if task is not None:
+            self._tasks.remove(task)
+            await cancel_tasks([task])
 
     async def stop(self) -> None:
         await cancel_tasks(self._tasks)
+        self._by_device.clear()
         await self.discovery.close()
         if self.hci:
             from mappers.ble.bumble_backend import close_adapters

@@ -206,6 +206,7 @@ class ModbusMapper(Mapper):
         self.links: dict[str, Link] = {}
         self.devices: dict[str, DeviceRuntime] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        self._device_tasks: dict[str, list[asyncio.Task[None]]] = {}
 
     @classmethod
     def validate(cls, device: DeviceBinding) -> None:
@@ -216,23 +217,42 @@ class ModbusMapper(Mapper):
 
     async def start(self, devices: list[DeviceBinding]) -> None:
         for device in devices:
-            conn = parse_connection(device.id, device.config)
-            # Devices on one endpoint (units on a line or behind a gateway) share its
-            # connection, opened with the first device's settings.
-            key = link_key(conn)
-            link = self.links.get(key) or self.links.setdefault(key, Link(conn))
-            props = {p.name: (p, parse_visitor(device.id, p)) for p in device.properties if p.visitor}
-            rt = self.devices[device.id] = DeviceRuntime(device, conn, link, props)
-            cycles: dict[int, list[str]] = {}
-            for name, (p, _) in props.items():
-                cycles.setdefault(p.collect_cycle_ms or DEFAULT_CYCLE_MS, []).append(name)
-            for cycle_ms, names in cycles.items():
-                self._tasks.append(
-                    asyncio.create_task(self._poll(rt, cycle_ms, names), name=f"modbus {device.id}")
-                )
+            await self.add_device(device)
+
+    async def add_device(self, device: DeviceBinding) -> None:
+        await self.remove_device(device.id)
+        conn = parse_connection(device.id, device.config)
+        # Devices on one endpoint (units on a line or behind a gateway) share its
+        # connection, opened with the first device's settings.
+        key = link_key(conn)
+        link = self.links.get(key) or self.links.setdefault(key, Link(conn))
+        props = {p.name: (p, parse_visitor(device.id, p)) for p in device.properties if p.visitor}
+        rt = self.devices[device.id] = DeviceRuntime(device, conn, link, props)
+        cycles: dict[int, list[str]] = {}
+        for name, (p, _) in props.items():
+            cycles.setdefault(p.collect_cycle_ms or DEFAULT_CYCLE_MS, []).append(name)
+        tasks = [
+            asyncio.create_task(self._poll(rt, cycle_ms, names), name=f"modbus {device.id}")
+            for cycle_ms, names in cycles.items()
+        ]
+        self._device_tasks[device.id] = tasks
+        self._tasks.extend(tasks)
+
+    async def remove_device(self, device_id: str) -> None:
+        """No more requests to the device; its endpoint's connection is closed when no
+        other device uses it."""
+        rt = self.devices.pop(device_id, None)
+        tasks = self._device_tasks.pop(device_id, [])
+        for task in tasks:
+            self._tasks.remove(task)
+        await cancel_tasks(tasks)
+        if rt is not None and not any(other.link is rt.link for other in self.devices.values()):
+            self.links.pop(link_key(rt.conn), None)
+            rt.link.close()
 
     async def stop(self) -> None:
         await cancel_tasks(self._tasks)
+        self._device_tasks.clear()
         for link in self.links.values():
             link.close()
 

@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x65\x64getwin/sync/v1/sync.proto\x12\x10\x65\x64getwin.sync.v1\"`\n\x05\x46rame\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0b\n\x03\x61\x63k\x18\x02 \x01(\x04\x12,\n\x08\x65ncoding\x18\x03 \x01(\x0e\x32\x1a.edgetwin.sync.v1.Encoding\x12\x0f\n\x07payload\x18\x04 \x01(\x0c*U\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x14\n\x10\x45NCODING_MSGPACK\x10\x01\x12\x19\n\x15\x45NCODING_MSGPACK_ZLIB\x10\x02\x32\x44\n\x04Sync\x12<\n\x04Link\x12\x17.edgetwin.sync.v1.Frame\x1a\x17.edgetwin.sync.v1.Frame(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x65\x64getwin/sync/v1/sync.proto\x12\x10\x65\x64getwin.sync.v1\"n\n\x05\x46rame\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0b\n\x03\x61\x63k\x18\x02 \x01(\x04\x12,\n\x08\x65ncoding\x18\x03 \x01(\x0e\x32\x1a.edgetwin.sync.v1.Encoding\x12\x0f\n\x07payload\x18\x04 \x01(\x0c\x12\x0c\n\x04\x65\x63ho\x18\x05 \x01(\x08*s\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x14\n\x10\x45NCODING_MSGPACK\x10\x01\x12\x19\n\x15\x45NCODING_MSGPACK_ZLIB\x10\x02\x12\x1c\n\x18\x45NCODING_MSGPACK_ZSTREAM\x10\x03\x32\x44\n\x04Sync\x12<\n\x04Link\x12\x17.edgetwin.sync.v1.Frame\x1a\x17.edgetwin.sync.v1.Frame(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'edgetwin.sync.v1.sync_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ENCODING']._serialized_start=147
-  _globals['_ENCODING']._serialized_end=232
+  _globals['_ENCODING']._serialized_start=161
+  _globals['_ENCODING']._serialized_end=276
   _globals['_FRAME']._serialized_start=49
-  _globals['_FRAME']._serialized_end=145
-  _globals['_SYNC']._serialized_start=234
-  _globals['_SYNC']._serialized_end=302
+  _globals['_FRAME']._serialized_end=159
+  _globals['_SYNC']._serialized_start=278
+  _globals['_SYNC']._serialized_end=346
 # @@protoc_insertion_point(module_scope)
