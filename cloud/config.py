@@ -1,17 +1,22 @@
-"""The relay's YAML config (``edgetwin cloud run --config relay.yaml``)::
+"""The relay's YAML config (``edgetwin cloud run --config relay.yaml``); docs/relay.md
+is the reference for every key::
 
     listen: "0.0.0.0:7443"
     tls: {cert_file: relay.pem, key_file: relay-key.pem, ca_file: ca.pem}
-    kubeconfig: null            # null: in-cluster service account (the Deployment)
+    kubeconfig: null            # null: in-cluster service account, else $KUBECONFIG or ~/.kube/config
+    context: null               # a kubeconfig context other than its current one
     minStatusInterval: 5s       # at most one status write per Device per interval
+    nodeSelector: auto          # auto | field | label: how a node's Devices are selected
+    log: {level: INFO, format: text}
 
 A bad file is refused with :class:`RelayConfigError` naming the key.
 """
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -31,18 +36,41 @@ class RelayTls(BaseModel):
     ca_file: Path  # the CA that signs gateway (client) certificates
 
 
+class RelayLog(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["text", "json"] = "text"
+
+
 class RelayConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     listen: str = "0.0.0.0:7443"
     tls: RelayTls
     kubeconfig: Path | None = None
+    context: str | None = None
     minStatusInterval: int = Field(5_000, ge=0)  # ms
+    # How a node's Devices are selected: by the spec.nodeName field selector (CRD
+    # selectableFields, Kubernetes 1.31+), by the edgetwin.io/node label, or auto: the
+    # field, falling back to the label where the API server refuses it.
+    nodeSelector: Literal["auto", "field", "label"] = "auto"
+    # A stream silent this long is taken as dead (gateways send a heartbeat every 20 s).
+    linkDeadAfter: int = 45_000  # ms
+    log: RelayLog = Field(default_factory=RelayLog)
 
-    @field_validator("minStatusInterval", mode="before")
+    @field_validator("minStatusInterval", "linkDeadAfter", mode="before")
     @classmethod
     def _interval(cls, v: Any) -> int:
         return parse_duration_ms(v)
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        host, sep, port = v.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError(f"expected HOST:PORT (e.g. 0.0.0.0:7443 or [::]:7443), got {v!r}")
+        return v
 
 
 def load_relay_config(path: str | Path) -> RelayConfig:
@@ -62,13 +90,47 @@ def load_relay_config(path: str | Path) -> RelayConfig:
         raise RelayConfigError(f"{p}: {key}: {msg}" if key else f"{p}: {msg}") from None
     base = p.parent
     for name in ("cert_file", "key_file", "ca_file"):
-        value = getattr(cfg.tls, name)
-        value = value if value.is_absolute() else base / value
+        value = _resolve(base, getattr(cfg.tls, name))
         if not value.is_file():
             raise RelayConfigError(f"{p}: tls.{name}: {value} does not exist")
         setattr(cfg.tls, name, value)
+    try:
+        ssl.create_default_context().load_cert_chain(cfg.tls.cert_file, cfg.tls.key_file)
+    except ssl.SSLError as exc:
+        raise RelayConfigError(
+            f"{p}: tls.key_file: {cfg.tls.key_file} is not the key of {cfg.tls.cert_file} "
+            f"({exc.reason or exc})"
+        ) from None
     if cfg.kubeconfig is not None:
-        cfg.kubeconfig = cfg.kubeconfig if cfg.kubeconfig.is_absolute() else base / cfg.kubeconfig
+        cfg.kubeconfig = _resolve(base, cfg.kubeconfig)
         if not cfg.kubeconfig.is_file():
             raise RelayConfigError(f"{p}: kubeconfig: {cfg.kubeconfig} does not exist")
     return cfg
+
+
+def _resolve(base: Path, path: Path) -> Path:
+    """``~`` is the user's home; a relative path is taken from the config's folder."""
+    path = path.expanduser()
+    return path if path.is_absolute() else base / path
+
+
+def kube_config(cfg: RelayConfig, source: str = "") -> Any:
+    """The Kubernetes client configuration the relay uses, or RelayConfigError saying
+    what to set: ``kubeconfig`` (with ``context``), or with ``kubeconfig: null`` the
+    in-cluster service account, then $KUBECONFIG, then ~/.kube/config."""
+    from lightkube import KubeConfig
+    from lightkube.core.exceptions import ConfigError
+
+    where = f"{source}: " if source else ""
+    try:
+        kube = KubeConfig.from_file(cfg.kubeconfig) if cfg.kubeconfig is not None else KubeConfig.from_env()
+    except ConfigError as exc:
+        raise RelayConfigError(
+            f"{where}kubeconfig: null means the in-cluster service account, $KUBECONFIG or ~/.kube/config, "
+            f"and none is usable here ({exc}); set kubeconfig: to a kubeconfig file"
+        ) from None
+    try:
+        return kube.get(context_name=cfg.context)
+    except ConfigError as exc:
+        contexts = ", ".join(sorted(getattr(kube, "contexts", {}) or {})) or "none"
+        raise RelayConfigError(f"{where}context: {exc} (the kubeconfig has: {contexts})") from None

@@ -358,7 +358,9 @@ async def serve(
     service = SyncService(client, settings)
     sync_pb2_grpc.add_SyncServicer_to_server(service, server)  # type: ignore[no-untyped-call]
     creds = grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=True)
-    port = server.add_secure_port(address, creds)
+    port = server.add_secure_port(address, creds)  # RuntimeError when it cannot bind
+    if port == 0 and not address.endswith(":0"):
+        raise RuntimeError(f"cannot bind {address}")
     await server.start()
     return server, service, port
 

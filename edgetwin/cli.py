@@ -117,18 +117,27 @@ def cmd_twin_events(args: argparse.Namespace) -> int:
 
 
 def cmd_twin_list(args: argparse.Namespace) -> int:
-    from gateway.store.store import open_reader
+    from gateway.store.store import list_devices, open_reader
 
     cfg = load_config(args.config)
-    db = open_reader(cfg.store.path)
-    rows = [("DEVICE", "STATE", "PROPERTIES", "OUTBOX")]
-    states = {r["device_id"]: r["state"] for r in db.query("SELECT * FROM device_state")}
-    outbox = {r["device_id"] for r in db.query("SELECT device_id FROM outbox")}
-    for r in db.query(
-        "SELECT device_id, count(*) AS n FROM twin_property GROUP BY device_id ORDER BY device_id"
-    ):
-        dev = r["device_id"]
-        rows.append((dev, states.get(dev, "unknown"), str(r["n"]), "pending" if dev in outbox else "-"))
+    devices = list_devices(open_reader(cfg.store.path))
+    if args.json:
+        print(json.dumps(devices, indent=2))
+        return 0
+    rows = [("DEVICE", "SOURCE", "READY", "STATE", "PROPERTIES", "OUTBOX", "REASON")]
+    for d in devices:
+        ready = {True: "True", False: "False", None: "-"}[d["ready"]]
+        rows.append(
+            (
+                d["device"],
+                d["source"],
+                ready,
+                d["state"],
+                str(d["properties"]),
+                "pending" if d["outbox"] else "-",
+                d["reason"] if d["ready"] is False else "",
+            )
+        )
     _print_table(rows)
     return 0
 
@@ -278,31 +287,40 @@ def cmd_sim_ble(args: argparse.Namespace) -> int:
 
 
 def cmd_cloud_run(args: argparse.Namespace) -> int:
-    from lightkube import AsyncClient, KubeConfig
+    from lightkube import AsyncClient
 
-    from cloud.config import RelayConfigError, load_relay_config
+    from cloud.config import RelayConfigError, kube_config, load_relay_config
     from cloud.relay import RelaySettings, serve
 
     try:
         cfg = load_relay_config(args.config)
+        kube = kube_config(cfg, str(args.config))
     except RelayConfigError as exc:
         print(f"edgetwin: {exc}", file=sys.stderr)
         return EXIT_USAGE
     from gateway import logs
 
-    logs.setup("INFO")  # the same structured log lines as the gateway
+    logs.setup(args.log_level or cfg.log.level, cfg.log.format)  # the gateway's structured lines
 
     async def run() -> None:
-        kube = KubeConfig.from_file(cfg.kubeconfig) if cfg.kubeconfig else KubeConfig.from_env()
-        client = AsyncClient(config=kube)
-        server, _, port = await serve(
-            client,
-            cfg.listen,
-            cfg.tls.cert_file.read_bytes(),
-            cfg.tls.key_file.read_bytes(),
-            cfg.tls.ca_file.read_bytes(),
-            RelaySettings(min_status_interval_s=cfg.minStatusInterval / 1000),
+        client = AsyncClient(config=kube, field_manager="edgetwin-relay")
+        settings = RelaySettings(
+            min_status_interval_s=cfg.minStatusInterval / 1000,
+            node_selector=cfg.nodeSelector,
+            dead_after_s=cfg.linkDeadAfter / 1000,
         )
+        try:
+            server, _, port = await serve(
+                client,
+                cfg.listen,
+                cfg.tls.cert_file.read_bytes(),
+                cfg.tls.key_file.read_bytes(),
+                cfg.tls.ca_file.read_bytes(),
+                settings,
+            )
+        except RuntimeError as exc:  # grpc: "Failed to bind to address ..."
+            await client.close()
+            raise CliError(f"listen: cannot serve on {cfg.listen}: {exc}", EXIT_USAGE) from None
         print(f"edgetwin relay listening on {cfg.listen.rsplit(':', 1)[0]}:{port} (mutual TLS)", flush=True)
         try:
             await server.wait_for_termination()
@@ -361,7 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     get.add_argument("--json", action="store_true")
     get.add_argument("--config", required=True, type=Path)
     get.set_defaults(func=cmd_twin_get)
-    lst = twin.add_parser("list", help="list devices and their state")
+    lst = twin.add_parser("list", help="list devices: source, readiness, state, pending status")
+    lst.add_argument("--json", action="store_true")
     lst.add_argument("--config", required=True, type=Path)
     lst.set_defaults(func=cmd_twin_list)
     events = twin.add_parser("events", help="the local event log: conflicts, rejected values, failed writes")
@@ -408,6 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     cloud = sub.add_parser("cloud", help="cloud side").add_subparsers(dest="action", required=True)
     crun = cloud.add_parser("run", help="run the cloud relay (gRPC, mutual TLS) against a Kubernetes API")
     crun.add_argument("--config", required=True, type=Path)
+    crun.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     crun.set_defaults(func=cmd_cloud_run)
     emu = cloud.add_parser(
         "kube-emulator",

@@ -42,6 +42,11 @@ from aiohttp import web
 
 BANNER = "edgetwin Kubernetes API emulator: a development stand-in, not for production"
 DEFAULT_HISTORY = 10_000
+DEFAULT_COMPACT_S = 300.0  # kube-apiserver's --etcd-compaction-interval
+DEFAULT_BOOKMARK_S = 60.0  # about how often kube-apiserver sends a watch bookmark
+
+# A watch event: (resourceVersion, plural, type, object, the object before the change).
+Event = tuple[int, str, str, dict[str, Any], "dict[str, Any] | None"]
 
 
 def _now() -> str:
@@ -267,16 +272,34 @@ class Selector:
 class Emulator:
     """The API state and its aiohttp application."""
 
-    def __init__(self, crds: Iterable[dict[str, Any]], history: int = DEFAULT_HISTORY) -> None:
+    def __init__(
+        self,
+        crds: Iterable[dict[str, Any]],
+        history: int = DEFAULT_HISTORY,
+        *,
+        compact_s: float | None = DEFAULT_COMPACT_S,
+        bookmark_s: float = DEFAULT_BOOKMARK_S,
+        selectable_fields: bool = True,
+        managed_fields: bool = True,
+    ) -> None:
         self.resources: dict[tuple[str, str, str], Resource] = {}
         for crd in crds:
             for res in Resource.from_crd(crd):
+                if not selectable_fields:
+                    res.selectable = []  # as before Kubernetes 1.31 (or the gate off)
                 self.resources[(res.group, res.version, res.plural)] = res
         self.objects: dict[tuple[str, str, str], dict[str, Any]] = {}  # (plural, ns, name)
         self.rv = 0
         # Bound: the newest ``history`` events; a watch from before them gets 410 Gone.
-        self.events: deque[tuple[int, str, str, dict[str, Any]]] = deque(maxlen=history)
-        self.watchers: set[asyncio.Queue[tuple[int, str, str, dict[str, Any]] | None]] = set()
+        # Each event: (rv, plural, type, object, object before the change or None).
+        self.events: deque[Event] = deque(maxlen=history)
+        self.watchers: set[asyncio.Queue[Event | None]] = set()
+        # etcd compaction as kube-apiserver drives it: every compact_s, history up to
+        # the resourceVersion of the previous round is forgotten (so 1-2 rounds are kept).
+        self.compact_s, self.bookmark_s = compact_s, bookmark_s
+        self.compacted = 0
+        self._compact_mark = 0
+        self.selectable_fields, self.managed_fields = selectable_fields, managed_fields
         self.stats: Counter[str] = Counter()
         self.status_writes: Counter[tuple[str, str]] = Counter()  # (namespace, name)
         # Fault injection for tests: the next N writes answer 409 Conflict, as when
@@ -284,18 +307,24 @@ class Emulator:
         self.conflicts_to_inject = 0
 
     @classmethod
-    def from_files(cls, paths: Iterable[Path], history: int = DEFAULT_HISTORY) -> Emulator:
+    def from_files(cls, paths: Iterable[Path], history: int = DEFAULT_HISTORY, **options: Any) -> Emulator:
         crds = []
         for path in paths:
             for doc in yaml.safe_load_all(path.read_text()):
                 if doc and doc.get("kind") == "CustomResourceDefinition":
                     crds.append(doc)
-        return cls(crds, history)
+        return cls(crds, history, **options)
+
+    def compact(self) -> None:
+        """One compaction round: forget history up to the previous round's mark."""
+        self.compacted, self._compact_mark = self._compact_mark, self.rv
+        while self.events and self.events[0][0] <= self.compacted:
+            self.events.popleft()
 
     # --- state ------------------------------------------------------------------
 
-    def _emit(self, res: Resource, kind: str, obj: dict[str, Any]) -> None:
-        event = (self.rv, res.plural, kind, copy.deepcopy(obj))
+    def _emit(self, res: Resource, kind: str, obj: dict[str, Any], old: dict[str, Any] | None = None) -> None:
+        event = (self.rv, res.plural, kind, copy.deepcopy(obj), old)
         self.events.append(event)
         for q in list(self.watchers):
             q.put_nowait(event)
@@ -329,7 +358,8 @@ class Emulator:
         if res.status_subresource:
             obj.pop("status", None)
         obj["metadata"].pop("managedFields", None)
-        _record_manager(obj, manager, None)
+        if self.managed_fields:
+            _record_manager(obj, manager, None)
         self._bump(obj)
         self.objects[key] = obj
         self._emit(res, "ADDED", obj)
@@ -380,10 +410,11 @@ class Emulator:
                 new["metadata"]["generation"] = current["metadata"].get("generation", 1) + 1
         if new == current:
             return current  # a no-op write does not bump resourceVersion, as in Kubernetes
-        _record_manager(new, manager, "status" if status else None)
+        if self.managed_fields:
+            _record_manager(new, manager, "status" if status else None)
         self._bump(new)
         self.objects[(res.plural, ns, name)] = new
-        self._emit(res, "MODIFIED", new)
+        self._emit(res, "MODIFIED", new, current)
         return new
 
     def patch(
@@ -423,7 +454,7 @@ class Emulator:
         del self.objects[(res.plural, ns, name)]
         obj = copy.deepcopy(obj)
         self._bump(obj)
-        self._emit(res, "DELETED", obj)
+        self._emit(res, "DELETED", obj, obj)
         return obj
 
     def select(self, res: Resource, ns: str | None, sel: Selector) -> list[dict[str, Any]]:
@@ -481,8 +512,8 @@ class Emulator:
         return web.json_response(
             {
                 "major": "1",
-                "minor": "31",
-                "gitVersion": "v1.31.0-edgetwin-emulator",
+                "minor": "31" if self.selectable_fields else "30",
+                "gitVersion": f"v1.{31 if self.selectable_fields else 30}.0-edgetwin-emulator",
                 "platform": "linux/amd64",
             }
         )
@@ -680,19 +711,33 @@ class Emulator:
     async def _watch(
         self, request: web.Request, res: Resource, ns: str | None, sel: Selector
     ) -> web.StreamResponse:
+        """A watch as kube-apiserver serves it: from a resourceVersion (410 Gone once
+        compacted away), objects entering or leaving the selection seen as ADDED and
+        DELETED, and bookmarks when asked for (``allowWatchBookmarks``)."""
         since = request.query.get("resourceVersion", "")
         timeout = float(request.query.get("timeoutSeconds", "0") or 0) or None
-        queue: asyncio.Queue[tuple[int, str, str, dict[str, Any]] | None] = asyncio.Queue()
+        bookmarks = request.query.get("allowWatchBookmarks") in ("1", "true")
+        queue: asyncio.Queue[Event | None] = asyncio.Queue()
         self.watchers.add(queue)
         response = web.StreamResponse(headers={"Content-Type": "application/json"})
         await response.prepare(request)
 
-        def relevant(plural: str, obj: dict[str, Any]) -> bool:
+        def matches(plural: str, obj: dict[str, Any] | None) -> bool:
             return (
-                plural == res.plural
+                obj is not None
+                and plural == res.plural
                 and (ns is None or obj["metadata"].get("namespace") == ns)
                 and sel.matches(obj)
             )
+
+        def seen_as(event: Event) -> str | None:
+            _, plural, kind, obj, old = event
+            now, before = matches(plural, obj), matches(plural, old)
+            if kind == "DELETED":
+                return "DELETED" if before or now else None
+            if kind == "MODIFIED" and before != now:
+                return "ADDED" if now else "DELETED"
+            return kind if now else None
 
         async def send(kind: str, obj: dict[str, Any]) -> None:
             await response.write(json.dumps({"type": kind, "object": obj}).encode() + b"\n")
@@ -704,25 +749,32 @@ class Emulator:
             else:
                 start = int(since)
                 oldest = self.events[0][0] if self.events else self.rv + 1
-                if start < oldest - 1 and start < self.rv:
+                if start < self.compacted or (start < oldest - 1 and start < self.rv):
                     gone = ApiError(410, "Expired", f"too old resource version: {start} ({oldest - 1})")
                     await send("ERROR", gone.status())
                     return response
-                for rv, plural, kind, obj in list(self.events):
-                    if rv > start and relevant(plural, obj):
-                        await send(kind, obj)
+                for event in list(self.events):
+                    if event[0] > start and (kind := seen_as(event)) is not None:
+                        await send(kind, event[3])
             deadline = None if timeout is None else time.monotonic() + timeout
             while True:
                 wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+                if bookmarks:
+                    wait = self.bookmark_s if wait is None else min(wait, self.bookmark_s)
                 try:
-                    event = await asyncio.wait_for(queue.get(), wait)
+                    item = await asyncio.wait_for(queue.get(), wait)
                 except TimeoutError:
+                    if deadline is not None and time.monotonic() >= deadline:
+                        break
+                    meta = {"resourceVersion": str(self.rv)}
+                    await send(
+                        "BOOKMARK", {"kind": res.kind, "apiVersion": res.api_version, "metadata": meta}
+                    )
+                    continue
+                if item is None:
                     break
-                if event is None:
-                    break
-                _, plural, kind, obj = event
-                if relevant(plural, obj):
-                    await send(kind, obj)
+                if (kind := seen_as(item)) is not None:
+                    await send(kind, item[3])
         except (ConnectionResetError, asyncio.CancelledError):
             pass
         finally:
@@ -800,12 +852,15 @@ class RunningEmulator:
     def __init__(self, emulator: Emulator, host: str = "127.0.0.1", port: int = 0) -> None:
         self.emulator, self.host, self.port = emulator, host, port
         self._runner: web.AppRunner | None = None
+        self._compactor: asyncio.Task[None] | None = None
 
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
     async def start(self) -> None:
+        if self.emulator.compact_s:
+            self._compactor = asyncio.create_task(self._compact_every(self.emulator.compact_s))
         self._runner = web.AppRunner(self.emulator.app(), access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
@@ -815,7 +870,14 @@ class RunningEmulator:
             assert server is not None
             self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
 
+    async def _compact_every(self, seconds: float) -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            self.emulator.compact()
+
     async def stop(self) -> None:
+        if self._compactor is not None:
+            self._compactor.cancel()
         await self.emulator.close_watches()
         if self._runner is not None:
             await self._runner.cleanup()

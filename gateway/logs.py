@@ -53,7 +53,7 @@ def setup(level: str = "INFO", fmt: str = "text") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     # Library chatter stays out of INFO.
-    for name in ("amqtt", "transitions", "mqtt", "aiomqtt", "paho"):
+    for name in ("amqtt", "transitions", "mqtt", "aiomqtt", "paho", "httpx", "httpcore"):
         logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLevelName(level)))
 
 

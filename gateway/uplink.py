@@ -49,6 +49,7 @@ from deviceapi.wire import (
     pack_batch,
 )
 from gateway.config import UplinkConfig
+from gateway.logs import RateLimit
 from gateway.twin.engine import OutboxEntry, TwinEngine
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,11 @@ REFUSED_WAIT_S = 600.0  # status the relay refused (another node's device)
 # Devices before sending status, so their cloud status is adopted first (versions go on
 # above it); at most this long.
 HOLD_MAX_S = 60.0
+
+
+# Refusals are logged at most 10 a minute (a site whose devices the cluster does not
+# have yet would otherwise log one line per device).
+_refusals = RateLimit()
 
 
 class LinkDead(Exception):
@@ -147,6 +153,7 @@ class Uplink:
         # Counters (metrics, tests, benchmarks).
         self.bytes_sent = 0
         self.bytes_received = 0
+        self.received: collections.Counter[str] = collections.Counter()  # messages by type
         self.frames_sent = 0
         self.applied = 0
         self.connects = 0
@@ -154,6 +161,9 @@ class Uplink:
         self.connected_since: float | None = None
         self.last_rx_at: float | None = None
         self._hold_until: float = 0.0
+        from grpc.experimental.session_cache import ssl_session_cache_lru
+
+        self._tls_sessions = ssl_session_cache_lru(1)
 
     @property
     def holding(self) -> bool:
@@ -208,7 +218,9 @@ class Uplink:
         )
 
     async def _session(self) -> None:
-        options = list(CHANNEL_OPTIONS)
+        # TLS session resumption: a reconnect skips the certificates (about 2 KB each
+        # way on a narrowband link), the cache outliving each channel.
+        options: list[tuple[str, Any]] = [*CHANNEL_OPTIONS, ("grpc.ssl_session_cache", self._tls_sessions)]
         if self.cfg.server_name:
             options.append(("grpc.ssl_target_name_override", self.cfg.server_name))
         async with grpc.aio.secure_channel(self.cfg.address, self._credentials(), options=options) as channel:
@@ -234,6 +246,7 @@ class Uplink:
     # ----------------------------------------------------------------- messages from the relay
     def handle(self, msg: dict[str, Any], stream: _Stream) -> None:
         kind = msg["t"]
+        self.received[kind] += 1
         if kind == "welcome":
             self.connects += 1
             self.connected_since = time.monotonic()
@@ -310,7 +323,7 @@ class _Stream:
             else:
                 backoff = REFUSED_WAIT_S
             self.up.deferred[dev] = _Deferral(time.monotonic() + backoff * random.uniform(0.8, 1.2), backoff)
-            if previous is None:
+            if previous is None and _refusals.allow("refused"):
                 log.warning(
                     "relay could not apply status; kept and retried",
                     extra={"device": dev, "reason": msg["reason"], "retry_s": round(backoff)},

@@ -45,6 +45,15 @@ def test_sigkill_loses_nothing_acknowledged(mosquitto: Mosquitto, tmp_path: Path
     )
     config = write_config(tmp_path, NODE, mosquitto.port, manifests)
     gw = GatewayProcess(config, mosquitto.port, NODE, tmp_path / "gw.log").start()
+    try:
+        _crash_and_check(gw, config, mosquitto, rng, seed)
+    finally:
+        gw.stop()  # also when a check failed: never leave a gateway running
+
+
+def _crash_and_check(
+    gw: GatewayProcess, config: Path, mosquitto: Mosquitto, rng: random.Random, seed: int
+) -> None:
     results = Collector(mosquitto.port, ["$hw/events/device/+/twin/update/result"])
 
     last: dict[tuple[str, str], int] = {}

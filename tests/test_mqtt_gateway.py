@@ -295,3 +295,25 @@ def test_an_update_published_twice_is_answered_twice_and_applied_once(
             break
         time.sleep(0.05)
     assert twin_get(gateway)["twin"]["label"]["reported"]["version"] == first + 1
+
+
+def test_twin_list_shows_source_readiness_and_pending_reported_values(
+    gateway: GatewayProcess, mosquitto: Mosquitto
+) -> None:
+    results = Collector(mosquitto.port, [f"{TOPIC_UPDATE}/result"])
+    publish(mosquitto.port, TOPIC_UPDATE, update_payload({"count": "3"}, "ev-list"))
+    results.json_on(f"{TOPIC_UPDATE}/result", where=lambda d: d["event_id"] == "ev-list")
+    results.close()
+    for _ in range(50):
+        out = run_cli("twin", "list", "--config", str(gateway.config))
+        row = next(line.split() for line in out.stdout.splitlines() if line.startswith("plant.thermo-1"))
+        if "pending" in row:
+            break
+        time.sleep(0.1)
+    assert out.returncode == 0, out.stderr
+    # DEVICE SOURCE READY STATE PROPERTIES OUTBOX: a reported value the cloud has not taken
+    # (no uplink here) is pending.
+    assert row[:2] == ["plant.thermo-1", "manifest"] and row[2] == "True" and row[5] == "pending", row
+    listed = json.loads(run_cli("twin", "list", "--json", "--config", str(gateway.config)).stdout)
+    entry = next(d for d in listed if d["device"] == "plant.thermo-1")
+    assert entry["outbox"] is True and entry["ready"] is True and entry["properties"] == len(THERMO_PROPS)

@@ -525,3 +525,37 @@ def read_twin(db: sqlite_utils.Database, device_id: str) -> dict[str, Any] | Non
         "lastOnlineMs": state["last_online_ms"] if state else None,
         "twin": twin,
     }
+
+
+def list_devices(db: sqlite_utils.Database) -> list[dict[str, Any]]:
+    """Every device of a store: where its definition comes from, readiness, state, how
+    many properties, and whether status is waiting to go to the cloud (an outbox row,
+    or properties whose latest values the cloud has not acknowledged)."""
+    served = {r["device_id"]: r["source"] for r in db.query("SELECT device_id, source FROM served")}
+    states = {r["device_id"]: r for r in db.query("SELECT * FROM device_state")}
+    counts = {
+        r["device_id"]: (r["n"], r["pending"])
+        for r in db.query(
+            "SELECT device_id, count(*) AS n, count(outbox_rev) AS pending "
+            "FROM twin_property GROUP BY device_id"
+        )
+    }
+    outbox = {r["device_id"] for r in db.query("SELECT device_id FROM outbox")}
+    out = []
+    for dev_id in sorted(set(states) | set(counts) | set(served)):
+        row = states.get(dev_id)
+        conditions = json.loads(row["conditions"]) if row else {}
+        ready = conditions.get("Ready") or {}
+        n, pending = counts.get(dev_id, (0, 0))
+        out.append(
+            {
+                "device": dev_id,
+                "source": served.get(dev_id, "cluster" if dev_id not in counts else "manifest"),
+                "ready": {"True": True, "False": False}.get(ready.get("status", "")),
+                "reason": ready.get("message", ""),
+                "state": row["state"] if row else "unknown",
+                "properties": n,
+                "outbox": dev_id in outbox or pending > 0,
+            }
+        )
+    return out

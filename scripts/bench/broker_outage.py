@@ -26,16 +26,17 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from edgetwin.demo import free_port  # noqa: E402
-from tests.conftest import GatewayProcess, _mosquitto_binary, wait_port  # noqa: E402
+from tests.conftest import Collector, GatewayProcess, _mosquitto_binary, wait_port  # noqa: E402
 from tests.test_broker_settings import (  # noqa: E402
     NODE,
-    broker_dropped,
     documented_mosquitto_conf,
     gateway_config,
     localise,
     publish_at_rate,
     total_versions,
 )
+
+SYS_DROPPED = "$SYS/broker/publish/messages/dropped"
 
 
 def rss_mb(pid: int) -> float:
@@ -63,6 +64,25 @@ def run(conf_text: str, minutes: float, rate: int, label: str) -> dict[str, floa
     try:
         wait_port(port)
         gw = GatewayProcess(gateway_config(folder, port, gw_auth), port, NODE, folder / "gw.log", gw_auth)
+        return _outage(gw, broker, port, mapper_auth, minutes, rate, label)
+    finally:
+        broker.terminate()
+        broker.wait(30)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _outage(
+    gw: GatewayProcess,
+    broker: subprocess.Popen[bytes],
+    port: int,
+    mapper_auth: tuple[str, str],
+    minutes: float,
+    rate: int,
+    label: str,
+) -> dict[str, float]:
+    # mosquitto's drop counter, watched through the whole run (its last value counts).
+    sys_dropped = Collector(port, [SYS_DROPPED], auth=mapper_auth)
+    try:
         gw.start()
         gw.stop()
         total = int(minutes * 60 * rate)
@@ -78,7 +98,10 @@ def run(conf_text: str, minutes: float, rate: int, label: str) -> dict[str, floa
             if applied != last:
                 last, last_change = applied, time.monotonic()
         caught_up = last_change - started  # when the last update was applied
-        dropped = broker_dropped(port, mapper_auth)
+        time.sleep(12)  # one more sys_interval (10 s) for the counter to be published
+        with sys_dropped.cond:
+            values = [int(p) for t, p, _ in sys_dropped.messages if t == SYS_DROPPED]
+        dropped = values[-1] if values else -1  # -1: the broker never published it
         gw.stop()
         return {
             "acked": acked,
@@ -89,9 +112,8 @@ def run(conf_text: str, minutes: float, rate: int, label: str) -> dict[str, floa
             "catch_up_s": caught_up,
         }
     finally:
-        broker.terminate()
-        broker.wait(30)
-        shutil.rmtree(folder, ignore_errors=True)
+        sys_dropped.close()
+        gw.stop()  # also when something above failed: never leave a gateway behind
 
 
 def main() -> None:

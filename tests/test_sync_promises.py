@@ -1,0 +1,334 @@
+"""The sync's promises, each checked by faulting an established stream that carries
+traffic (never only the connect): real mosquitto, the gateway, the link simulator, the
+relay, lightkube and the Kubernetes API emulator, with the real kubectl where a user
+would use it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+import pytest
+
+from edgetwin.stack import Stack, StackOptions, until
+from gateway.mqtt import payloads, topics
+from tests.conftest import Mosquitto, device_doc, model_doc, write_manifests
+
+NODE = "edge-01"
+
+
+def publish_many(port: int, messages: list[tuple[str, bytes]]) -> None:
+    client = paho.Client(paho.CallbackAPIVersion.VERSION2)
+    client.max_inflight_messages_set(500)
+    client.max_queued_messages_set(0)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    infos = [client.publish(topic, body, qos=1) for topic, body in messages]
+    for info in infos:
+        info.wait_for_publish(60)
+    client.loop_stop()
+    client.disconnect()
+
+
+def report(device: str, values: dict[str, Any], event: str = "") -> tuple[str, bytes]:
+    body = {
+        "event_id": event or f"e{time.monotonic_ns()}",
+        "twin": {k: {"actual": {"value": v}} for k, v in values.items()},
+    }
+    return topics.twin_update(f"plant.{device}"), json.dumps(body).encode()
+
+
+PROPS = [{"name": f"p{i}", "type": "STRING"} for i in range(10)]
+
+
+def fleet(count: int, node: str = NODE, prefix: str = "s") -> list[dict[str, Any]]:
+    return [model_doc("sensor", "plant", PROPS)] + [
+        device_doc(f"{prefix}{i:03d}", "plant", "sensor", node) for i in range(count)
+    ]
+
+
+@pytest.fixture
+async def stack_factory(tmp_path: Path, mosquitto: Mosquitto) -> AsyncIterator[Any]:
+    stacks: list[Stack] = []
+
+    async def make(docs: list[dict[str, Any]] | None = None, **options: Any) -> Stack:
+        manifests = [write_manifests(tmp_path / "manifests.yaml", docs)] if docs else []
+        stack = Stack(
+            tmp_path / f"stack{len(stacks)}",
+            StackOptions(
+                node=NODE, mqtt_url=f"mqtt://127.0.0.1:{mosquitto.port}", manifests=manifests, **options
+            ),
+        )
+        stacks.append(stack)
+        await stack.start()
+        return stack
+
+    yield make
+    for stack in stacks:
+        await stack.stop()
+
+
+# --------------------------------------------------------------------- 1. half-open links
+@pytest.mark.parametrize("kbit", [64, 9.6])
+async def test_a_half_open_link_is_noticed_within_30_s_while_both_directions_are_busy(
+    stack_factory: Any, mosquitto: Mosquitto, kbit: float
+) -> None:
+    """Status pours up (200 devices x 10 values) and Devices pour down (a relist of 150
+    cluster Devices) at 64 or 9.6 kbit/s; the link neither drops while it is healthy nor
+    stays up longer than 30 s once it silently drops everything."""
+    link_bps = kbit * 1000
+    stack = await stack_factory(
+        fleet(200),
+        link_bps=link_bps,
+        uplink={"budget_bps": int(link_bps / 8 * 0.8)},
+    )
+    gw = stack.gateway
+    await stack.connected()
+    # Busy both ways: a relist and a steady stream of spec changes (down), values that
+    # take some 30 s of the link (up; random, so compression cannot shrink them).
+    await stack.apply(fleet(200) + fleet(150, prefix="c")[1:])
+    await asyncio.to_thread(
+        publish_many,
+        mosquitto.port,
+        [
+            report(f"s{i:03d}", {p["name"]: os.urandom(int(kbit * 1.6)).hex() + str(i) for p in PROPS})
+            for i in range(200)
+        ],
+    )
+    changing = asyncio.create_task(_keep_changing_specs(stack, 150))
+    await asyncio.sleep(10)
+    assert gw.uplink.connects == 1, "a healthy (busy) stream was dropped"
+    up, down = stack.link.bytes_up, stack.link.bytes_down
+    await asyncio.sleep(2)
+    assert stack.link.bytes_up > up and stack.link.bytes_down > down, "the stream was not busy both ways"
+    assert gw.engine.outbox, "the drain already finished: the link was not busy when faulted"
+    stack.link.blackhole(True)
+    changing.cancel()
+    noticed = await until(lambda: not gw.uplink.connected.is_set(), within=35, what="the dead link noticed")
+    assert noticed <= 30, noticed
+    # Back: it reconnects and everything gets through.
+    stack.link.restore()
+    await stack.connected(60)
+    await until(lambda: not gw.engine.outbox, within=600, every=0.5, what="the outbox drained")
+    twins = await stack.status_twins("s199")
+    assert twins["p3"]["reported"]["value"].endswith("199")
+
+
+async def _keep_changing_specs(stack: Stack, count: int) -> None:
+    """Spec changes (new generations) of the cluster's devices, one every 100 ms."""
+    from lightkube.types import PatchType
+
+    from cloud.status_writer import Device
+
+    i = 0
+    while True:
+        patch = {"spec": {"properties": [{"name": "p0", "collectCycle": 1000 + i}]}}
+        await stack.client.patch(
+            Device, f"c{i % count:03d}", patch, namespace="plant", patch_type=PatchType.MERGE
+        )
+        i += 1
+        await asyncio.sleep(0.1)
+
+
+async def test_a_long_drain_at_9600_bit_s_keeps_its_link(stack_factory: Any, mosquitto: Mosquitto) -> None:
+    """About 30 KB of status through 9.6 kbit/s: frames are bounded, heartbeats get
+    through, and the one stream carries it all."""
+    stack = await stack_factory(fleet(60), link_bps=9600, uplink={"budget_bps": 1000})
+    await stack.apply(fleet(60))
+    await stack.connected()
+    await asyncio.to_thread(
+        publish_many,
+        mosquitto.port,
+        # Random text: a stream compressor makes repetitive values nearly free.
+        [report(f"s{i:03d}", {p["name"]: os.urandom(20).hex() for p in PROPS}) for i in range(60)],
+    )
+    took = await until(lambda: not stack.gateway.engine.outbox, within=180, every=0.5, what="the drain")
+    assert took > 15  # it really was a long drain at this rate
+    assert stack.gateway.uplink.connects == 1
+
+
+# --------------------------------------------------------------------- 2. backoff
+async def test_the_reconnect_backoff_starts_over_after_a_healthy_stream(stack_factory: Any) -> None:
+    stack = await stack_factory(fleet(2), uplink={"reconnect_min_ms": 500, "reconnect_max_ms": 30_000})
+    await stack.connected()
+    took = []
+    for _ in range(6):
+        await asyncio.sleep(6)  # healthy for a while
+        stack.link.cut()
+        stack.link.restore()
+        dropped = time.monotonic()
+        await until(lambda: not stack.gateway.uplink.connected.is_set(), within=5, every=0.01)
+        await stack.connected(60)
+        took.append(time.monotonic() - dropped)
+    assert max(took) < 2.0, took  # 0.5 s x jitter, not 0.5, 1, 2, 4, 8, 16 s
+
+
+# --------------------------------------------------------------------- 3. late devices
+async def test_status_of_a_device_created_in_the_cluster_later_is_kept_and_applied(
+    stack_factory: Any, mosquitto: Mosquitto
+) -> None:
+    stack = await stack_factory(fleet(3))
+    await stack.connected()
+    await asyncio.to_thread(publish_many, mosquitto.port, [report("s002", {"p1": "late-value"})])
+    gw = stack.gateway
+    await until(lambda: "plant.s002" in gw.uplink.deferred, within=10, what="the relay's refusal")
+    await asyncio.sleep(1)
+    assert "plant.s002" in gw.engine.outbox  # kept, not dropped
+    await stack.apply(fleet(3)[:1] + fleet(3)[3:])  # the model and s002 appear in the cluster
+    took = await until(
+        lambda: _reported(stack, "s002", "p1"),
+        within=10,
+        what="the kept status written once the Device exists",
+    )
+    assert took < 5
+
+
+async def _reported(stack: Stack, name: str, prop: str) -> Any:
+    try:
+        return (await stack.status_twins(name)).get(prop, {}).get("reported", {}).get("value")
+    except Exception:
+        return None
+
+
+# --------------------------------------------------------------------- 4. echoes and restarts
+async def test_a_new_stream_brings_no_echo_of_the_relays_own_status_writes(
+    stack_factory: Any, mosquitto: Mosquitto
+) -> None:
+    stack = await stack_factory(None)
+    await stack.apply(fleet(50, prefix="c"))
+    await stack.connected()
+    gw = stack.gateway
+    await until(lambda: len(gw.engine.devices) == 50, within=20, what="the cluster's devices served")
+    for round_ in range(3):
+        await asyncio.to_thread(
+            publish_many, mosquitto.port, [report(f"c{i:03d}", {"p0": f"r{round_}"}) for i in range(50)]
+        )
+        await until(lambda: not gw.engine.outbox, within=30, what="the status written")
+    before = dict(gw.uplink.received)
+    payload, down = gw.uplink.bytes_received, stack.link.bytes_down
+    stack.link.cut()
+    stack.link.restore()
+    await until(lambda: gw.uplink.connects == 2, within=30)
+    await asyncio.sleep(2)
+    echoes = gw.uplink.received["upsert"] - before.get("upsert", 0)
+    assert echoes == 0, f"{echoes} Devices came back after the relay wrote their status"
+    assert gw.uplink.bytes_received - payload < 256  # sync content of the new stream
+    # On the wire, TLS (with gRPC's post-quantum key share) and HTTP/2 set-up dominate.
+    assert stack.link.bytes_down - down < 6 * 1024
+
+
+@pytest.mark.parametrize("managed_fields", [True, False], ids=["with-stamps", "without-managedFields"])
+async def test_a_restart_never_reapplies_an_old_cloud_value_nor_invents_a_conflict(
+    stack_factory: Any, mosquitto: Mosquitto, managed_fields: bool
+) -> None:
+    stack = await stack_factory(None, emulator={"managed_fields": managed_fields})
+    docs = fleet(1, prefix="c")
+    docs[0]["spec"]["properties"] = [{"name": "sp", "type": "INT", "accessMode": "ReadWrite"}]
+    docs[1]["spec"]["properties"] = [{"name": "sp", "desired": {"value": "20"}}]
+    await stack.apply(docs)
+    await stack.connected()
+    gw = stack.gateway
+    await until(
+        lambda: "plant.c000" in gw.engine.devices and gw.engine.devices["plant.c000"].served, within=20
+    )
+    prop = gw.engine.devices["plant.c000"].properties["sp"]
+    assert prop.desired is not None and prop.desired.value == 20
+    await asyncio.sleep(1.2)  # the restart and the edge write come later than the cloud's
+    await stack.restart_gateway()
+    await stack.connected()
+    gw = stack.gateway
+    body = payloads.twin_set_request("edge-70", int(time.time() * 1000), {"sp": 70})
+    await asyncio.to_thread(publish_many, mosquitto.port, [(topics.twin_update("plant.c000"), body)])
+    prop = gw.engine.devices["plant.c000"].properties["sp"]
+    await until(lambda: prop.desired is not None and prop.desired.value == 70, within=10)
+    await asyncio.sleep(2)  # whatever the new stream brings
+    assert prop.desired is not None and (prop.desired.value, prop.desired.origin) == (70, "edge")
+    from gateway.store.store import open_reader, read_events
+
+    conflicts = read_events(open_reader(gw.cfg.store.path), kind="conflict")
+    assert conflicts == [], conflicts
+
+
+# --------------------------------------------------------------------- 5. oversized batches
+async def test_an_outbox_larger_than_any_frame_drains_without_wedging(
+    stack_factory: Any, mosquitto: Mosquitto
+) -> None:
+    stack = await stack_factory(fleet(21))
+    await stack.connected()
+    await stack.apply(fleet(21))
+    stack.link.cut()
+    big = [
+        report(f"s{i:03d}", {p["name"]: f"{i}{p['name']}" + "z" * 15_000 for p in PROPS}) for i in range(20)
+    ]
+    await asyncio.to_thread(publish_many, mosquitto.port, [*big, report("s020", {"p0": "small"})])
+    gw = stack.gateway
+    await until(lambda: len(gw.engine.outbox) == 21, within=30)
+    stack.link.restore()
+    await stack.connected(30)
+    await until(lambda: not gw.engine.outbox, within=120, every=0.5, what="the outbox drained")
+    assert (await stack.status_twins("s020"))["p0"]["reported"]["value"] == "small"
+    twins = await stack.status_twins("s013")
+    assert (
+        twins["p9"]["reported"]["value"].startswith("13p9zzz")
+        and len(twins["p9"]["reported"]["value"]) > 15_000
+    )
+
+
+# --------------------------------------------------------------------- 6. label fallback
+async def test_a_cluster_without_selectable_fields_is_served_by_label(
+    stack_factory: Any, mosquitto: Mosquitto
+) -> None:
+    stack = await stack_factory(None, emulator={"selectable_fields": False})
+    docs = fleet(2, prefix="c")
+    for doc in docs[1:]:
+        doc["metadata"]["labels"] = {"edgetwin.io/node": NODE}
+    stranger = device_doc("stranger", "plant", "sensor", "edge-02")
+    stranger["metadata"]["labels"] = {"edgetwin.io/node": NODE}  # mislabelled: not ours
+    await stack.apply([*docs, stranger])
+    await stack.connected()
+    gw = stack.gateway
+    await until(lambda: {"plant.c000", "plant.c001"} <= set(gw.engine.devices), within=20)
+    await asyncio.to_thread(publish_many, mosquitto.port, [report("c001", {"p2": "by-label"})])
+    await until(lambda: _reported(stack, "c001", "p2"), within=10, what="status written")
+    assert "plant.stranger" not in gw.engine.devices
+    assert gw.uplink.connects == 1  # no reconnect loop
+
+
+# --------------------------------------------------------------------- 7. bookmarks and compaction
+async def test_a_reconnect_after_compaction_resumes_without_a_relist(
+    stack_factory: Any, mosquitto: Mosquitto
+) -> None:
+    stack = await stack_factory(
+        None,
+        emulator={"compact_s": 1.0, "bookmark_s": 0.3},
+        relay={"rv_every_s": 0.5},
+    )
+    await stack.apply(fleet(20, prefix="c"))
+    await stack.connected()
+    gw = stack.gateway
+    await until(lambda: len(gw.engine.devices) == 20, within=20)
+    first_rv = int(gw.uplink.resume["Device"])
+    for round_ in range(5):  # status writes move the API server on; compactions pass
+        await asyncio.to_thread(
+            publish_many, mosquitto.port, [report(f"c{i:03d}", {"p0": f"x{round_}"}) for i in range(20)]
+        )
+        await asyncio.sleep(1)
+    await until(lambda: not gw.engine.outbox, within=30)
+    # Resuming from where the stream began would now be 410 Gone (a relist).
+    assert stack.api.emulator.compacted > first_rv
+    synced_before = gw.uplink.received["synced"]
+    down = stack.link.bytes_down
+    stack.link.cut()
+    stack.link.restore()
+    payload = gw.uplink.bytes_received
+    await until(lambda: gw.uplink.connects == 2, within=30)
+    await asyncio.sleep(2)
+    assert gw.uplink.received["synced"] == synced_before, "the reconnect relisted"
+    assert gw.uplink.bytes_received - payload < 512
+    assert stack.link.bytes_down - down < 6 * 1024
