@@ -32,10 +32,24 @@ def _int(text: Any) -> int:
         return 0
 
 
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
 def merge_edge_status(status: dict[str, Any] | None, patch: dict[str, Any], rev: int) -> dict[str, Any]:
-    """The status after applying one edge message (a new dict; inputs are not changed)."""
-    new: dict[str, Any] = copy.deepcopy(status) if status else {}
-    revisions: dict[str, int] = new.setdefault("revisions", {})
+    """The status after applying one edge message (a new dict; inputs are not changed).
+
+    Total: a gateway is a peer, and whatever its message holds, parts that do not fit the
+    status shape are ignored rather than raised on (a write that raised would be retried
+    for ever)."""
+    new: dict[str, Any] = copy.deepcopy(status) if isinstance(status, dict) else {}
+    revisions = {k: v for k, v in _dict(new.get("revisions")).items() if isinstance(v, int)}
+    new["revisions"] = revisions
+    patch = _dict(patch)
 
     def newer(key: str) -> bool:
         if rev > revisions.get(key, 0):
@@ -57,25 +71,33 @@ def merge_edge_status(status: dict[str, Any] | None, patch: dict[str, Any], rev:
                     new[key] = patch[key]
     conditions = patch.get("conditions")
     if isinstance(conditions, dict):
-        current = {c.get("type"): c for c in new.get("conditions", [])}
+        current = {c.get("type"): c for c in _list(new.get("conditions")) if isinstance(c, dict)}
         for ctype, cond in conditions.items():
-            if newer(f"conditions/{ctype}"):
+            if (cond is None or isinstance(cond, dict)) and newer(f"conditions/{ctype}"):
                 if cond is None:
                     current.pop(ctype, None)
                 else:
                     current[ctype] = {**cond, "type": ctype}
-        new["conditions"] = [current[k] for k in sorted(current)]
+        new["conditions"] = [current[k] for k in sorted(current, key=str)]
     twins = patch.get("twins")
     if isinstance(twins, dict):
-        entries = {t.get("propertyName"): t for t in new.get("twins", [])}
+        entries = {
+            t.get("propertyName"): t
+            for t in _list(new.get("twins"))
+            if isinstance(t, dict) and "propertyName" in t
+        }
         for name, change in twins.items():
+            if change is None:  # the property is no longer in the device's model
+                if newer(f"twin/{name}"):
+                    entries.pop(name, None)
+                continue
             if not isinstance(change, dict):
                 continue
             entry = entries.setdefault(name, {"propertyName": name})
             reported = change.get("reported")
             if isinstance(reported, dict):
-                have = _int((entry.get("reported") or {}).get("metadata", {}).get("version"))
-                if _int(reported.get("metadata", {}).get("version")) > have:
+                have = _int(_dict(_dict(entry.get("reported")).get("metadata")).get("version"))
+                if _int(_dict(reported.get("metadata")).get("version")) > have:
                     entry["reported"] = copy.deepcopy(reported)
             for key in ("observedDesired", "readError"):
                 if key in change and newer(f"{key}/{name}"):
@@ -83,7 +105,7 @@ def merge_edge_status(status: dict[str, Any] | None, patch: dict[str, Any], rev:
                         entry.pop(key, None)
                     else:
                         entry[key] = copy.deepcopy(change[key])
-        new["twins"] = [entries[k] for k in sorted(entries)]
+        new["twins"] = [entries[k] for k in sorted(entries, key=str)]
         new["summary"] = summary(new["twins"])
     return new
 
@@ -93,7 +115,7 @@ def summary(twins: list[dict[str, Any]]) -> str:
     parts = [
         f"{t['propertyName']}={t['reported'].get('value', '')}"
         for t in twins
-        if isinstance(t.get("reported"), dict)
+        if isinstance(t, dict) and isinstance(t.get("reported"), dict)
     ]
     text = " ".join(parts)
     return text if len(text) <= SUMMARY_MAX else text[: SUMMARY_MAX - 3] + "..."

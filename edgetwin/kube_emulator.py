@@ -303,8 +303,12 @@ class Emulator:
         self.stats: Counter[str] = Counter()
         self.status_writes: Counter[tuple[str, str]] = Counter()  # (namespace, name)
         # Fault injection for tests: the next N writes answer 409 Conflict, as when
-        # someone else wrote the object between a client's read and its write.
+        # someone else wrote the object between a client's read and its write; the next N
+        # requests (watches aside) answer 500, or take slow_s longer.
         self.conflicts_to_inject = 0
+        self.errors_to_inject = 0
+        self.slow_to_inject = 0
+        self.slow_s = 2.0
 
     @classmethod
     def from_files(cls, paths: Iterable[Path], history: int = DEFAULT_HISTORY, **options: Any) -> Emulator:
@@ -491,6 +495,14 @@ class Emulator:
     @web.middleware
     async def _errors(self, request: web.Request, handler: Any) -> web.StreamResponse:
         self.stats[f"{request.method} {request.path.split('/namespaces/')[0]}"] += 1
+        if request.query.get("watch") not in ("1", "true"):
+            if self.errors_to_inject > 0:
+                self.errors_to_inject -= 1
+                error = ApiError(500, "InternalError", "an injected API server failure")
+                return web.json_response(error.status(), status=500)
+            if self.slow_to_inject > 0:
+                self.slow_to_inject -= 1
+                await asyncio.sleep(self.slow_s)
         try:
             response: web.StreamResponse = await handler(request)
             return response
@@ -838,6 +850,13 @@ class Emulator:
     async def close_watches(self) -> None:
         for q in list(self.watchers):
             q.put_nowait(None)
+
+    async def forget_history(self) -> None:
+        """Compact everything and end the open watches: every client's next watch from a
+        resourceVersion it had gets 410 Gone and must relist."""
+        self.compact()
+        self.compact()
+        await self.close_watches()
 
 
 def _manager(request: web.Request) -> str:

@@ -45,7 +45,8 @@ def cloud_stamp(meta: dict[str, Any]) -> Stamp | None:
     from datetime import UTC, datetime
 
     latest: int | None = None
-    for entry in meta.get("managedFields") or []:
+    fields = meta.get("managedFields")
+    for entry in fields if isinstance(fields, list) else []:
         if not isinstance(entry, dict) or entry.get("subresource") or not entry.get("time"):
             continue
         try:
@@ -163,7 +164,7 @@ class Devices:
         kind = msg["t"]
         if kind == "upsert":
             obj = msg["obj"]
-            meta = obj.get("metadata") or {}
+            meta = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
             ns, name = str(meta.get("namespace") or "default"), str(meta.get("name") or "")
             stamp = cloud_stamp(meta) if msg["kind"] == "Device" else None
             decision = self.registry.upsert(msg["kind"], obj)

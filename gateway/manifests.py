@@ -81,6 +81,10 @@ def load_manifests(paths: list[Path], node: str) -> ManifestSet:
     for file in _files(paths):
         try:
             docs = list(yaml.safe_load_all(file.read_text()))
+        except UnicodeDecodeError as exc:
+            raise ManifestError(
+                str(file), f"cannot read: not UTF-8 text ({exc.reason} at byte {exc.start})"
+            ) from None
         except (OSError, yaml.YAMLError) as exc:
             raise ManifestError(str(file), f"cannot read: {exc}") from None
         for index, doc in enumerate(docs):

@@ -100,16 +100,17 @@ class _ClusterDevice:
 
     @property
     def generation(self) -> int:
-        return int((self.obj.get("metadata") or {}).get("generation") or 0)
+        generation = _dict(self.obj.get("metadata")).get("generation")
+        return generation if isinstance(generation, int) and not isinstance(generation, bool) else 0
 
     @property
     def rv(self) -> str:
-        return str((self.obj.get("metadata") or {}).get("resourceVersion") or "")
+        return str(_dict(self.obj.get("metadata")).get("resourceVersion") or "")
 
 
 def strip_object(obj: dict[str, Any]) -> dict[str, Any]:
     """What is kept of a cluster object: without status and server bookkeeping."""
-    out = {k: copy.deepcopy(v) for k, v in obj.items() if k != "status"}
+    out = {str(k): copy.deepcopy(v) for k, v in obj.items() if k != "status"}
     meta = out.get("metadata")
     if isinstance(meta, dict):
         for key in ("managedFields", "uid", "creationTimestamp", "selfLink"):
@@ -177,8 +178,7 @@ class Registry:
         return self.decide(gone)
 
     def _put_cluster(self, obj: dict[str, Any]) -> str:
-        meta = obj.get("metadata") or {}
-        namespace, name = str(meta.get("namespace") or "default"), str(meta.get("name") or "")
+        namespace, name = _key(obj)
         if not name:
             return ""
         dev_id = device_id(namespace, name)
@@ -189,8 +189,7 @@ class Registry:
         return [
             dev_id
             for dev_id, cd in self.cluster_devices.items()
-            if (cd.namespace, ((cd.obj.get("spec") or {}).get("deviceModelRef") or {}).get("name"))
-            == model_key
+            if (cd.namespace, _dict(_dict(cd.obj.get("spec")).get("deviceModelRef")).get("name")) == model_key
         ]
 
     def cluster_objects(self) -> list[tuple[str, str, str, str, str]]:
@@ -206,7 +205,7 @@ class Registry:
                 "DeviceModel",
                 ns,
                 name,
-                str((obj.get("metadata") or {}).get("resourceVersion") or ""),
+                str(_dict(obj.get("metadata")).get("resourceVersion") or ""),
                 json.dumps(obj),
             )
             for (ns, name), obj in self.cluster_models.items()
@@ -347,6 +346,10 @@ class Registry:
         return Readiness(True, "Served", f"served by {how} ({definition.source} definition)")
 
 
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
 def _key(obj: dict[str, Any]) -> tuple[str, str]:
-    meta = obj.get("metadata") or {}
+    meta = _dict(obj.get("metadata"))
     return str(meta.get("namespace") or "default"), str(meta.get("name") or "")

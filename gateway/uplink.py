@@ -75,6 +75,7 @@ HOLD_MAX_S = 60.0
 # Refusals are logged at most 10 a minute (a site whose devices the cluster does not
 # have yet would otherwise log one line per device).
 _refusals = RateLimit()
+_retries = RateLimit(burst=1, per_s=60.0)
 
 
 class LinkDead(Exception):
@@ -160,6 +161,7 @@ class Uplink:
         self.last_error = ""
         self.connected_since: float | None = None
         self.last_rx_at: float | None = None
+        self.failures = 0  # connection attempts failed in a row
         self._hold_until: float = 0.0
         from grpc.experimental.session_cache import ssl_session_cache_lru
 
@@ -178,8 +180,18 @@ class Uplink:
                 await self._session()
             except Exception as exc:
                 self.last_error = describe(exc)
-                level = logging.WARNING if self.connected.is_set() or self.connects else logging.INFO
-                log.log(level, "uplink down", extra={"relay": self.cfg.address, "error": self.last_error})
+                self.failures = 0 if self.connected.is_set() else self.failures + 1
+                if self.connected.is_set():  # an established stream ended: once per outage
+                    log.warning("uplink down", extra={"relay": self.cfg.address, "error": self.last_error})
+                elif _retries.allow("retry"):  # attempts while it stays down: now and then
+                    log.info(
+                        "uplink still down",
+                        extra={
+                            "relay": self.cfg.address,
+                            "error": self.last_error,
+                            "attempts": self.failures,
+                        },
+                    )
             healthy = (
                 self.connected_since is not None and time.monotonic() - self.connected_since >= HEALTHY_S
             )

@@ -177,8 +177,7 @@ async def test_status_of_a_device_created_in_the_cluster_later_is_kept_and_appli
     await stack.connected()
     await asyncio.to_thread(publish_many, mosquitto.port, [report("s002", {"p1": "late-value"})])
     gw = stack.gateway
-    await until(lambda: "plant.s002" in gw.uplink.deferred, within=10, what="the relay's refusal")
-    await asyncio.sleep(1)
+    await asyncio.sleep(3)  # the relay answers that the Device does not exist (yet)
     assert "plant.s002" in gw.engine.outbox  # kept, not dropped
     await stack.apply(fleet(3)[:1] + fleet(3)[3:])  # the model and s002 appear in the cluster
     took = await until(
@@ -332,3 +331,74 @@ async def test_a_reconnect_after_compaction_resumes_without_a_relist(
     assert gw.uplink.received["synced"] == synced_before, "the reconnect relisted"
     assert gw.uplink.bytes_received - payload < 512
     assert stack.link.bytes_down - down < 6 * 1024
+
+
+# --------------------------------------------------------------------- 11. what kubectl shows, and when
+async def test_a_frequent_reporter_shows_in_kubectl_within_the_status_interval(
+    stack_factory: Any, mosquitto: Mosquitto
+) -> None:
+    """docs/sync-protocol.md: a value shows in kubectl within minStatusInterval plus the
+    gateway's batch window and the link, however often the device reports."""
+    stack = await stack_factory(fleet(1), relay={"min_status_interval_s": 2.0})
+    await stack.apply(fleet(1))
+    await stack.connected()
+    worst = 0.0
+    for round_ in range(4):
+        for i in range(10):  # reports every 200 ms; the last of each burst is looked for
+            await asyncio.to_thread(publish_many, mosquitto.port, [report("s000", {"p0": f"r{round_}-{i}"})])
+            await asyncio.sleep(0.2)
+        sent = time.monotonic()
+        want = f"r{round_}-9"
+
+        async def shown(want: str = want) -> bool:
+            out = await stack.kubectl(
+                "get", "device", "s000", "-n", "plant", "-o", "jsonpath={.status.twins[0].reported.value}"
+            )
+            return out.stdout == want
+
+        await until(shown, within=10, what="the value in kubectl")
+        worst = max(worst, time.monotonic() - sent)
+    assert worst <= 2.0 + 0.5 + 1.0, worst  # minStatusInterval + batch window + link and kubectl
+
+
+async def test_the_documented_kubectl_recipe_changes_one_desired_value_and_keeps_the_others(
+    stack_factory: Any,
+) -> None:
+    """docs/sync-protocol.md: a merge patch of spec.properties replaces the whole list
+    (CRDs have no strategic merge patch); the JSON patch recipe changes one entry."""
+    stack = await stack_factory(None)
+    docs = fleet(1, prefix="c")
+    docs[0]["spec"]["properties"] = [
+        {"name": "mode", "type": "STRING", "accessMode": "ReadWrite"},
+        {"name": "sp", "type": "INT", "accessMode": "ReadWrite"},
+    ]
+    docs[1]["spec"]["properties"] = [
+        {"name": "mode", "desired": {"value": "auto"}, "reportCycle": "10s"},
+        {"name": "sp", "desired": {"value": "20"}},
+    ]
+    await stack.apply(docs)
+    await stack.connected()
+    names = await stack.kubectl(
+        "get", "device", "c000", "-n", "plant", "-o", "jsonpath={range .spec.properties[*]}{.name}{' '}{end}"
+    )
+    index = names.stdout.split().index("sp")
+    patch = json.dumps(
+        [
+            {"op": "test", "path": f"/spec/properties/{index}/name", "value": "sp"},
+            {"op": "replace", "path": f"/spec/properties/{index}/desired/value", "value": "23"},
+        ]
+    )
+    result = await stack.kubectl("patch", "device", "c000", "-n", "plant", "--type", "json", "-p", patch)
+    assert result.returncode == 0, result.stderr
+    spec = (await stack.device("c000"))["spec"]["properties"]
+    assert spec[0] == {"name": "mode", "desired": {"value": "auto"}, "reportCycle": "10s"}
+    assert spec[1]["desired"]["value"] == "23"
+    gw = stack.gateway
+    await until(lambda: gw.engine.devices["plant.c000"].properties["sp"].desired.value == 23, within=10)
+    # The test op guards against a list that changed meanwhile: a wrong index is refused.
+    wrong = patch.replace(
+        f'"/spec/properties/{index}/name", "value": "sp"', f'"/spec/properties/{index}/name", "value": "mode"'
+    )
+    assert (
+        await stack.kubectl("patch", "device", "c000", "-n", "plant", "--type", "json", "-p", wrong)
+    ).returncode != 0

@@ -85,8 +85,9 @@ def _timestamp(doc: dict[str, Any]) -> int | None:
     if (
         isinstance(ts, bool)
         or not isinstance(ts, int | float)
-        or not math.isfinite(ts)
+        # The range first: math.isfinite() of an int beyond a float's range overflows.
         or not 0 <= ts <= MAX_TIMESTAMP_MS
+        or not math.isfinite(ts)
     ):
         raise PayloadError("bad_shape", f"timestamp must be milliseconds since the epoch, got {ts!r:.40}")
     return int(ts)

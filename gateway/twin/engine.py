@@ -686,10 +686,11 @@ class TwinEngine:
         so that it wins. An edge desired value the cloud holds and this twin lacks is
         restored. Returns the properties adopted."""
         dev = self.devices.get(device_id)
-        if dev is None or not status or not dev.served:
+        if dev is None or not isinstance(status, Mapping) or not dev.served:
             return []
         adopted: list[str] = []
-        for entry in status.get("twins") or []:
+        twins = status.get("twins")
+        for entry in twins if isinstance(twins, list) else []:
             if not isinstance(entry, dict):
                 continue
             prop = dev.properties.get(str(entry.get("propertyName", "")))
@@ -697,6 +698,7 @@ class TwinEngine:
                 continue
             reported = entry.get("reported")
             meta = reported.get("metadata") if isinstance(reported, dict) else None
+            meta = meta if isinstance(meta, dict) else None
             cloud_version = _as_int((meta or {}).get("version"))
             behind = cloud_version is not None and (
                 cloud_version > prop.last_version

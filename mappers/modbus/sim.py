@@ -24,6 +24,7 @@ import struct
 import time
 from typing import Any
 
+from pymodbus.constants import ExcCodes
 from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
@@ -44,6 +45,8 @@ class BoilerSimulator:
         self.run = True
         self._last = time.monotonic()
         self._server: ModbusTcpServer | None = None
+        # Fault injection: the next N reads answer a Modbus exception (4, device failure).
+        self.fail_reads = 0
 
     def _device(self) -> SimDevice:
         return SimDevice(
@@ -76,6 +79,9 @@ class BoilerSimulator:
         set_values: list[int] | list[bool] | None,
     ) -> Any:
         self.requests += 1
+        if set_values is None and self.fail_reads > 0:
+            self.fail_reads -= 1
+            return ExcCodes.DEVICE_FAILURE
         if set_values is not None:  # a write: keep our model in step with it
             if function_code in (5, 15) and address == 0:
                 self.run = bool(set_values[0])

@@ -15,7 +15,11 @@ One run, everything through the link simulator (edgetwin.linksim) on loopback:
   * baseline: a standard Kubernetes client (lightkube) sending each change as a JSON
     merge patch of Device status through the same proxy: bytes per change measured,
     times the changes of a day offline (devices x props x 86,400);
-  * the idle link: bytes per day with the shipped keepalive (10 s pings).
+  * the idle link: bytes per day with the shipped heartbeat (after 20 s of silence);
+  * a dead link on an established stream carrying a drain at 64 kbit/s: seconds until
+    the gateway notices (goal 30);
+  * a reconnect after --reconnect-after seconds of a healthy stream while the API server
+    compacts its history every --compact-s: relist or not, and bytes.
 The gateway talks to a private mosquitto; the API is the emulator (edgetwin.kube_emulator).
 """
 
@@ -110,7 +114,11 @@ async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--devices", type=int, default=1000)
     ap.add_argument("--props", type=int, default=10)
-    ap.add_argument("--idle-seconds", type=float, default=30.0)
+    ap.add_argument("--idle-seconds", type=float, default=60.0)
+    ap.add_argument(
+        "--reconnect-after", type=float, default=600.0, help="seconds connected before the reconnect test"
+    )
+    ap.add_argument("--compact-s", type=float, default=300.0, help="the API server's compaction interval")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="edgetwin-bench-link-"))
     pki = await asyncio.to_thread(make_pki, tmp)
@@ -119,7 +127,7 @@ async def main() -> None:
     (tmp / "m.yaml").write_text(yaml.safe_dump_all(docs))
     try:
         async with RunningEmulator(
-            Emulator.from_files(sorted((ROOT / "deploy" / "crds").glob("*.yaml")))
+            Emulator.from_files(sorted((ROOT / "deploy" / "crds").glob("*.yaml")), compact_s=args.compact_s)
         ) as api:
             kc = api.kubeconfig(tmp / "kc", "plant")
             kc_text = kc.read_text()
@@ -161,6 +169,7 @@ async def main() -> None:
 
             # 1. Steady state: 50 devices report one property once a second for 10 s.
             devs = [f"plant.s{d:04d}" for d in range(min(50, args.devices))]
+            all_devs = [f"plant.s{d:04d}" for d in range(args.devices)]
             before = link.bytes_up + link.bytes_down
             n = 0
             for second in range(10):
@@ -223,14 +232,74 @@ async def main() -> None:
             await base.close()
             await base_link.stop()
 
-            # 4. The idle link: keepalive only.
+            # 4. The idle link: heartbeats only.
             await asyncio.sleep(2)
             i0, t0 = link.bytes_up + link.bytes_down, time.monotonic()
             await asyncio.sleep(args.idle_seconds)
             idle = (link.bytes_up + link.bytes_down - i0) / (time.monotonic() - t0) * DAY
             print(
-                f"idle link: {idle / 1e6:.2f} MB/day with 10 s keepalive pings "
-                "(a dead link is noticed within 30 s)"
+                f"idle link: {idle / 1e6:.2f} MB/day (a heartbeat after 20 s of silence; "
+                "a dead link is noticed within 30 s)"
+            )
+
+            # 5. A dead link on an established, busy stream: blackholed during a drain.
+            link.cut()
+            await asyncio.sleep(0.5)
+            refill = [
+                (d, {f"p{k}": 40 + i / 7 + k for k in range(args.props)}) for i, d in enumerate(all_devs)
+            ]
+            await asyncio.to_thread(publish_all, mqtt_port, refill)
+            while len(gw.engine.outbox) < len(all_devs):  # noqa: ASYNC110 (polling the engine)
+                await asyncio.sleep(0.05)
+            link.restore()
+            await asyncio.wait_for(gw.uplink.connected.wait(), 60)
+            await asyncio.sleep(3)
+            busy = len(gw.engine.outbox)
+            link.blackhole(True)
+            dead_at = time.monotonic()
+            while gw.uplink.connected.is_set():  # noqa: ASYNC110 (polling the uplink)
+                await asyncio.sleep(0.05)
+            noticed = time.monotonic() - dead_at
+            link.restore()
+            await asyncio.wait_for(gw.uplink.connected.wait(), 60)
+            await wait_empty(gw, 600)
+            print(
+                f"dead link on a busy stream at 64 kbit/s (blackholed with {busy} devices still to "
+                f"drain): noticed in {noticed:.1f} s (goal 30 s); the drain then completed"
+            )
+
+            # 6. A reconnect after a long healthy stream: bookmarks keep the resume point
+            # inside the API server's history (compacted every compact_s), so no relist.
+            link.bandwidth_bps = None
+            print(
+                f"connected for {args.reconnect_after:g} s with status writes, the API server "
+                f"compacting every {api.emulator.compact_s:g} s ...",
+                flush=True,
+            )
+            started = time.monotonic()
+            first_rv = int(gw.uplink.resume.get("Device", "0") or 0)
+            i = 0
+            while time.monotonic() - started < args.reconnect_after:
+                await asyncio.to_thread(publish_all, mqtt_port, [(d, {"p2": i}) for d in devs])
+                i += 1
+                await asyncio.sleep(10)
+            await wait_empty(gw, 60)
+            compacted = api.emulator.compacted
+            synced, payload = gw.uplink.received["synced"], gw.uplink.bytes_received + gw.uplink.bytes_sent
+            wire = link.bytes_up + link.bytes_down
+            connects = gw.uplink.connects
+            link.cut()
+            link.restore()
+            while gw.uplink.connects == connects:  # noqa: ASYNC110 (polling the uplink)
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(3)
+            relisted = gw.uplink.received["synced"] > synced
+            sync_bytes = gw.uplink.bytes_received + gw.uplink.bytes_sent - payload
+            print(
+                f"reconnect after {args.reconnect_after:g} s (history compacted to rv {compacted}, "
+                f"the stream began at rv {first_rv}): {'RELIST' if relisted else 'no relist'}, "
+                f"{sync_bytes} bytes of sync (goal < 2 KB), "
+                f"{link.bytes_up + link.bytes_down - wire} bytes on the wire with TLS and HTTP/2 set-up"
             )
 
             stop.set()
