@@ -262,8 +262,10 @@ async def test_an_outbox_larger_than_any_frame_drains_without_wedging(
     await stack.connected()
     await stack.apply(fleet(21))
     stack.link.cut()
+    # One property per report keeps each message under mqtt.max_payload (64 KiB); each
+    # device's pending status (10 x 15 KB) is still larger than any frame.
     big = [
-        report(f"s{i:03d}", {p["name"]: f"{i}{p['name']}" + "z" * 15_000 for p in PROPS}) for i in range(20)
+        report(f"s{i:03d}", {p["name"]: f"{i}{p['name']}" + "z" * 15_000}) for i in range(20) for p in PROPS
     ]
     await asyncio.to_thread(publish_many, mosquitto.port, [*big, report("s020", {"p0": "small"})])
     gw = stack.gateway
