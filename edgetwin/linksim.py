@@ -111,9 +111,14 @@ class LinkSim:
             self._close(conn, abort=True)
 
     def restore(self) -> None:
-        """The link is back (after cut() or blackhole())."""
+        """The link is back (after cut() or blackhole()). Connections that lost bytes to
+        a blackhole are reset: a real TCP connection either gets its data through or
+        dies, it never goes on with a gap in its byte stream."""
         self._cut = False
-        self._blackhole = False
+        if self._blackhole:
+            self._blackhole = False
+            for conn in list(self._conns):
+                self._close(conn, abort=True)
 
     def blackhole(self, on: bool = True) -> None:
         """Silently drop everything both ways, keeping connections open (half-open)."""
