@@ -16,8 +16,19 @@ It serves the CRDs it is given (``deploy/crds/*.yaml``) with the semantics the r
   server, to ``metadata.name``, ``metadata.namespace`` and the CRD's
   ``selectableFields`` (anything else is 400 BadRequest);
 * watch from a ``resourceVersion`` replays what changed since; one older than the
-  retained history (``history`` events, oldest dropped first) gets 410 Gone;
-* Table output (``Accept: ...;as=Table;...``) from the CRD's printer columns.
+  retained history (``history`` events, oldest dropped first) gets 410 Gone; streaming
+  lists (``sendInitialEvents``, as ``kubectl wait`` asks) end their initial events with
+  the ``k8s.io/initial-events-end`` bookmark;
+* Table output (``Accept: ...;as=Table;...``) from the CRD's printer columns (JSONPath
+  with filters, first result only, dates as ages: ``edgetwin.jsonpath``);
+* the CRD's structural schema (``edgetwin.kube_schema``): unknown fields pruned (refused
+  with ``fieldValidation=Strict``, as kubectl asks; a ``Warning`` header otherwise),
+  defaults applied, types, required fields, enums, patterns, bounds, list-map keys and
+  ``x-kubernetes-validations`` CEL rules checked (422 Invalid, naming each field);
+* namespaced and cluster-scoped resources;
+* RBAC for chosen bearer tokens (``rbac={token: ClusterRole rules}``): a request with
+  such a token gets 403 Forbidden unless a rule grants its verb on its resource (or
+  subresource), as kube-apiserver answers a service account; other tokens may do all.
 
 Counters (``stats``) let tests check how often status was written per object.
 """
@@ -39,6 +50,9 @@ from typing import Any
 
 import yaml
 from aiohttp import web
+
+from edgetwin import jsonpath
+from edgetwin.kube_schema import FieldError, Schema, error_message
 
 BANNER = "edgetwin Kubernetes API emulator: a development stand-in, not for production"
 DEFAULT_HISTORY = 10_000
@@ -70,6 +84,7 @@ class Resource:
     selectable: list[str]  # field paths without the leading dot, e.g. spec.nodeName
     categories: list[str] = field(default_factory=list)
     schema: dict[str, Any] = field(default_factory=dict)
+    checker: Schema = field(default_factory=lambda: Schema({"type": "object"}))
 
     @property
     def api_version(self) -> str:
@@ -100,16 +115,22 @@ class Resource:
                     schema=(v.get("schema") or {}).get("openAPIV3Schema", {"type": "object"}),
                 )
             )
+            out[-1].checker = Schema(out[-1].schema)
+            for column in out[-1].columns:
+                jsonpath.compile_path(column["jsonPath"])  # the API server refuses a bad one
         return out
 
 
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+
+
 class ApiError(Exception):
-    def __init__(self, code: int, reason: str, message: str) -> None:
+    def __init__(self, code: int, reason: str, message: str, details: dict[str, Any] | None = None) -> None:
         super().__init__(message)
-        self.code, self.reason, self.message = code, reason, message
+        self.code, self.reason, self.message, self.details = code, reason, message, details
 
     def status(self) -> dict[str, Any]:
-        return {
+        status: dict[str, Any] = {
             "kind": "Status",
             "apiVersion": "v1",
             "metadata": {},
@@ -118,14 +139,35 @@ class ApiError(Exception):
             "reason": self.reason,
             "code": self.code,
         }
+        if self.details:
+            status["details"] = self.details
+        return status
+
+
+def _invalid(res: Resource, name: str, errors: list[FieldError]) -> ApiError:
+    """422 Invalid with one cause per field, as kube-apiserver answers a bad body
+    (kubectl prints: The Device "x" is invalid: spec.nodeName: Required value)."""
+    return ApiError(
+        422,
+        "Invalid",
+        error_message(res.kind, res.group, name, errors),
+        {
+            "name": name,
+            "group": res.group,
+            "kind": res.kind,
+            "causes": [{"reason": e.reason, "message": e.detail, "field": e.field} for e in errors],
+        },
+    )
 
 
 def human_age(timestamp: str, now: datetime | None = None) -> str:
     """A creationTimestamp as kubectl shows ages (apimachinery's HumanDuration)."""
     try:
-        then = datetime.strptime(timestamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
-    except (TypeError, ValueError):
+        then = datetime.fromisoformat(timestamp.replace("z", "Z").replace("Z", "+00:00"))
+    except (AttributeError, TypeError, ValueError):
         return "<unknown>"
+    if then.tzinfo is None:
+        then = then.replace(tzinfo=UTC)
     s = max(0, int(((now or datetime.now(UTC)) - then).total_seconds()))
     m, h, d = s // 60, s // 3600, s // 86400
     if s < 120:
@@ -173,6 +215,26 @@ def _path(obj: Any, dotted: str) -> Any:
             return None
         obj = obj.get(part)
     return obj
+
+
+def _cell(obj: dict[str, Any], path: str, kind: str) -> Any:
+    """A printer column's cell as kube-apiserver's table converter makes it: the first
+    JSONPath result; strings as the JSONPath printer writes them; dates as ages."""
+    found = jsonpath.find(obj, path)
+    if not found or found[0] is None:
+        return None
+    value = found[0]
+    if kind == "date":
+        return human_age(value) if isinstance(value, str) else None
+    if kind == "string":
+        return jsonpath.render(value)
+    if kind == "integer":
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+    if kind == "number":
+        return value if isinstance(value, int | float) and not isinstance(value, bool) else None
+    if kind == "boolean":
+        return value if isinstance(value, bool) else None
+    return value
 
 
 def merge_patch(target: Any, patch: Any) -> Any:
@@ -281,7 +343,9 @@ class Emulator:
         bookmark_s: float = DEFAULT_BOOKMARK_S,
         selectable_fields: bool = True,
         managed_fields: bool = True,
+        rbac: dict[str, list[dict[str, Any]]] | None = None,
     ) -> None:
+        self.rbac = rbac or {}
         self.resources: dict[tuple[str, str, str], Resource] = {}
         for crd in crds:
             for res in Resource.from_crd(crd):
@@ -338,7 +402,13 @@ class Emulator:
         obj["metadata"]["resourceVersion"] = str(self.rv)
 
     def create(
-        self, res: Resource, ns: str, body: dict[str, Any], manager: str = "unknown"
+        self,
+        res: Resource,
+        ns: str,
+        body: dict[str, Any],
+        manager: str = "unknown",
+        validation: str = "Warn",
+        warnings: list[str] | None = None,
     ) -> dict[str, Any]:
         meta = body.setdefault("metadata", {})
         name = meta.get("name")
@@ -347,6 +417,20 @@ class Emulator:
         if not name:
             raise ApiError(
                 422, "Invalid", f"{res.kind}.{res.group} is invalid: metadata.name: Required value"
+            )
+        if len(name) > 253 or not _DNS_SUBDOMAIN.match(name):
+            raise _invalid(
+                res,
+                name,
+                [
+                    FieldError(
+                        "metadata.name",
+                        "FieldValueInvalid",
+                        f"Invalid value: {json.dumps(name)}: a lowercase RFC 1123 subdomain must consist of "
+                        "lower case alphanumeric characters, '-' or '.', and must start and end with an "
+                        "alphanumeric character",
+                    )
+                ],
             )
         key = (res.plural, ns, name)
         if key in self.objects:
@@ -361,6 +445,7 @@ class Emulator:
             obj["metadata"]["namespace"] = ns
         if res.status_subresource:
             obj.pop("status", None)
+        obj = self._admit(res, name, obj, None, validation, warnings)
         obj["metadata"].pop("managedFields", None)
         if self.managed_fields:
             _record_manager(obj, manager, None)
@@ -375,8 +460,42 @@ class Emulator:
             raise ApiError(404, "NotFound", f'{res.plural}.{res.group} "{name}" not found')
         return obj
 
+    def _admit(
+        self,
+        res: Resource,
+        name: str,
+        obj: dict[str, Any],
+        old: dict[str, Any] | None,
+        validation: str,
+        warnings: list[str] | None,
+    ) -> dict[str, Any]:
+        """Prune, default and validate a body against the CRD schema."""
+        admission = res.checker.admit(obj, old)
+        if admission.unknown:
+            if validation == "Strict":
+                unknown = ", ".join(f'unknown field "{f}"' for f in admission.unknown)
+                raise ApiError(
+                    400,
+                    "BadRequest",
+                    f'{res.kind} in version "{res.version}" cannot be handled as a {res.kind}: '
+                    f"strict decoding error: {unknown}",
+                )
+            if validation != "Ignore" and warnings is not None:
+                warnings.extend(f'unknown field "{f}"' for f in admission.unknown)
+        if admission.errors:
+            raise _invalid(res, name, admission.errors)
+        return admission.obj
+
     def replace(
-        self, res: Resource, ns: str, name: str, body: dict[str, Any], status: bool, manager: str = "unknown"
+        self,
+        res: Resource,
+        ns: str,
+        name: str,
+        body: dict[str, Any],
+        status: bool,
+        manager: str = "unknown",
+        validation: str = "Warn",
+        warnings: list[str] | None = None,
     ) -> dict[str, Any]:
         current = self.get(res, ns, name)
         want_rv = (body.get("metadata") or {}).get("resourceVersion")
@@ -410,8 +529,9 @@ class Emulator:
             new["apiVersion"], new["kind"] = res.api_version, res.kind
             if res.status_subresource and "status" in current:
                 new["status"] = copy.deepcopy(current["status"])
-            if new.get("spec") != current.get("spec"):
-                new["metadata"]["generation"] = current["metadata"].get("generation", 1) + 1
+        new = self._admit(res, name, new, current, validation, warnings)
+        if not status and new.get("spec") != current.get("spec"):
+            new["metadata"]["generation"] = current["metadata"].get("generation", 1) + 1
         if new == current:
             return current  # a no-op write does not bump resourceVersion, as in Kubernetes
         if self.managed_fields:
@@ -430,6 +550,8 @@ class Emulator:
         body: Any,
         status: bool,
         manager: str = "unknown",
+        validation: str = "Warn",
+        warnings: list[str] | None = None,
     ) -> dict[str, Any]:
         current = self.get(res, ns, name)
         if content_type == "application/merge-patch+json":
@@ -451,7 +573,7 @@ class Emulator:
         want_rv = patched["metadata"].get("resourceVersion")
         if want_rv == current["metadata"]["resourceVersion"]:
             patched["metadata"].pop("resourceVersion")  # not in the patch: no precondition
-        return self.replace(res, ns, name, patched, status, manager)
+        return self.replace(res, ns, name, patched, status, manager, validation, warnings)
 
     def delete(self, res: Resource, ns: str, name: str) -> dict[str, Any]:
         obj = self.get(res, ns, name)
@@ -480,21 +602,58 @@ class Emulator:
         r.add_get("/apis/{group}/{version}", self._group_version)
         r.add_get("/openapi/v3", self._openapi_root)
         r.add_get("/openapi/v3/apis/{group}/{version}", self._openapi_group)
+        r.add_get("/api/v1/namespaces/{ns}/events", self._events)
+        r.add_get("/api/v1/events", self._events)
         base = "/apis/{group}/{version}"
         r.add_get(base + "/{plural}", self._list)
+        r.add_post(base + "/{plural}", self._create)  # cluster-scoped
         r.add_get(base + "/namespaces/{ns}/{plural}", self._list)
         r.add_post(base + "/namespaces/{ns}/{plural}", self._create)
-        for suffix in ("", "/{sub:status}"):
-            item = base + "/namespaces/{ns}/{plural}/{name}" + suffix
-            r.add_get(item, self._get)
-            r.add_put(item, self._put)
-            r.add_patch(item, self._patch)
-        r.add_delete(base + "/namespaces/{ns}/{plural}/{name}", self._delete)
+        for scope in (base + "/namespaces/{ns}/{plural}/{name}", base + "/{plural}/{name}"):
+            for suffix in ("", "/{sub:status}"):
+                r.add_get(scope + suffix, self._get)
+                r.add_put(scope + suffix, self._put)
+                r.add_patch(scope + suffix, self._patch)
+            r.add_delete(scope, self._delete)
         return app
+
+    def _authorize(self, request: web.Request) -> None:
+        """RBAC for the tokens given as ``rbac`` (discovery is open to all, as
+        system:discovery makes it)."""
+        token = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        rules = self.rbac.get(token)
+        info = request.match_info
+        if rules is None or "plural" not in info:
+            return
+        resource = info["plural"] + ("/status" if info.get("sub") else "")
+        verb = {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}.get(request.method)
+        if verb is None:
+            watch = request.query.get("watch") in ("1", "true")
+            verb = "get" if "name" in info else "watch" if watch else "list"
+        for rule in rules:
+            if (
+                info["group"] in rule.get("apiGroups", ())
+                and resource in rule.get("resources", ())
+                and (verb in rule.get("verbs", ()) or "*" in rule.get("verbs", ()))
+            ):
+                return
+        where = f' in the namespace "{info["ns"]}"' if "ns" in info else ""
+        name = f' "{info["name"]}"' if "name" in info else ""
+        raise ApiError(
+            403,
+            "Forbidden",
+            f'{info["plural"]}.{info["group"]}{name} is forbidden: User "{token}" cannot {verb} resource '
+            f'"{resource}" in API group "{info["group"]}"{where}',
+        )
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Any) -> web.StreamResponse:
         self.stats[f"{request.method} {request.path.split('/namespaces/')[0]}"] += 1
+        try:
+            self._authorize(request)
+        except ApiError as exc:
+            self.stats["forbidden"] += 1
+            return web.json_response(exc.status(), status=exc.code)
         if request.query.get("watch") not in ("1", "true"):
             if self.errors_to_inject > 0:
                 self.errors_to_inject -= 1
@@ -514,11 +673,48 @@ class Emulator:
     def _resource(self, request: web.Request) -> Resource:
         info = request.match_info
         res = self.resources.get((info["group"], info["version"], info["plural"]))
-        if res is None:
+        scoped = "ns" in info
+        # A collection of a namespaced resource may be listed across namespaces; an
+        # object is addressed in its scope only.
+        wrong_scope = (
+            res is not None and res.namespaced != scoped and ("name" in info or request.method == "POST")
+        )
+        if res is None or wrong_scope:
             raise ApiError(
                 404, "NotFound", f"the server could not find the requested resource ({request.path})"
             )
         return res
+
+    @staticmethod
+    def _ns(request: web.Request) -> str:
+        return request.match_info.get("ns", "")
+
+    @staticmethod
+    def _validation(request: web.Request) -> str:
+        mode = request.query.get("fieldValidation", "Warn")
+        if mode not in ("Strict", "Warn", "Ignore"):
+            raise ApiError(
+                400, "BadRequest", f'fieldValidation parameter unsupported: "{mode}" (Strict, Warn or Ignore)'
+            )
+        return mode
+
+    @staticmethod
+    def _respond(obj: dict[str, Any], warnings: list[str], status: int = 200) -> web.Response:
+        response = web.json_response(obj, status=status)
+        for text in warnings:
+            response.headers.add("Warning", f"299 - {json.dumps(text)}")
+        return response
+
+    async def _events(self, _r: web.Request) -> web.Response:
+        """No core Events are kept; an empty list lets ``kubectl describe`` finish."""
+        return web.json_response(
+            {
+                "kind": "EventList",
+                "apiVersion": "v1",
+                "metadata": {"resourceVersion": str(self.rv)},
+                "items": [],
+            }
+        )
 
     async def _version(self, _r: web.Request) -> web.Response:
         return web.json_response(
@@ -640,7 +836,8 @@ class Emulator:
                     "x-kubernetes-group-version-kind": gvk[0],
                 }
 
-            base = f"/apis/{g}/{v}/namespaces/{{namespace}}/{res.plural}"
+            scope = "/namespaces/{namespace}" if res.namespaced else ""
+            base = f"/apis/{g}/{v}{scope}/{res.plural}"
             paths[base] = {"post": op("post"), "get": op("list")}
             paths[base + "/{name}"] = {"put": op("put"), "patch": op("patch"), "get": op("get")}
             if res.status_subresource:
@@ -668,7 +865,7 @@ class Emulator:
                     "priority": c.get("priority", 0),
                 }
             )
-        specs = [(c["jsonPath"], c["type"]) for c in res.columns]
+        specs = [(c["jsonPath"], c["type"]) for c in res.columns]  # checked at load
         if not any(c["name"] == "Age" for c in res.columns):
             columns.append({"name": "Age", "type": "date", "format": "", "description": "", "priority": 0})
             specs.append((".metadata.creationTimestamp", "date"))
@@ -676,9 +873,7 @@ class Emulator:
         for o in objs:
             cells: list[Any] = [o["metadata"]["name"]]
             for p, kind in specs:
-                value = _path(o, p.lstrip("."))
-                # As the API server does, dates are served as ages ("5m"), not timestamps.
-                cells.append(human_age(value) if kind == "date" and value is not None else value)
+                cells.append(_cell(o, p, kind))
             rows.append(
                 {
                     "cells": cells,
@@ -703,7 +898,7 @@ class Emulator:
 
     async def _list(self, request: web.Request) -> web.StreamResponse:
         res = self._resource(request)
-        ns = request.match_info.get("ns")
+        ns = request.match_info.get("ns") if res.namespaced else None
         q = request.query
         sel = Selector.parse(res, q.get("labelSelector", ""), q.get("fieldSelector", ""))
         if q.get("watch") in ("1", "true"):
@@ -755,7 +950,14 @@ class Emulator:
             await response.write(json.dumps({"type": kind, "object": obj}).encode() + b"\n")
 
         try:
-            if since in ("", "0"):
+            if request.query.get("sendInitialEvents") in ("1", "true"):
+                # A streaming list (WatchList; kubectl wait uses it): the current objects,
+                # then a bookmark marking the end of the initial events.
+                for obj in self.select(res, ns, sel):
+                    await send("ADDED", obj)
+                meta = {"resourceVersion": str(self.rv), "annotations": {"k8s.io/initial-events-end": "true"}}
+                await send("BOOKMARK", {"kind": res.kind, "apiVersion": res.api_version, "metadata": meta})
+            elif since in ("", "0"):
                 for obj in self.select(res, ns, sel):
                     await send("ADDED", obj)
             else:
@@ -801,12 +1003,18 @@ class Emulator:
 
     async def _create(self, request: web.Request) -> web.Response:
         res = self._resource(request)
-        obj = self.create(res, request.match_info["ns"], await self._body(request), _manager(request))
-        return web.json_response(obj, status=201)
+        warnings: list[str] = []
+        body = await self._body(request)
+        if not isinstance(body, dict):
+            raise ApiError(400, "BadRequest", "the body must be a JSON object")
+        obj = self.create(
+            res, self._ns(request), body, _manager(request), self._validation(request), warnings
+        )
+        return self._respond(obj, warnings, 201)
 
     async def _get(self, request: web.Request) -> web.Response:
         res = self._resource(request)
-        obj = self.get(res, request.match_info["ns"], request.match_info["name"])
+        obj = self.get(res, self._ns(request), request.match_info["name"])
         if self._wants_table(request):
             return web.json_response(self._table(res, [obj], obj["metadata"]["resourceVersion"]))
         return web.json_response(obj)
@@ -821,30 +1029,43 @@ class Emulator:
         res = self._resource(request)
         status = self._status_path(request, res)
         body = await self._body(request)
+        if not isinstance(body, dict):
+            raise ApiError(400, "BadRequest", "the body must be a JSON object")
+        warnings: list[str] = []
         obj = self.replace(
-            res, request.match_info["ns"], request.match_info["name"], body, status, _manager(request)
+            res,
+            self._ns(request),
+            request.match_info["name"],
+            body,
+            status,
+            _manager(request),
+            self._validation(request),
+            warnings,
         )
-        return web.json_response(obj)
+        return self._respond(obj, warnings)
 
     async def _patch(self, request: web.Request) -> web.Response:
         res = self._resource(request)
         status = self._status_path(request, res)
         content_type = request.headers.get("Content-Type", "").split(";")[0].strip()
         body = await self._body(request)
+        warnings: list[str] = []
         obj = self.patch(
             res,
-            request.match_info["ns"],
+            self._ns(request),
             request.match_info["name"],
             content_type,
             body,
             status,
             _manager(request),
+            self._validation(request),
+            warnings,
         )
-        return web.json_response(obj)
+        return self._respond(obj, warnings)
 
     async def _delete(self, request: web.Request) -> web.Response:
         res = self._resource(request)
-        obj = self.delete(res, request.match_info["ns"], request.match_info["name"])
+        obj = self.delete(res, self._ns(request), request.match_info["name"])
         return web.json_response(obj)
 
     async def close_watches(self) -> None:
@@ -908,15 +1129,16 @@ class RunningEmulator:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
-    def kubeconfig(self, path: Path, namespace: str = "default") -> Path:
-        """A kubeconfig for kubectl and Kubernetes clients pointing at the emulator."""
+    def kubeconfig(self, path: Path, namespace: str = "default", token: str = "emulator") -> Path:
+        """A kubeconfig for kubectl and Kubernetes clients pointing at the emulator
+        (``token``: whose rights, see ``rbac``)."""
         path.write_text(
             yaml.safe_dump(
                 {
                     "apiVersion": "v1",
                     "kind": "Config",
                     "clusters": [{"name": "emulator", "cluster": {"server": self.url}}],
-                    "users": [{"name": "dev", "user": {"token": "emulator"}}],
+                    "users": [{"name": "dev", "user": {"token": token}}],
                     "contexts": [
                         {
                             "name": "emulator",
