@@ -7,6 +7,9 @@ is the reference for every key::
     context: null               # a kubeconfig context other than its current one
     minStatusInterval: 5s       # at most one status write per Device per interval
     nodeSelector: auto          # auto | field | label: how a node's Devices are selected
+    linkDeadAfter: 45s          # a stream silent this long is dead
+    name: null                  # this replica in Gateway status: null = $POD_NAME or the host name
+    gatewayStatus: {interval: 30s, heartbeat: 60s, staleAfter: 180s}
     log: {level: INFO, format: text}
 
 A bad file is refused with :class:`RelayConfigError` naming the key.
@@ -19,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from deviceapi.types import first_problem, parse_duration_ms
 
@@ -43,6 +46,30 @@ class RelayLog(BaseModel):
     format: Literal["text", "json"] = "text"
 
 
+class GatewayStatusConfig(BaseModel):
+    """How often the relay writes each node's Gateway status (cloud/gateway_status.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    interval: int = 30_000  # ms: at most one write per gateway per interval for changed stats
+    heartbeat: int = 60_000  # ms: an unchanged connected gateway's lastSeenTime is refreshed
+    staleAfter: int = 180_000  # ms: a Gateway no replica refreshed is marked disconnected
+
+    @field_validator("interval", "heartbeat", "staleAfter", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> int:
+        return parse_duration_ms(v)
+
+    @model_validator(mode="after")
+    def _order(self) -> GatewayStatusConfig:
+        if self.staleAfter < 2 * self.heartbeat:
+            raise ValueError(
+                f"staleAfter ({self.staleAfter} ms) must be at least twice heartbeat ({self.heartbeat} ms), "
+                "or live gateways would be swept as stale"
+            )
+        return self
+
+
 class RelayConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -57,6 +84,8 @@ class RelayConfig(BaseModel):
     nodeSelector: Literal["auto", "field", "label"] = "auto"
     # A stream silent this long is taken as dead (gateways send a heartbeat every 20 s).
     linkDeadAfter: int = 45_000  # ms
+    name: str | None = Field(None, max_length=253)
+    gatewayStatus: GatewayStatusConfig = Field(default_factory=GatewayStatusConfig)
     log: RelayLog = Field(default_factory=RelayLog)
 
     @field_validator("minStatusInterval", "linkDeadAfter", mode="before")

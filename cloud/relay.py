@@ -14,7 +14,9 @@ Per stream, for the node named by the client certificate's common name:
   each frame holding at most a couple of seconds of it, so the gateway's heartbeats are
   never queued behind minutes of data;
 * a frame asking for an echo is answered at once with a bare ack; a stream the gateway
-  has sent nothing on for ``dead_after_s`` is taken as dead and closed.
+  has sent nothing on for ``dead_after_s`` is taken as dead and closed;
+* the node's ``Gateway`` resource follows the stream and the gateway's ``stats``
+  (:mod:`cloud.gateway_status`).
 
 The relay keeps nothing beyond the stream: a restarted or different replica serves the
 next stream the same way, because applying status is idempotent and order-insensitive.
@@ -25,8 +27,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import functools
 import logging
+import os
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +42,7 @@ import grpc
 from lightkube import AsyncClient
 from lightkube.generic_resource import create_namespaced_resource
 
+from cloud.gateway_status import GatewayReporter, GatewayTiming
 from cloud.spec_feed import NodeFeed, SelectorMode
 from cloud.status_writer import Device, Outcome, StatusWriter
 from deviceapi.proto.edgetwin.sync.v1 import sync_pb2, sync_pb2_grpc
@@ -80,6 +86,9 @@ class RelaySettings:
     frame_s: float = 2.0  # a frame carries at most this many seconds of the budget
     node_selector: SelectorMode = "auto"
     rv_every_s: float = 60.0
+    # This replica's name in Gateway status (default: $POD_NAME, else the host name).
+    name: str = ""
+    gateway: GatewayTiming = dataclasses.field(default_factory=GatewayTiming)
 
 
 class StreamEnded(Exception):
@@ -93,8 +102,10 @@ class _Session:
         node: str,
         settings: RelaySettings,
         context: grpc.aio.ServicerContext[Any, Any],
+        reporter: GatewayReporter,
     ) -> None:
         self.client, self.node, self.settings, self.context = client, node, settings, context
+        self.reporter = reporter
         self.feed_out: asyncio.Queue[dict[str, Any]] = asyncio.Queue(settings.queue_max)
         # Answers to status messages: bounded by what the gateway's window lets it send.
         self.answers: collections.deque[dict[str, Any]] = collections.deque()
@@ -119,6 +130,8 @@ class _Session:
             if frame is grpc.aio.EOF:
                 raise StreamEnded("the gateway closed the stream")
             self.last_rx = time.monotonic()
+            if self.hello is not None:
+                self.reporter.seen(self.node)
             if frame.ack:
                 self.outgoing.on_ack(frame.ack)
                 self.wake.set()
@@ -144,6 +157,7 @@ class _Session:
                     "run the same edgetwin release on both"
                 )
             self.hello = msg
+            self.reporter.connected(self.node, msg)
             self.bps = max(100, int(msg.get("bps") or self.settings.down_bps))
             self.answers.append({"t": "welcome", "proto": PROTOCOL_VERSION})
             resume = msg["resume"]
@@ -166,6 +180,8 @@ class _Session:
                 return
             fut = self.writer.submit(namespace, name, rev, msg["patch"])
             fut.add_done_callback(functools.partial(self._answer, dev, rev, part))
+        elif kind == "stats" and self.hello is not None:
+            self.reporter.stats(self.node, msg["s"])
 
     async def _feed(self, feed: NodeFeed, resume: str, store: str) -> None:
         async for msg in feed.messages(resume, store):
@@ -288,6 +304,9 @@ class SyncService(sync_pb2_grpc.SyncServicer):
         self.streams = 0
         self.active: dict[str, int] = {}  # node -> open streams
         self.on_stream = on_stream
+        name = self.settings.name or os.environ.get("POD_NAME") or socket.gethostname()
+        self.reporter = GatewayReporter(client, name, self.settings.gateway)
+        self.background: asyncio.Task[None] | None = None
 
     async def Link(self, request_iterator: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         names = context.auth_context().get("x509_common_name", [])
@@ -298,7 +317,7 @@ class SyncService(sync_pb2_grpc.SyncServicer):
         node = names[0].decode()
         self.streams += 1
         self.active[node] = self.active.get(node, 0) + 1
-        session = _Session(self.client, node, self.settings, context)
+        session = _Session(self.client, node, self.settings, context, self.reporter)
         log.info("gateway connected", extra={"node": node, "peer": context.peer()})
         tasks = [
             asyncio.create_task(session.read(), name=f"read {node}"),
@@ -322,9 +341,22 @@ class SyncService(sync_pb2_grpc.SyncServicer):
             self.active[node] -= 1
             if not self.active[node]:
                 del self.active[node]
+            if session.hello is not None:
+                self.reporter.disconnected(node, *_condition(why))
             log.info("gateway disconnected", extra={"node": node, "reason": why})
         if isinstance(why, str) and why.startswith("protocol:"):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, why.removeprefix("protocol: "))
+
+
+def _condition(why: str) -> tuple[str, str]:
+    """The Gateway's Connected=False reason for how a stream ended."""
+    if "the link is dead" in why:
+        return "LinkDead", why
+    if why in ("closed", "the gateway closed the stream"):
+        return "Closed", why
+    if why.startswith("protocol:"):
+        return "ProtocolMismatch", why.removeprefix("protocol: ")
+    return "StreamLost", why
 
 
 def _reason(error: BaseException | None) -> str:
@@ -362,7 +394,18 @@ async def serve(
     if port == 0 and not address.endswith(":0"):
         raise RuntimeError(f"cannot bind {address}")
     await server.start()
+    service.background = asyncio.create_task(_report_while_serving(server, service))
     return server, service, port
+
+
+async def _report_while_serving(server: grpc.aio.Server, service: SyncService) -> None:
+    """The Gateway reporter lives as long as the server."""
+    reporter = asyncio.create_task(service.reporter.run(), name="gateway status")
+    try:
+        await server.wait_for_termination()
+    finally:
+        reporter.cancel()
+        await asyncio.gather(reporter, return_exceptions=True)
 
 
 __all__ = ["CHANNEL_OPTIONS", "RelaySettings", "SyncService", "read_pki", "serve"]

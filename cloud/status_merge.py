@@ -7,22 +7,27 @@ revision ``rev`` (engine-wide, strictly increasing, never reused). A field is ta
 if it is newer than what status holds:
 
 * ``twins[].reported``: by its own ``metadata.version`` (per property, strictly
-  increasing at the edge);
+  increasing at the edge); the rev that brought it is kept as ``reported/NAME``;
+* ``twins[NAME] = None`` (the property left the model): a tombstone at ``rev``
+  (``twin/NAME``) that drops the twin's fields taken from older messages and keeps
+  older messages from bringing them back;
 * everything else (``state`` with ``lastOnlineTime``, each ``observedDesired``, each
   ``readError``, each condition): by ``rev``, remembered per field in
   ``status.revisions`` (e.g. ``{"state": 12, "observedDesired/setpoint": 14}``).
 
 So replays and duplicates change nothing, and messages applied in any order end in the
-state the newest of each field says. ``summary`` (the kubectl Twin column) is derived from
-the reported values.
+state the newest of each field says. ``summary`` (the kubectl Twin column) and
+``lastReportTime`` (the Reported column) are derived from the reported values.
 """
 
 from __future__ import annotations
 
 import copy
+from datetime import UTC, datetime
 from typing import Any
 
 SUMMARY_MAX = 60
+_TWIN_FIELDS = ("reported", "observedDesired", "readError")
 
 
 def _int(text: Any) -> int:
@@ -87,11 +92,22 @@ def merge_edge_status(status: dict[str, Any] | None, patch: dict[str, Any], rev:
             if isinstance(t, dict) and "propertyName" in t
         }
         for name, change in twins.items():
-            if change is None:  # the property is no longer in the device's model
-                if newer(f"twin/{name}"):
-                    entries.pop(name, None)
+            if not (change is None or isinstance(change, dict)):
                 continue
-            if not isinstance(change, dict):
+            # A removal (the property left the device's model) is a tombstone at its rev:
+            # it drops every field of the twin taken from an older message, and older
+            # messages arriving later are ignored; newer ones bring the twin back.
+            tomb = revisions.get(f"twin/{name}", 0)
+            if change is None:
+                if rev > tomb:
+                    revisions[f"twin/{name}"] = tomb = rev
+                    entry = entries.get(name, {})
+                    for key in _TWIN_FIELDS:
+                        if revisions.get(f"{key}/{name}", 0) < tomb:
+                            entry.pop(key, None)
+                            revisions.pop(f"{key}/{name}", None)
+                continue
+            if rev < tomb:
                 continue
             entry = entries.setdefault(name, {"propertyName": name})
             reported = change.get("reported")
@@ -99,15 +115,39 @@ def merge_edge_status(status: dict[str, Any] | None, patch: dict[str, Any], rev:
                 have = _int(_dict(_dict(entry.get("reported")).get("metadata")).get("version"))
                 if _int(_dict(reported.get("metadata")).get("version")) > have:
                     entry["reported"] = copy.deepcopy(reported)
+                    revisions[f"reported/{name}"] = rev
             for key in ("observedDesired", "readError"):
                 if key in change and newer(f"{key}/{name}"):
                     if change[key] is None or change[key] == "":
                         entry.pop(key, None)
                     else:
                         entry[key] = copy.deepcopy(change[key])
+        entries = {k: e for k, e in entries.items() if any(f in e for f in _TWIN_FIELDS)}
         new["twins"] = [entries[k] for k in sorted(entries, key=str)]
         new["summary"] = summary(new["twins"])
+        newest = last_report_time(new["twins"])
+        if newest is None:
+            new.pop("lastReportTime", None)
+        else:
+            new["lastReportTime"] = newest
     return new
+
+
+def last_report_time(twins: list[dict[str, Any]]) -> str | None:
+    """The time of the newest reported value (the kubectl Reported column: how stale the
+    twin is), from the values' own ``metadata.timestamp`` (milliseconds)."""
+    newest = max(
+        (
+            _int(_dict(_dict(t.get("reported")).get("metadata")).get("timestamp"))
+            for t in twins
+            if isinstance(t, dict)
+        ),
+        default=0,
+    )
+    if not 0 < newest < 253402300800000:  # before year 10000: a datetime can hold it
+        return None
+    when = datetime.fromtimestamp(newest / 1000, UTC)
+    return when.strftime("%Y-%m-%dT%H:%M:%S.") + f"{newest % 1000:03d}Z"
 
 
 def summary(twins: list[dict[str, Any]]) -> str:

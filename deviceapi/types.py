@@ -47,6 +47,10 @@ def first_problem(exc: ValidationError, unknown: str = "is not a known field") -
         msg = "is required"
     elif err["type"] == "extra_forbidden":
         msg = unknown
+    elif isinstance(err.get("input"), str | int | float) and not isinstance(err.get("input"), bool):
+        shown = repr(err["input"])
+        if len(shown) <= 40 and shown not in msg:
+            msg = f"{msg}, got {shown}"
     return key, msg
 
 

@@ -15,8 +15,10 @@ edge -> cloud
                 composed outbox entry (a Device status merge patch; ``twins`` keyed by
                 property name) and its outbox revision. An entry too large for one frame
                 is sent in parts (``"part": [i, n]``), each a patch of its own.
-    ``stats``   ``{"t": "stats", "s": {"devices": 12, "backlog": 3, "oldestMs": 5400, ...}}``:
-                the gateway's health, for its Gateway resource.
+    ``stats``   ``{"t": "stats", "s": {"devices": 12, "devicesNotReady": 1, "backlog": 3,
+                "oldestMs": 5400}}``: the gateway's health for its Gateway resource: devices
+                served and declared-but-not-Ready, outbox entries, and the age (ms, so
+                clocks need not agree) of the oldest. With the hello, then when they change.
 cloud -> edge
     ``welcome`` ``{"t": "welcome", "proto": 2}``: the relay took the hello; the stream is up.
     ``upsert``  ``{"t": "upsert", "kind": "Device", "obj": {...}}``: added or changed.

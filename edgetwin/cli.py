@@ -255,16 +255,39 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from edgetwin.demo import run_demo
 
-    return asyncio.run(run_demo(duration=args.duration, live=not args.no_live, cloud=args.cloud))
+    _run_until_signalled(
+        run_demo(
+            duration=args.duration,
+            live=not args.no_live,
+            cloud=args.cloud,
+            workdir=Path(args.workdir) if args.workdir else None,
+            mqtt_port=args.mqtt_port,
+        )
+    )
+    return 0
+
+
+def _run_until_signalled(main: Coroutine[Any, Any, Any]) -> None:
+    """Run ``main`` until it ends or SIGINT/SIGTERM cancels it (then its cleanup runs).
+    Handlers are installed explicitly: a process started in the background by a
+    non-interactive shell inherits SIGINT ignored, and must still stop on it."""
+
+    async def runner() -> None:
+        task = asyncio.ensure_future(main)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, task.cancel)
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    asyncio.run(runner())
 
 
 # --------------------------------------------------------------------- simulators
 def _serve_until_interrupted(main: Coroutine[Any, Any, None], host: str, port: int) -> int:
-    """Run a server until Ctrl-C; a port that cannot be bound is a clear error."""
+    """Run a server until SIGINT or SIGTERM; a port that cannot be bound is a clear error."""
     try:
-        asyncio.run(main)
-    except KeyboardInterrupt:
-        pass
+        _run_until_signalled(main)
     except OSError as exc:
         raise CliError(f"cannot serve on {host}:{port}: {exc}") from None
     return 0
@@ -290,6 +313,7 @@ def cmd_cloud_run(args: argparse.Namespace) -> int:
     from lightkube import AsyncClient
 
     from cloud.config import RelayConfigError, kube_config, load_relay_config
+    from cloud.gateway_status import GatewayTiming
     from cloud.relay import RelaySettings, serve
 
     try:
@@ -304,10 +328,17 @@ def cmd_cloud_run(args: argparse.Namespace) -> int:
 
     async def run() -> None:
         client = AsyncClient(config=kube, field_manager="edgetwin-relay")
+        gateway = cfg.gatewayStatus
         settings = RelaySettings(
             min_status_interval_s=cfg.minStatusInterval / 1000,
             node_selector=cfg.nodeSelector,
             dead_after_s=cfg.linkDeadAfter / 1000,
+            name=cfg.name or "",
+            gateway=GatewayTiming(
+                interval_s=gateway.interval / 1000,
+                heartbeat_s=gateway.heartbeat / 1000,
+                stale_after_s=gateway.staleAfter / 1000,
+            ),
         )
         try:
             server, _, port = await serve(
@@ -447,6 +478,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--cloud",
         action="store_true",
         help="also run the relay against a Kubernetes API emulator (a development stand-in), for kubectl",
+    )
+    demo.add_argument(
+        "--workdir", help="keep the store, PKI and kubeconfig here (default: a new temporary folder)"
+    )
+    demo.add_argument(
+        "--mqtt-port", type=int, default=0, help="the embedded broker's port (default: a free one)"
     )
     demo.set_defaults(func=cmd_demo)
     return parser

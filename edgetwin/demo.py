@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import shutil
 import socket
 import sys
 import tempfile
@@ -145,37 +146,68 @@ class CloudStandIn:
             await self.api.stop()
 
 
-async def run_demo(duration: float | None = None, live: bool = True, cloud: bool = False) -> int:
-    tmp = Path(tempfile.mkdtemp(prefix="edgetwin-demo-"))
-    manifests = resources.files("edgetwin") / "demo_manifests"
-    port = free_port()
-    # A simulated Modbus boiler on its own port, served by the real Modbus mapper.
-    sim = BoilerSimulator("127.0.0.1", free_port())
-    await sim.start()
-    (tmp / "modbus.yaml").write_text(yaml.safe_dump_all(boiler_manifests("demo-node", sim.host, sim.port)))
-    # Emulated BLE sensors (Bumble) on a virtual radio, served by the real BLE mapper.
-    ble = BleSimulator("127.0.0.1", free_port(), count=2, beacons=1)
-    await ble.start()
-    (tmp / "ble.yaml").write_text(yaml.safe_dump_all(sensor_manifests("demo-node", count=2, beacons=1)))
-    manifest_paths = [Path(str(manifests)), tmp / "modbus.yaml", tmp / "ble.yaml"]
-    config: dict[str, Any] = {
-        "node": "demo-node",
-        "store": {"path": str(tmp / "store.db")},
-        "mqtt": {"embedded": {"host": "127.0.0.1", "port": port}},
-        "manifests": [str(p) for p in manifest_paths],
-        "mappers": {"virtual": {"seed": 7}, "ble": {"hci": ble.hci}},
-    }
-    stand_in = CloudStandIn(tmp, "demo-node") if cloud else None
-    if stand_in is not None:
-        config["uplink"] = await stand_in.start(manifest_paths)
-    cfg = parse_config(config, "demo")
-    live = live and sys.stdout.isatty()
-    print(
-        f"edgetwin demo: store {tmp / 'store.db'}, MQTT broker on 127.0.0.1:{port}, "
-        f"Modbus boiler simulator on {sim.host}:{sim.port}, BLE sensors on HCI {ble.hci}"
-    )
-    print(f"  watch it:  mosquitto_sub -h 127.0.0.1 -p {port} -t 'edgetwin/#' -v")
-    gateway = Gateway(cfg)
+def _workdir(path: Path) -> Path:
+    """A chosen folder for the demo's files; each demo starts with a fresh store."""
+    path.mkdir(parents=True, exist_ok=True)
+    for suffix in ("", "-wal", "-shm"):
+        (path / f"store.db{suffix}").unlink(missing_ok=True)
+    return path
+
+
+async def run_demo(
+    duration: float | None = None,
+    live: bool = True,
+    cloud: bool = False,
+    workdir: Path | None = None,
+    mqtt_port: int = 0,
+) -> int:
+    tmp = _workdir(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="edgetwin-demo-"))
+    try:
+        return await _demo(tmp, duration, live, cloud, mqtt_port)
+    finally:
+        if workdir is None:  # a temporary folder: leave nothing behind
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+async def _demo(tmp: Path, duration: float | None, live: bool, cloud: bool, mqtt_port: int) -> int:
+    async with contextlib.AsyncExitStack() as parts:  # each part stops even if a later one fails
+        manifests = resources.files("edgetwin") / "demo_manifests"
+        port = mqtt_port or free_port()
+        # A simulated Modbus boiler on its own port, served by the real Modbus mapper.
+        sim = BoilerSimulator("127.0.0.1", free_port())
+        await sim.start()
+        parts.push_async_callback(sim.stop)
+        (tmp / "modbus.yaml").write_text(
+            yaml.safe_dump_all(boiler_manifests("demo-node", sim.host, sim.port))
+        )
+        # Emulated BLE sensors (Bumble) on a virtual radio, served by the real BLE mapper.
+        ble = BleSimulator("127.0.0.1", free_port(), count=2, beacons=1)
+        await ble.start()
+        parts.push_async_callback(ble.stop)
+        (tmp / "ble.yaml").write_text(yaml.safe_dump_all(sensor_manifests("demo-node", count=2, beacons=1)))
+        manifest_paths = [Path(str(manifests)), tmp / "modbus.yaml", tmp / "ble.yaml"]
+        config: dict[str, Any] = {
+            "node": "demo-node",
+            "store": {"path": str(tmp / "store.db")},
+            "mqtt": {"embedded": {"host": "127.0.0.1", "port": port}},
+            "manifests": [str(p) for p in manifest_paths],
+            "mappers": {"virtual": {"seed": 7}, "ble": {"hci": ble.hci}},
+        }
+        if cloud:
+            stand_in = CloudStandIn(tmp, "demo-node")
+            parts.push_async_callback(stand_in.stop)
+            config["uplink"] = await stand_in.start(manifest_paths)
+        cfg = parse_config(config, "demo")
+        print(
+            f"edgetwin demo: store {tmp / 'store.db'}, MQTT broker on 127.0.0.1:{port}, "
+            f"Modbus boiler simulator on {sim.host}:{sim.port}, BLE sensors on HCI {ble.hci}"
+        )
+        print(f"  watch it:  mosquitto_sub -h 127.0.0.1 -p {port} -t 'edgetwin/#' -v")
+        await _run_gateway(Gateway(cfg), port, duration, live and sys.stdout.isatty())
+    return 0
+
+
+async def _run_gateway(gateway: Gateway, port: int, duration: float | None, live: bool) -> None:
     stop = asyncio.Event()
     runner = asyncio.create_task(gateway.run(stop))
     started = time.monotonic()
@@ -205,8 +237,3 @@ async def run_demo(duration: float | None = None, live: bool = True, cloud: bool
         stop.set()
         with contextlib.suppress(asyncio.CancelledError):
             await runner
-        await sim.stop()
-        await ble.stop()
-        if stand_in is not None:
-            await stand_in.stop()
-    return 0

@@ -27,6 +27,15 @@ from edgetwin.demo import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 CRDS = sorted((ROOT / "deploy" / "crds").glob("*.yaml"))
+# The relay talks to the API emulator as its service account, with the rights the
+# shipped ClusterRole (deploy/relay/rbac.yaml) grants: a relay needing more fails here.
+RELAY_USER = "system:serviceaccount:edgetwin-system:edgetwin-relay"
+
+
+def relay_rbac() -> list[dict[str, Any]]:
+    docs = yaml.safe_load_all((ROOT / "deploy" / "relay" / "rbac.yaml").read_text())
+    role = next(d for d in docs if d and d.get("kind") == "ClusterRole")
+    return list(role["rules"])
 
 
 def make_pki(out: Path, *nodes: str) -> Path:
@@ -86,11 +95,13 @@ class Stack:
 
         from edgetwin.kube_emulator import Emulator, RunningEmulator
 
-        self.api = RunningEmulator(Emulator.from_files(CRDS, **self.opt.emulator))
+        options = {"rbac": {RELAY_USER: relay_rbac()}, **self.opt.emulator}
+        self.api = RunningEmulator(Emulator.from_files(CRDS, **options))
         await self.api.start()
         self.api.kubeconfig(self.kubeconfig, "plant")
+        relay_kubeconfig = self.api.kubeconfig(self.dir / "relay-kubeconfig", "plant", RELAY_USER)
         self.client = AsyncClient(
-            config=KubeConfig.from_file(self.kubeconfig), field_manager="edgetwin-relay"
+            config=KubeConfig.from_file(relay_kubeconfig), field_manager="edgetwin-relay"
         )
         await self.start_relay()
         if self.opt.use_link:
@@ -188,8 +199,10 @@ class Stack:
     async def connected(self, within: float = 30) -> None:
         await asyncio.wait_for(self.gateway.uplink.connected.wait(), within)
 
-    async def kubectl(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "HOME": str(self.dir)}
+    async def kubectl(
+        self, *args: str, stdin: str | None = None, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "HOME": str(self.dir), **(env or {})}
         proc = await asyncio.create_subprocess_exec(
             str(Path(sys.executable).parent / "kubectl"),
             *args,
@@ -212,6 +225,16 @@ class Stack:
 
         obj = await self.client.get(Device, name, namespace=namespace)
         return obj.to_dict()  # type: ignore[no-any-return]
+
+    async def gateway_status(self) -> dict[str, Any]:
+        """The node's Gateway status ({} before the relay wrote it)."""
+        from cloud.gateway_status import Gateway
+
+        try:
+            obj = await self.client.get(Gateway, self.opt.node)
+        except Exception:
+            return {}
+        return obj.to_dict().get("status") or {}
 
     async def status_twins(self, name: str, namespace: str = "plant") -> dict[str, dict[str, Any]]:
         status = (await self.device(name, namespace)).get("status") or {}

@@ -101,7 +101,7 @@ class Devices:
         try:
             cls.validate(binding(device, model))
         except ValueError as exc:
-            return "InvalidConfig", str(exc)
+            return "InvalidConfig", _spec_path(device, str(exc))
         return None
 
     # ----------------------------------------------------------------- start-up
@@ -154,6 +154,11 @@ class Devices:
             self._apply_spec(definition, None, now)
         self._apply_status(decision, now)
         self._list_dirty = True
+
+    def counts(self) -> tuple[int, int]:
+        """Devices served, and declared devices that are not Ready (for the Gateway)."""
+        registry = self.registry
+        return len(registry.served), sum(1 for r in registry.readiness.values() if not r.ready)
 
     def served(self) -> list[tuple[Device, DeviceModel]]:
         return [(d.device, d.model) for d in self.registry.served.values()]
@@ -369,6 +374,19 @@ class Devices:
 
 def _source(text: str) -> Source:
     return "cluster" if text == "cluster" else "manifest"
+
+
+def _spec_path(device: Device, message: str) -> str:
+    """A mapper's error with the field named as in the Device, where kubectl shows it:
+    ``device ns.x property p: visitors.configData.table: ...`` becomes
+    ``spec.properties[2].visitors.configData.table: ...``."""
+    prefix = f"device {device.id} property "
+    if message.startswith(prefix):
+        name, sep, rest = message[len(prefix) :].partition(": ")
+        names = [p.name for p in device.spec.properties]
+        if sep and name in names:
+            return f"spec.properties[{names.index(name)}].{rest}"
+    return message.removeprefix(f"device {device.id}: ")
 
 
 def _installed(protocol: str) -> bool:

@@ -197,6 +197,7 @@ class Gateway:
                     resume,
                     self.store_id,
                     __version__,
+                    self.devices.counts,
                 )
                 self._spawn(self.uplink.run(), "uplink")
             await self.mappers.start(self.devices.served())

@@ -14,6 +14,10 @@ twin engine's outbox and bringing the cluster's Device and DeviceModel changes d
   Nothing is dropped: the outbox is bounded by the devices' properties.
 * **Cloud to edge.** ``upsert``/``delete``/``synced``/``rv`` messages go to the gateway
   (``on_cloud``), which applies them; their resourceVersions become the resume point.
+* **Health.** ``stats`` (devices served and not ready, the outbox backlog and the age
+  of its oldest entry) go with the hello and again when they change: at once (at most
+  every ``STATS_MIN_S``) when a count of devices changes or the backlog empties or
+  starts, else at most every ``STATS_S``. The relay writes them to the node's Gateway.
 * **The link.** A frame with ``echo`` after ``heartbeat_s`` of silence; nothing received
   for ``dead_after_s`` (default 27 s, so a dead or half-open link is noticed within 30 s
   however busy the stream was) ends the stream. Reconnects back off exponentially with
@@ -70,6 +74,7 @@ REFUSED_WAIT_S = 600.0  # status the relay refused (another node's device)
 # Devices before sending status, so their cloud status is adopted first (versions go on
 # above it); at most this long.
 HOLD_MAX_S = 60.0
+STATS_MIN_S, STATS_S = 5.0, 30.0
 
 
 # Refusals are logged at most 10 a minute (a site whose devices the cluster does not
@@ -137,8 +142,10 @@ class Uplink:
         resume: dict[str, str] | None = None,
         store_id: str = "",
         version: str = "",
+        devices: Callable[[], tuple[int, int]] = lambda: (0, 0),
     ) -> None:
         self.cfg = cfg
+        self.devices = devices  # (served, not ready), for stats
         self.engine = engine
         self.changed = changed
         self.on_cloud = on_cloud
@@ -303,6 +310,8 @@ class _Stream:
         self.ack_due = False
         self.last_rx = time.monotonic()
         self.last_echo = 0.0
+        self.stats_sent: tuple[int, int, int, int | None] | None = None
+        self.stats_at = 0.0
 
     # ----------------------------------------------------------------- inbound
     async def read(self) -> None:
@@ -410,6 +419,31 @@ class _Stream:
             size += entry_size
         return messages, metas
 
+    def _stats_wait(self, now: float) -> tuple[tuple[int, int, int, int | None], float | None]:
+        """The current stats, and seconds until they may go (None: nothing new to send).
+        A change of a device count or of the backlog to or from empty is urgent."""
+        served, not_ready = self.up.devices()
+        backlog, since_ms = self.up.engine.backlog()
+        current = (served, not_ready, backlog, since_ms)
+        before = self.stats_sent
+        if before is None or current == before:
+            return current, None
+        urgent = before[:2] != current[:2] or (before[2] == 0) != (backlog == 0)
+        return current, max(0.0, self.stats_at + (STATS_MIN_S if urgent else STATS_S) - now)
+
+    def _stats(self, now: float, force: bool = False) -> dict[str, Any] | None:
+        """A ``stats`` message if one is due (see the module), else None."""
+        current, wait = self._stats_wait(now)
+        if not force and (wait is None or wait > 0):
+            return None
+        served, not_ready, backlog, since_ms = current
+        self.stats_sent, self.stats_at = current, now
+        age = max(0, int(time.time() * 1000) - since_ms) if since_ms is not None else 0
+        return {
+            "t": "stats",
+            "s": {"devices": served, "devicesNotReady": not_ready, "backlog": backlog, "oldestMs": age},
+        }
+
     async def _send(self, messages: list[dict[str, Any]], meta: list[tuple[str, int, int | None]]) -> int:
         raw = pack_batch(messages)
         encoding, payload = self.encoder.encode(raw)
@@ -432,7 +466,8 @@ class _Stream:
             "store": up.store_id,
             "version": up.version,
         }
-        await self._send([hello], [])
+        first = self._stats(time.monotonic(), force=True)
+        await self._send([hello, first] if first else [hello], [])
         tokens, last = self.budget, time.monotonic()
         gathered_since: float | None = None
         while True:
@@ -452,6 +487,8 @@ class _Stream:
                 if wait <= 0:
                     messages, metas = self._status_batch()
                     if messages:
+                        if stats := self._stats(now):
+                            messages.append(stats)  # rides along
                         tokens -= await self._send(messages, metas)
                         gathered_since = None
                         continue
@@ -459,6 +496,9 @@ class _Stream:
             else:
                 gathered_since = None
                 wait = 1.0
+            if up.connected.is_set() and self.out.can_send and (stats := self._stats(now)):
+                tokens -= await self._send([stats], [])
+                continue
             if self.ack_due:
                 self.ack_due = False
                 await self.call.write(sync_pb2.Frame(seq=0, ack=self.inc.ack))
@@ -472,6 +512,12 @@ class _Stream:
             # the gathering window, the budget refilling, a deferral ending, or the next
             # heartbeat.
             deadlines = [cfg.heartbeat_ms / 1000 - silent, wait]
+            if (
+                up.connected.is_set()
+                and self.out.can_send
+                and (stats_wait := self._stats_wait(now)[1]) is not None
+            ):
+                deadlines.append(stats_wait)
             if tokens < 0:
                 deadlines.append(-tokens / self.budget)
             if (retry_at := self._next_deferral()) is not None:

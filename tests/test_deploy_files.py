@@ -70,6 +70,10 @@ def test_relay_rbac_is_least_privilege_and_the_config_loads(tmp_path: Path) -> N
         ("devicemodels", "watch"),
         ("devices/status", "get"),
         ("devices/status", "patch"),
+        ("gateways", "get"),
+        ("gateways", "list"),
+        ("gateways", "create"),
+        ("gateways/status", "patch"),
     }
     assert all(rule["apiGroups"] == ["edgetwin.io"] for rule in role["rules"])
     relay = list(yaml.safe_load_all((DEPLOY / "relay" / "relay.yaml").read_text()))
@@ -78,11 +82,14 @@ def test_relay_rbac_is_least_privilege_and_the_config_loads(tmp_path: Path) -> N
     assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == "edgetwin-relay"
     # The shipped relay config is valid once its TLS files exist.
     from cloud.config import load_relay_config
+    from edgetwin.stack import make_pki
 
+    pki = make_pki(tmp_path / "pki", "edge-01")
     cfg = yaml.safe_load(config_map["data"]["relay.yaml"])
     for key in ("cert_file", "key_file", "ca_file"):
-        (tmp_path / Path(cfg["tls"][key]).name).write_text("x")
-        cfg["tls"][key] = Path(cfg["tls"][key]).name
+        name = Path(cfg["tls"][key]).name
+        (tmp_path / name).write_bytes((pki / name).read_bytes())
+        cfg["tls"][key] = name
     (tmp_path / "relay.yaml").write_text(yaml.safe_dump(cfg))
     loaded = load_relay_config(tmp_path / "relay.yaml")
     assert loaded.minStatusInterval == 5000 and loaded.kubeconfig is None

@@ -33,12 +33,15 @@ def outbox_messages(draw: st.DrawFn) -> list[tuple[dict[str, Any], int]]:
             }
         twins: dict[str, Any] = {}
         for name in draw(st.lists(st.sampled_from(PROPS), unique=True)):
+            if draw(st.integers(0, 5)) == 0:
+                twins[name] = None  # the property left the model
+                continue
             change: dict[str, Any] = {}
             if draw(st.booleans()):
                 versions[name] += draw(st.integers(1, 3))
                 change["reported"] = {
                     "value": f"v{versions[name]}",
-                    "metadata": {"version": str(versions[name])},
+                    "metadata": {"version": str(versions[name]), "timestamp": str(1_700_000_000_000 + rev)},
                 }
             if draw(st.booleans()):
                 change["readError"] = draw(st.sampled_from([None, f"timeout at {rev}"]))
@@ -97,10 +100,35 @@ def test_read_errors_and_conditions_are_set_and_cleared() -> None:
     s = merge_edge_status(
         s, {"twins": {"t": {"readError": None}}, "conditions": {"DesiredConflict": None}}, 2
     )
-    assert "readError" not in s["twins"][0] and s["conditions"] == []
+    assert s["twins"] == [] and s["conditions"] == []  # a twin with nothing left goes
     assert s["revisions"] == {"readError/t": 2, "conditions/DesiredConflict": 2}
 
 
 def test_summary_is_short() -> None:
     twins = [{"propertyName": f"p{i}", "reported": {"value": "12345"}} for i in range(10)]
     assert len(summary(twins)) == 60 and summary(twins).endswith("...")
+
+
+def test_a_removed_property_leaves_status_and_may_come_back() -> None:
+    value = {"twins": {"t": {"reported": {"value": "22", "metadata": {"version": "9", "timestamp": "5"}}}}}
+    status = merge_edge_status(None, value, 5)
+    status = merge_edge_status(status, {"twins": {"t": None}}, 6)
+    assert status["twins"] == [] and "lastReportTime" not in status
+    assert merge_edge_status(status, value, 5) == status  # a replay of the older message
+    # Added back to the model: its versions start again and are taken.
+    again = {"twins": {"t": {"reported": {"value": "1", "metadata": {"version": "1", "timestamp": "7"}}}}}
+    status = merge_edge_status(status, again, 7)
+    assert status["twins"][0]["reported"]["value"] == "1"
+
+
+def test_the_newest_report_time_is_shown_for_staleness() -> None:
+    def reported(version: int, ts: int) -> dict[str, Any]:
+        return {"reported": {"value": "x", "metadata": {"version": str(version), "timestamp": str(ts)}}}
+
+    status = merge_edge_status(None, {"twins": {"a": reported(1, 1_764_300_000_123), "b": reported(1, 5)}}, 1)
+    assert status["lastReportTime"] == "2025-11-28T03:20:00.123Z"
+    status = merge_edge_status(status, {"twins": {"b": reported(2, 1_764_300_060_000)}}, 2)
+    assert status["lastReportTime"] == "2025-11-28T03:21:00.000Z"
+    # Nonsense timestamps from a peer are ignored, not raised on.
+    status = merge_edge_status(None, {"twins": {"a": reported(1, 10**30)}}, 1)
+    assert "lastReportTime" not in status

@@ -188,3 +188,58 @@ def test_noisy_events_are_trimmed_before_conflicts_and_failed_writes(tmp_path: P
     again.commit(snapshot(e, changes))
     assert again.conn.execute("SELECT count(*) FROM events").fetchone() == (100,)
     again.close()
+
+
+def test_a_property_removed_live_leaves_the_store_and_the_cloud_even_across_a_restart(tmp_path: Path) -> None:
+    """A DeviceModel change that drops a property: its row goes in the same commit, and
+    the outbox asks the cloud to drop its twin entry; that request survives a restart."""
+    path = tmp_path / "s.db"
+    store = Store(path)
+    e = TwinEngine()
+    e.upsert_device(device("t1"), MODEL)
+    e.apply_reported("plant.t1", {"label": "x", "count": 1}, 0)
+    store.commit(snapshot(e, e.drain()))
+    e.outbox_acked("plant.t1", e.outbox["plant.t1"].revision)
+    store.commit(snapshot(e, e.drain()))
+    smaller = DeviceModel.model_validate(
+        model_doc("thermostat", "plant", [p for p in THERMO_PROPS if p["name"] != "label"])
+    )
+    e.upsert_device(device("t1"), smaller)
+    assert e.outbox["plant.t1"].patch == {"twins": {"label": None}}
+    store.commit(snapshot(e, e.drain()))
+    twin = read_twin(open_reader(path), "plant.t1")
+    assert twin is not None and "label" not in twin["twin"] and "count" in twin["twin"]
+    store.close()
+    store = Store(path)
+    fresh = TwinEngine()
+    fresh.upsert_device(device("t1"), smaller)
+    store.load_into(fresh)
+    assert fresh.outbox["plant.t1"].patch == {"twins": {"label": None}}
+    store.close()
+
+
+def test_the_age_of_the_oldest_pending_status_survives_a_restart(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    store = Store(path)
+    clock = [1_800_000_000_000]
+    e = TwinEngine(wall_ms=lambda: clock[0])
+    for name in ("t1", "t2"):
+        e.upsert_device(device(name), MODEL)
+    e.drain()
+    assert e.backlog() == (0, None)
+    e.apply_reported("plant.t1", {"count": 1}, 0)
+    clock[0] += 5_000
+    e.apply_reported("plant.t2", {"count": 1}, 0)
+    e.apply_reported("plant.t1", {"count": 2}, 0)  # composes into t1's entry: still the oldest
+    assert e.backlog() == (2, 1_800_000_000_000)
+    store.commit(snapshot(e, e.drain()))
+    store.close()
+    store = Store(path)
+    fresh = TwinEngine(wall_ms=lambda: clock[0] + 60_000)
+    for name in ("t1", "t2"):
+        fresh.upsert_device(device(name), MODEL)
+    store.load_into(fresh)
+    assert fresh.backlog() == (2, 1_800_000_000_000)
+    fresh.outbox_acked("plant.t1", fresh.outbox["plant.t1"].revision)
+    assert fresh.backlog() == (1, 1_800_000_005_000)
+    store.close()

@@ -96,6 +96,13 @@ MIGRATIONS: list[tuple[str, list[str]]] = [
             "INSERT OR IGNORE INTO meta VALUES ('store_id', lower(hex(randomblob(8))))",
         ],
     ),
+    (
+        "since when each outbox entry has been pending (the Gateway's oldestPendingTime)",
+        [
+            # Wall milliseconds; NULL in rows from before (the revision bounds it then).
+            "ALTER TABLE outbox ADD COLUMN since_ms INTEGER",
+        ],
+    ),
 ]
 
 # Event kinds a faulty device or peer can repeat; the event log trims them first.

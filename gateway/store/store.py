@@ -55,6 +55,7 @@ class Batch:
     devices: list[tuple[Any, ...]] = field(default_factory=list)
     outbox_upserts: list[tuple[Any, ...]] = field(default_factory=list)
     outbox_deletes: list[tuple[str]] = field(default_factory=list)
+    property_deletes: list[tuple[str, str]] = field(default_factory=list)
     removed: list[tuple[str]] = field(default_factory=list)
     events: list[tuple[Any, ...]] = field(default_factory=list)
     meta: list[tuple[str, str]] = field(default_factory=list)
@@ -79,6 +80,7 @@ class Batch:
             or self.served
             or self.unserved
             or self.properties
+            or self.property_deletes
             or self.devices
             or self.outbox_upserts
             or self.outbox_deletes
@@ -125,6 +127,8 @@ def snapshot(engine: TwinEngine, changes: Changes) -> Batch:
         dev = devices.get(dev_id)
         if dev is not None and name in dev.properties:
             batch.properties.append(property_row(dev_id, dev.properties[name]))
+        elif dev is not None:  # no longer in the device's model
+            batch.property_deletes.append((dev_id, name))
     for dev_id in changes.devices:
         dev = devices.get(dev_id)
         if dev is not None:
@@ -137,7 +141,10 @@ def snapshot(engine: TwinEngine, changes: Changes) -> Batch:
             batch.outbox_deletes.append((dev_id,))
         else:
             device_part = {k: v for k, v in entry.patch.items() if k != "twins"}
-            batch.outbox_upserts.append((dev_id, _dump(device_part), entry.revision))
+            removed = {n: None for n, v in (entry.patch.get("twins") or {}).items() if v is None}
+            if removed:  # properties gone from the model: not in twin_property any more
+                device_part["twins"] = removed
+            batch.outbox_upserts.append((dev_id, _dump(device_part), entry.revision, entry.since_ms))
     batch.removed = [(dev_id,) for dev_id in changes.removed]
     batch.events = [
         (e.ts_ms, e.device_id, e.property, e.kind, _dump(e.detail), int(e.kind not in NOISY_EVENT_KINDS))
@@ -225,10 +232,14 @@ class Store:
                 c.executemany(f"DELETE FROM {table} WHERE device_id = ?", batch.removed)
         if batch.properties:
             c.executemany(_UPSERT_PROPERTY, batch.properties)
+        if batch.property_deletes:
+            c.executemany(
+                "DELETE FROM twin_property WHERE device_id = ? AND property = ?", batch.property_deletes
+            )
         if batch.devices:
             c.executemany("INSERT OR REPLACE INTO device_state VALUES (?,?,?,?,?)", batch.devices)
         if batch.outbox_upserts:
-            c.executemany("INSERT OR REPLACE INTO outbox VALUES (?,?,?)", batch.outbox_upserts)
+            c.executemany("INSERT OR REPLACE INTO outbox VALUES (?,?,?,?)", batch.outbox_upserts)
         if batch.outbox_deletes:
             c.executemany("DELETE FROM outbox WHERE device_id = ?", batch.outbox_deletes)
         if batch.events:
@@ -330,7 +341,8 @@ class Store:
                 engine.restore_outbox(dev_id, 0, {})
             else:
                 device_patch = json.loads(outbox_row["device_patch"])
-                engine.restore_outbox(dev_id, outbox_row["revision"], device_patch)
+                engine.restore_outbox(dev_id, outbox_row["revision"], device_patch, outbox_row["since_ms"])
+        engine.order_outbox()
 
     def prune(self, engine: TwinEngine) -> None:
         """Delete twin rows of properties no longer in their device's model."""

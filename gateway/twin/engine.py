@@ -24,6 +24,7 @@ and sync. Rules (DESIGN.md, "Twin rules"):
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -174,10 +175,12 @@ class DeviceTwin:
 
 @dataclass(slots=True)
 class OutboxEntry:
-    """The one pending status patch of a device, and how often it has changed."""
+    """The one pending status patch of a device, its revision, and since when (wall
+    milliseconds) the device has had status the cloud has not taken yet."""
 
     patch: dict[str, Any]
     revision: int
+    since_ms: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,6 +262,9 @@ class EventLimiter:
                 del table[key]
 
 
+_SANE_WALL_MS = 978_307_200_000  # 2001: anything earlier is not a wall clock reading
+
+
 def clip(text: str, limit: int = 64) -> str:
     """``text`` cut to ``limit`` characters (names and reasons from peers are unbounded)."""
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -280,8 +286,10 @@ class TwinEngine:
         clock: HybridClock | None = None,
         jitter: Callable[[], float] = lambda: 0.5,
         writes: WritePolicy | None = None,
+        wall_ms: Callable[[], int] = lambda: int(time.time() * 1000),
     ) -> None:
         self.clock = clock or HybridClock()
+        self._wall_ms = wall_ms
         self.writes = writes or WritePolicy()
         self.devices: dict[str, DeviceTwin] = {}
         self.outbox: dict[str, OutboxEntry] = {}
@@ -322,6 +330,11 @@ class TwinEngine:
         self.devices[dev_id] = twin_dev
         self.changes.devices.add(dev_id)
         self.changes.properties.update((dev_id, name) for name in props)
+        removed = sorted(set(old.properties) - set(props)) if old is not None else []
+        if removed:
+            # Gone from the model: its rows go, and the cloud drops its twin entry.
+            self.changes.properties.update((dev_id, name) for name in removed)
+            self._compose(dev_id, {"twins": dict.fromkeys(removed)})
         return twin_dev
 
     def define_unserved(self, device_id: str, namespace: str, name: str) -> DeviceTwin:
@@ -779,12 +792,19 @@ class TwinEngine:
         microseconds, so no revision from before a restart comes back)."""
         self._revision = max(self._revision, floor)
 
-    def restore_outbox(self, device_id: str, revision: int, device_patch: dict[str, Any]) -> None:
+    def restore_outbox(
+        self, device_id: str, revision: int, device_patch: dict[str, Any], since_ms: int | None = None
+    ) -> None:
         """Rebuild a device's pending patch from its stored parts: the device-level
-        fields, and the current status of every property still pending. Each property
-        entry sets whole objects, so the latest values are the composition."""
+        fields (with removed properties), and the current status of every property still
+        pending. Each property entry sets whole objects, so the latest values are the
+        composition. ``since_ms`` unknown (a store from before it was kept): the oldest
+        revision bounds it (revisions start at the wall clock in microseconds)."""
         dev = self.device(device_id)
-        twins: dict[str, Any] = {}
+        device_patch = dict(device_patch)
+        twins: dict[str, Any] = {
+            name: None for name, v in _mapping(device_patch.pop("twins", None)).items() if v is None
+        }
         revisions = [revision]
         for name, prop in dev.properties.items():
             if prop.outbox_rev is None:
@@ -795,7 +815,9 @@ class TwinEngine:
         if twins:
             patch["twins"] = twins
         if patch:
-            self.outbox[device_id] = OutboxEntry(patch, max(revisions))
+            bound = min((r for r in revisions if r), default=0) // 1000
+            since = since_ms or (bound if bound > _SANE_WALL_MS else self._wall_ms())
+            self.outbox[device_id] = OutboxEntry(patch, max(revisions), since)
             self._revision = max(self._revision, max(revisions))
 
     def drain(self) -> Changes:
@@ -820,20 +842,38 @@ class TwinEngine:
     def _compose(self, device_id: str, patch: dict[str, Any]) -> OutboxEntry:
         entry = self.outbox.get(device_id)
         if entry is None:
-            entry = self.outbox[device_id] = OutboxEntry({}, 0)
+            # A new entry: its row records since when the device has had status pending.
+            entry = self.outbox[device_id] = OutboxEntry({}, 0, self._wall_ms())
+            self.changes.outbox.add(device_id)
         compose_into(entry.patch, patch)
         self._revision += 1
         entry.revision = self._revision
         twins = patch.get("twins")
         if twins:
             props = self.devices[device_id].properties
-            for name in twins:
+            for name, change in twins.items():
+                if change is None:  # a removed property: kept in the outbox row
+                    self.changes.outbox.add(device_id)
+                    continue
                 props[name].outbox_rev = entry.revision
                 self.changes.properties.add((device_id, name))
         if len(patch) > (1 if twins else 0):
             # Device-level fields (state, conditions) live in the outbox row.
             self.changes.outbox.add(device_id)
         return entry
+
+    def backlog(self) -> tuple[int, int | None]:
+        """Devices with status not yet taken by the cloud, and since when (wall ms) the
+        oldest of them has had it (None when there are none). O(1): entries are created
+        in time order (see :meth:`order_outbox` for restored ones), so the first is the
+        oldest."""
+        if not self.outbox:
+            return 0, None
+        return len(self.outbox), next(iter(self.outbox.values())).since_ms
+
+    def order_outbox(self) -> None:
+        """After restoring entries from the store: put them in the order they were created."""
+        self.outbox = dict(sorted(self.outbox.items(), key=lambda item: item[1].since_ms))
 
     def _record_conflict(self, prop: PropertyTwin, conflict: Conflict, now_ms: int) -> None:
         prop.last_conflict = conflict
@@ -903,6 +943,10 @@ def property_status(prop: PropertyTwin) -> dict[str, Any]:
     if prop.read_error:
         entry["readError"] = prop.read_error
     return entry
+
+
+def _mapping(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
 
 
 def _as_int(text: Any) -> int | None:

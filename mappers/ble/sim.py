@@ -444,7 +444,12 @@ class BleSimulator:
                 dev = self.find(parts[1])
                 s = dev.state
                 return json.dumps(
-                    {"relay": s.relay, "writes": [w.hex() for w in s.writes], "temperature": s.temperature}
+                    {
+                        "relay": s.relay,
+                        "writes": [w.hex() for w in s.writes],
+                        "temperature": s.temperature,
+                        "connections": len(dev.device.connections),
+                    }
                 )
             else:
                 usage = "drop NAME | silence NAME SECONDS | state NAME | quit"
