@@ -112,6 +112,7 @@ def _coerce_bytes(raw: Any) -> str:
     return base64.b64encode(decoded).decode("ascii")
 
 
+_FLOATS = frozenset({"FLOAT", "DOUBLE"})
 _COERCERS = {
     "INT": _coerce_int,
     "FLOAT": _coerce_float,
@@ -134,6 +135,16 @@ def coerce_value(
     Numbers are checked against ``minimum``/``maximum`` when given; text values longer
     than :data:`MAX_VALUE_BYTES` are refused.
     """
+    kind = type(raw)
+    if (kind is int and type_name == "INT" and _INT64_MIN <= raw <= _INT64_MAX) or (
+        kind is float and type_name in _FLOATS and math.isfinite(raw)
+    ):
+        # The common case (a mapper's decoded number): nothing to convert.
+        if minimum is not None and raw < minimum:
+            raise ValueRejected(f"{raw} is below the minimum {minimum:g}")
+        if maximum is not None and raw > maximum:
+            raise ValueRejected(f"{raw} is above the maximum {maximum:g}")
+        return raw  # type: ignore[no-any-return]
     coercer = _COERCERS.get(type_name)
     if coercer is None:
         raise ValueRejected(f"unknown property type {type_name!r}")

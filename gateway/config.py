@@ -91,6 +91,11 @@ class MqttConfig(_Section):
     # Outgoing messages queued while the broker is slow; beyond it they are dropped and
     # counted (every retained value is republished on reconnect).
     max_queued_outgoing: int = Field(20_000, ge=100, le=10_000_000)
+    # How reported values are published for local apps, retained: one message per
+    # property and change (edgetwin/{node}/{ns}/{name}/{property}), one document per
+    # device and commit with all its values (.../{name}/_values: far cheaper when
+    # devices report many values at once), or both (docs/mqtt.md, "Retained values").
+    values: Literal["per_property", "per_device", "both"] = "per_property"
 
     @field_validator("session_expiry", mode="before")
     @classmethod

@@ -306,12 +306,7 @@ class Gateway:
             # Results go out before the acknowledgements, on the same connection: a crash
             # in between leaves the message unacknowledged, so it is redelivered and
             # answered again, never acknowledged without an answer.
-            for dev_id, prop in retained | changes.public:
-                dev = self.engine.devices.get(dev_id)
-                twin = dev.properties.get(prop) if dev is not None else None
-                if dev is not None and twin is not None and (twin.reported or twin.read_error):
-                    topic = topics.property_value(self.node, dev.namespace, dev.name, prop)
-                    bus.publish(topic, payloads.property_value(twin), 1, True)
+            self._publish_values(bus, retained | changes.public)
             for topic, payload, qos, retain in pubs:
                 bus.publish(topic, payload, qos, retain)
             republish, self._republish_devices = self._republish_devices, False
@@ -333,6 +328,24 @@ class Gateway:
                 w.set_result(None)
         if changes:
             self.metrics.peak("commit_cycle_ms_max", (time.perf_counter() - started) * 1000)
+
+    def _publish_values(self, bus: MqttBus, changed: set[tuple[str, str]]) -> None:
+        """Retained values of what changed, per property and/or per device (mqtt.values)."""
+        mode = self.cfg.mqtt.values
+        devices = self.engine.devices
+        if mode != "per_device":
+            for dev_id, prop in changed:
+                dev = devices.get(dev_id)
+                twin = dev.properties.get(prop) if dev is not None else None
+                if dev is not None and twin is not None and (twin.reported or twin.read_error):
+                    topic = topics.property_value(self.node, dev.namespace, dev.name, prop)
+                    bus.publish(topic, payloads.property_value(twin), 1, True)
+        if mode != "per_property":
+            for dev_id in {dev_id for dev_id, _ in changed}:
+                dev = devices.get(dev_id)
+                if dev is not None:
+                    topic = topics.device_values(self.node, dev.namespace, dev.name)
+                    bus.publish(topic, payloads.device_values(dev.properties.values()), 1, True)
 
     def _committed(self) -> asyncio.Future[None]:
         """A future resolved by the commit that includes everything done so far."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -243,6 +244,23 @@ def property_value(prop: PropertyTwin) -> bytes:
         doc = {"value": rep.value, "timestamp": rep.timestamp, "version": rep.version}
     if prop.read_error:
         doc["readError"] = prop.read_error
+    return _dumps(doc)
+
+
+def device_values(props: Iterable[PropertyTwin]) -> bytes:
+    """The retained document of all of a device's values: each property as
+    :func:`property_value` writes it, keyed by name (properties never read are left out)."""
+    doc: dict[str, Any] = {}
+    for prop in props:
+        rep = prop.reported
+        if rep is None and not prop.read_error:
+            continue
+        entry: dict[str, Any] = {}
+        if rep is not None:
+            entry = {"value": rep.value, "timestamp": rep.timestamp, "version": rep.version}
+        if prop.read_error:
+            entry["readError"] = prop.read_error
+        doc[prop.name] = entry
     return _dumps(doc)
 
 

@@ -99,6 +99,13 @@ def property_value(node: str, namespace: str, name: str, prop: str) -> str:
     return f"edgetwin/{node}/{namespace}/{name}/{prop}"
 
 
+def device_values(node: str, namespace: str, name: str) -> str:
+    """Retained: every reported value of the device in one document (``mqtt.values``
+    per_device or both). Property names never start with ``_``, so no property topic
+    can collide with it."""
+    return f"edgetwin/{node}/{namespace}/{name}/_values"
+
+
 def device_state(node: str, namespace: str, name: str) -> str:
     """Retained JSON: the device's state (online/offline), readiness and conditions.
     Property names cannot start with "_", so this never collides with a property."""

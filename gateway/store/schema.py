@@ -103,6 +103,14 @@ MIGRATIONS: list[tuple[str, list[str]]] = [
             "ALTER TABLE outbox ADD COLUMN since_ms INTEGER",
         ],
     ),
+    (
+        "which status fields of a property are pending in the outbox",
+        [
+            # REPORTED 1 | DESIRED 2 | READ_ERROR 4 (gateway/twin/engine.py); rows from
+            # before: all of them, so a restore sends whatever the property holds.
+            "ALTER TABLE twin_property ADD COLUMN outbox_fields INTEGER NOT NULL DEFAULT 7",
+        ],
+    ),
 ]
 
 # Event kinds a faulty device or peer can repeat; the event log trims them first.

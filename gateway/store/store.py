@@ -115,6 +115,7 @@ def property_row(device_id: str, p: PropertyTwin) -> tuple[Any, ...]:
         p.next_write_ms,
         p.outbox_rev,
         p.read_error,
+        p.outbox_fields,
     )
 
 
@@ -140,10 +141,9 @@ def snapshot(engine: TwinEngine, changes: Changes) -> Batch:
         if entry is None:
             batch.outbox_deletes.append((dev_id,))
         else:
-            device_part = {k: v for k, v in entry.patch.items() if k != "twins"}
-            removed = {n: None for n, v in (entry.patch.get("twins") or {}).items() if v is None}
-            if removed:  # properties gone from the model: not in twin_property any more
-                device_part["twins"] = removed
+            device_part = entry.device
+            if entry.removed:  # properties gone from the model: not in twin_property any more
+                device_part = {**device_part, "twins": dict.fromkeys(sorted(entry.removed))}
             batch.outbox_upserts.append((dev_id, _dump(device_part), entry.revision, entry.since_ms))
     batch.removed = [(dev_id,) for dev_id in changes.removed]
     batch.events = [
@@ -154,7 +154,7 @@ def snapshot(engine: TwinEngine, changes: Changes) -> Batch:
     return batch
 
 
-_UPSERT_PROPERTY = "INSERT OR REPLACE INTO twin_property VALUES (" + ",".join("?" * 18) + ")"
+_UPSERT_PROPERTY = "INSERT OR REPLACE INTO twin_property VALUES (" + ",".join("?" * 19) + ")"
 
 
 class Store:
@@ -388,6 +388,7 @@ def _restore_property(prop: PropertyTwin, row: dict[str, Any]) -> None:
     prop.write_attempts = row["write_attempts"]
     prop.next_write_ms = row["next_write_ms"]
     prop.outbox_rev = row["outbox_rev"]
+    prop.outbox_fields = row["outbox_fields"] if prop.outbox_rev is not None else 0
     prop.read_error = row["read_error"]
 
 

@@ -149,6 +149,9 @@ class PropertyTwin:
     # the cloud acknowledged it. Persisted with the row, so the outbox is rebuilt from
     # the twin rows at start instead of rewriting a whole patch on every commit.
     outbox_rev: int | None = None
+    # Which of its status fields are pending (REPORTED | DESIRED | READ_ERROR); their
+    # current values are read when the outbox entry's patch is built.
+    outbox_fields: int = 0
     # Why the last read of this property failed ("" when it did not); cleared by the
     # next accepted value. The other properties of the device keep reporting.
     read_error: str = ""
@@ -173,14 +176,53 @@ class DeviceTwin:
     observed_generation: int = 0
 
 
+# Status fields of a property pending in the outbox (PropertyTwin.outbox_fields).
+REPORTED, DESIRED, READ_ERROR = 1, 2, 4
+ALL_FIELDS = REPORTED | DESIRED | READ_ERROR
+
+
 @dataclass(slots=True)
 class OutboxEntry:
-    """The one pending status patch of a device, its revision, and since when (wall
-    milliseconds) the device has had status the cloud has not taken yet."""
+    """The one pending status patch of a device. Device-level fields (state, conditions,
+    observedGeneration) are composed as they change; properties are only marked, with
+    which of their fields changed, and their current status is read when :attr:`patch`
+    is built (once per revision, when the uplink sends it), so a value changing ten
+    times between two sends costs a mark each time, not a patch. ``revision`` moves with
+    every change; ``since_ms``: since when (wall ms) the device has had status pending."""
 
-    patch: dict[str, Any]
+    dev: DeviceTwin
+    device: dict[str, Any]
     revision: int
     since_ms: int = 0
+    props: dict[str, None] = field(default_factory=dict)  # pending properties, in order
+    removed: set[str] = field(default_factory=set)  # properties gone from the model
+    _patch: dict[str, Any] | None = None
+
+    @property
+    def patch(self) -> dict[str, Any]:
+        """The Device status merge patch (``twins`` keyed by property name)."""
+        if self._patch is None:
+            patch = dict(self.device)
+            twins: dict[str, Any] = {}
+            properties = self.dev.properties
+            for name in self.props:
+                prop = properties.get(name)
+                if prop is None:
+                    continue
+                fields, entry = prop.outbox_fields, {}  # type: int, dict[str, Any]
+                if fields & REPORTED and prop.reported is not None:
+                    entry["reported"] = reported_status(prop)
+                if fields & DESIRED and prop.desired is not None:
+                    entry["observedDesired"] = desired_status(prop)
+                if fields & READ_ERROR:
+                    entry["readError"] = prop.read_error or None
+                twins[name] = entry
+            for name in self.removed:
+                twins[name] = None
+            if twins:
+                patch["twins"] = twins
+            self._patch = patch
+        return self._patch
 
 
 @dataclass(frozen=True, slots=True)
@@ -330,11 +372,19 @@ class TwinEngine:
         self.devices[dev_id] = twin_dev
         self.changes.devices.add(dev_id)
         self.changes.properties.update((dev_id, name) for name in props)
+        entry = self.outbox.get(dev_id)
+        if entry is not None:
+            entry.dev, entry._patch = twin_dev, None
         removed = sorted(set(old.properties) - set(props)) if old is not None else []
         if removed:
             # Gone from the model: its rows go, and the cloud drops its twin entry.
             self.changes.properties.update((dev_id, name) for name in removed)
-            self._compose(dev_id, {"twins": dict.fromkeys(removed)})
+            entry = self._entry(dev_id)
+            for name in removed:
+                entry.props.pop(name, None)
+                entry.removed.add(name)
+            self._bump(entry)
+            self.changes.outbox.add(dev_id)  # removals live in the outbox row
         return twin_dev
 
     def define_unserved(self, device_id: str, namespace: str, name: str) -> DeviceTwin:
@@ -378,9 +428,10 @@ class TwinEngine:
         dev = self.device(device_id)
         accepted: dict[str, Reported] = {}
         rejected: dict[str, str] = {}
-        twins_patch: dict[str, Any] = {}
+        marks: dict[str, int] = {}
         unknown: list[str] = []
         ts = timestamp_ms if timestamp_ms is not None else now_ms
+        changed_props, public = self.changes.properties, self.changes.public
         for name, raw in values.items():
             prop = dev.properties.get(name)
             if prop is None:
@@ -390,17 +441,16 @@ class TwinEngine:
                 value = coerce_value(raw, prop.type, prop.minimum, prop.maximum)
             except ValueRejected as exc:
                 rejected[name] = exc.reason
-                mark = self._mark_read_error(dev, prop, f"value rejected: {exc.reason}", now_ms, "rejected")
-                if mark:
-                    twins_patch[name] = mark
+                if self._mark_read_error(dev, prop, f"value rejected: {exc.reason}", now_ms, "rejected"):
+                    marks[name] = READ_ERROR
                 continue
             prop.last_version += 1
-            prop.reported = Reported(value, ts, prop.last_version)
-            accepted[name] = prop.reported
-            entry: dict[str, Any] = {"reported": reported_status(prop)}
+            prop.reported = reported = Reported(value, ts, prop.last_version)
+            accepted[name] = reported
+            fields = REPORTED
             if prop.read_error:
                 prop.read_error = ""
-                entry["readError"] = None
+                fields |= READ_ERROR
             if (
                 prop.write_state is WriteState.PENDING
                 and prop.desired is not None
@@ -408,10 +458,11 @@ class TwinEngine:
             ):
                 prop.write_state, prop.write_reason = WriteState.APPLIED, ""
                 prop.next_write_ms = None
-                entry["observedDesired"] = desired_status(prop)
-            twins_patch[name] = entry
-            self.changes.properties.add((device_id, name))
-            self.changes.public.add((device_id, name))
+                fields |= DESIRED
+            marks[name] = fields
+            key = (device_id, name)
+            changed_props.add(key)
+            public.add(key)
         if unknown:
             reason = f"not a property of DeviceModel {dev.model!r}"
             for name in unknown[:MAX_REJECTED_LISTED]:
@@ -422,38 +473,38 @@ class TwinEngine:
             if self._limiter.allow(key, now_ms):
                 detail = {"names": [clip(n) for n in unknown[:10]], "count": len(unknown), "reason": reason}
                 self._event(now_ms, device_id, "", "rejected", self._limiter.annotate(key, detail))
-        if twins_patch:
-            self._compose(device_id, {"twins": twins_patch})
+        if marks:
+            self._mark(device_id, marks)
         return ReportOutcome(accepted, rejected)
 
     def set_read_errors(self, device_id: str, errors: Mapping[str, str], now_ms: int) -> None:
         """Mark properties whose read failed, with the reason; a property not named
         keeps its state. The mark stays until a value for it is accepted."""
         dev = self.device(device_id)
-        twins: dict[str, Any] = {}
+        marks: dict[str, int] = {}
         for name, reason in errors.items():
             prop = dev.properties.get(name)
-            if prop is not None and (entry := self._mark_read_error(dev, prop, clip(reason, 500), now_ms)):
-                twins[name] = entry
-        if twins:
-            self._compose(device_id, {"twins": twins})
+            if prop is not None and self._mark_read_error(dev, prop, clip(reason, 500), now_ms):
+                marks[name] = READ_ERROR
+        if marks:
+            self._mark(device_id, marks)
 
     def _mark_read_error(
         self, dev: DeviceTwin, prop: PropertyTwin, reason: str, now_ms: int, kind: str = "read_error"
-    ) -> dict[str, Any] | None:
-        """Set a property's readError; returns its status entry, or None if unchanged.
+    ) -> bool:
+        """Set a property's readError; returns whether it changed.
         The event log hears of it when it changes, at most once per
         :data:`EVENT_REPEAT_MS` per property (the rest are counted in the next event),
         so a device failing every poll cannot push other events out of the log."""
         if prop.read_error == reason:
-            return None
+            return False
         prop.read_error = reason
         key = (dev.id, prop.name)
         if self._limiter.allow(key, now_ms):
             self._event(now_ms, dev.id, prop.name, kind, self._limiter.annotate(key, {"reason": reason}))
         self.changes.properties.add((dev.id, prop.name))
         self.changes.public.add((dev.id, prop.name))
-        return {"readError": reason}
+        return True
 
     # ----------------------------------------------------------------- desired
     def apply_desired(
@@ -509,7 +560,7 @@ class TwinEngine:
             prop.write_state, prop.write_reason = WriteState.PENDING, ""
             prop.write_attempts, prop.next_write_ms = 0, now_ms
         self.changes.properties.add((device_id, prop_name))
-        entry = self._compose(device_id, {"twins": {prop_name: {"observedDesired": desired_status(prop)}}})
+        entry = self._mark(device_id, {prop_name: DESIRED})
         incoming.outbox_revision = entry.revision
         return DesiredOutcome(prop_name, True, incoming, conflict, prop.write_state is WriteState.PENDING)
 
@@ -607,7 +658,7 @@ class TwinEngine:
         self.changes.properties.add((device_id, prop_name))
         if reason and prop.write_reason != reason:
             prop.write_reason = reason
-            self._compose(device_id, {"twins": {prop_name: {"observedDesired": desired_status(prop)}}})
+            self._mark(device_id, {prop_name: DESIRED})
 
     def write_failed(self, device_id: str, prop_name: str, reason: str) -> None:
         """A write attempt failed; keep the reason. Retries continue until the last."""
@@ -615,7 +666,7 @@ class TwinEngine:
         if prop.write_state is WriteState.PENDING and prop.write_reason != reason:
             prop.write_reason = reason
             self.changes.properties.add((device_id, prop_name))
-            self._compose(device_id, {"twins": {prop_name: {"observedDesired": desired_status(prop)}}})
+            self._mark(device_id, {prop_name: DESIRED})
 
     def _fail_write(self, device_id: str, prop: PropertyTwin, now_ms: int) -> None:
         prop.write_state = WriteState.FAILED
@@ -626,7 +677,7 @@ class TwinEngine:
         prop.next_write_ms = None
         self.changes.properties.add((device_id, prop.name))
         self._event(now_ms, device_id, prop.name, "write_failed", {"reason": prop.write_reason})
-        self._compose(device_id, {"twins": {prop.name: {"observedDesired": desired_status(prop)}}})
+        self._mark(device_id, {prop.name: DESIRED})
 
     # ----------------------------------------------------------------- device state
     def set_state(self, device_id: str, state: str, now_ms: int) -> None:
@@ -737,7 +788,7 @@ class TwinEngine:
                     prop.last_version = cloud_version + 1
                     prop.reported.version = prop.last_version
                     self.changes.public.add((device_id, prop.name))
-                    self._compose(device_id, {"twins": {prop.name: {"reported": reported_status(prop)}}})
+                    self._mark(device_id, {prop.name: REPORTED})
                 self.changes.properties.add((device_id, prop.name))
             desired = entry.get("observedDesired")
             if prop.desired is None and prop.writable and isinstance(desired, dict):
@@ -781,9 +832,10 @@ class TwinEngine:
         del self.outbox[device_id]
         self.changes.outbox.add(device_id)
         if dev is not None:
-            for name, prop in dev.properties.items():
-                if prop.outbox_rev is not None:
-                    prop.outbox_rev = None
+            for name in entry.props:
+                pending = dev.properties.get(name)
+                if pending is not None and pending.outbox_rev is not None:
+                    pending.outbox_rev, pending.outbox_fields = None, 0
                     self.changes.properties.add((device_id, name))
         return True
 
@@ -802,22 +854,20 @@ class TwinEngine:
         revision bounds it (revisions start at the wall clock in microseconds)."""
         dev = self.device(device_id)
         device_patch = dict(device_patch)
-        twins: dict[str, Any] = {
-            name: None for name, v in _mapping(device_patch.pop("twins", None)).items() if v is None
-        }
+        removed = {name for name, v in _mapping(device_patch.pop("twins", None)).items() if v is None}
         revisions = [revision]
+        pending: dict[str, None] = {}
         for name, prop in dev.properties.items():
             if prop.outbox_rev is None:
                 continue
             revisions.append(prop.outbox_rev)
-            twins[name] = property_status(prop)
-        patch = dict(device_patch)
-        if twins:
-            patch["twins"] = twins
-        if patch:
+            pending[name] = None
+            prop.outbox_fields = prop.outbox_fields or ALL_FIELDS  # rows from before fields were kept
+        removed -= set(dev.properties)
+        if device_patch or pending or removed:
             bound = min((r for r in revisions if r), default=0) // 1000
             since = since_ms or (bound if bound > _SANE_WALL_MS else self._wall_ms())
-            self.outbox[device_id] = OutboxEntry(patch, max(revisions), since)
+            self.outbox[device_id] = OutboxEntry(dev, device_patch, max(revisions), since, pending, removed)
             self._revision = max(self._revision, max(revisions))
 
     def drain(self) -> Changes:
@@ -839,27 +889,43 @@ class TwinEngine:
         return patch
 
     # ----------------------------------------------------------------- internals
-    def _compose(self, device_id: str, patch: dict[str, Any]) -> OutboxEntry:
+    def _entry(self, device_id: str) -> OutboxEntry:
         entry = self.outbox.get(device_id)
         if entry is None:
             # A new entry: its row records since when the device has had status pending.
-            entry = self.outbox[device_id] = OutboxEntry({}, 0, self._wall_ms())
+            entry = OutboxEntry(self.devices[device_id], {}, 0, self._wall_ms())
+            self.outbox[device_id] = entry
             self.changes.outbox.add(device_id)
-        compose_into(entry.patch, patch)
+        return entry
+
+    def _bump(self, entry: OutboxEntry) -> None:
         self._revision += 1
         entry.revision = self._revision
-        twins = patch.get("twins")
-        if twins:
-            props = self.devices[device_id].properties
-            for name, change in twins.items():
-                if change is None:  # a removed property: kept in the outbox row
-                    self.changes.outbox.add(device_id)
-                    continue
-                props[name].outbox_rev = entry.revision
-                self.changes.properties.add((device_id, name))
-        if len(patch) > (1 if twins else 0):
-            # Device-level fields (state, conditions) live in the outbox row.
-            self.changes.outbox.add(device_id)
+        entry._patch = None
+
+    def _compose(self, device_id: str, patch: dict[str, Any]) -> OutboxEntry:
+        """Fold device-level status fields into the device's outbox entry (they live in
+        its row in the store)."""
+        entry = self._entry(device_id)
+        compose_into(entry.device, patch)
+        self._bump(entry)
+        self.changes.outbox.add(device_id)
+        return entry
+
+    def _mark(self, device_id: str, marks: Mapping[str, int]) -> OutboxEntry:
+        """Mark properties' status fields pending in the device's outbox entry."""
+        entry = self._entry(device_id)
+        self._bump(entry)
+        revision, props, pending = entry.revision, entry.dev.properties, entry.props
+        changed = self.changes.properties
+        for name, fields in marks.items():
+            prop = props[name]
+            prop.outbox_rev = revision
+            prop.outbox_fields |= fields
+            pending[name] = None
+            changed.add((device_id, name))
+        if entry.removed:
+            entry.removed.difference_update(marks)  # back in the model: values go again
         return entry
 
     def backlog(self) -> tuple[int, int | None]:

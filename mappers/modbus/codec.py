@@ -83,6 +83,10 @@ def _bytes_to_registers(data: bytes, byte_order: str, word_order: str) -> list[i
 def decode(v: Visitor, registers: Sequence[int] = (), bits: Sequence[bool] = ()) -> Value:
     """The value of a property from the registers (or bits) read at its address."""
     dt = v.dataType or "uint16"
+    if dt == "uint16" and registers and v.plain:
+        raw16 = registers[0]  # the common case: one register as it is
+        if 0 <= raw16 <= 0xFFFF:
+            return raw16
     if dt == "bool":
         if not bits:
             raise CodecError("no bit read")
