@@ -87,15 +87,25 @@ class RelayConfig(BaseModel):
     name: str | None = Field(None, max_length=253)
     gatewayStatus: GatewayStatusConfig = Field(default_factory=GatewayStatusConfig)
     log: RelayLog = Field(default_factory=RelayLog)
+    # Plaintext gRPC health (grpc.health.v1) for kubelet's grpc probes, e.g.
+    # "0.0.0.0:7444"; off when unset. The sync port always serves the same health
+    # service behind mutual TLS.
+    healthListen: str | None = None
+    # Prometheus /metrics and /healthz over HTTP, e.g. "0.0.0.0:9464"; off when unset.
+    metricsListen: str | None = None
+    # How often readiness asks the API server whether it answers (one GET each time).
+    apiProbeInterval: int = Field(10_000, ge=1_000)  # ms
 
-    @field_validator("minStatusInterval", "linkDeadAfter", mode="before")
+    @field_validator("minStatusInterval", "linkDeadAfter", "apiProbeInterval", mode="before")
     @classmethod
     def _interval(cls, v: Any) -> int:
         return parse_duration_ms(v)
 
-    @field_validator("listen")
+    @field_validator("listen", "healthListen", "metricsListen")
     @classmethod
-    def _listen(cls, v: str) -> str:
+    def _listen(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
         host, sep, port = v.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
             raise ValueError(f"expected HOST:PORT (e.g. 0.0.0.0:7443 or [::]:7443), got {v!r}")

@@ -39,9 +39,12 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
 from lightkube import AsyncClient
 from lightkube.generic_resource import create_namespaced_resource
 
+from cloud import ops
 from cloud.gateway_status import GatewayReporter, GatewayTiming
 from cloud.spec_feed import NodeFeed, SelectorMode
 from cloud.status_writer import Device, Outcome, StatusWriter
@@ -140,6 +143,8 @@ class _Session:
                 self.wake.set()
             if not frame.seq:
                 continue
+            ops.FRAMES.labels("up").inc()
+            ops.PAYLOAD_BYTES.labels("up").inc(len(frame.payload))
             if self.incoming.accept(frame.seq):
                 for msg in self.decoder.decode(frame.encoding, frame.payload, EDGE_TO_CLOUD):
                     self._handle(msg)
@@ -178,6 +183,7 @@ class _Session:
             except ValueError as exc:
                 self._answer_now(dev, rev, part, Outcome(False, str(exc)))
                 return
+            ops.STATUS_MESSAGES.inc()
             fut = self.writer.submit(namespace, name, rev, msg["patch"])
             fut.add_done_callback(functools.partial(self._answer, dev, rev, part))
         elif kind == "stats" and self.hello is not None:
@@ -256,6 +262,8 @@ class _Session:
                 sync_pb2.Frame(seq=seq, ack=ack, encoding=encoding, payload=payload)  # type: ignore[arg-type]
             )
             self.bytes_down += len(payload)
+            ops.FRAMES.labels("down").inc()
+            ops.PAYLOAD_BYTES.labels("down").inc(len(payload))
             tokens -= len(payload)
 
     async def watchdog(self) -> None:
@@ -317,6 +325,9 @@ class SyncService(sync_pb2_grpc.SyncServicer):
         node = names[0].decode()
         self.streams += 1
         self.active[node] = self.active.get(node, 0) + 1
+        ops.STREAM_OPENS.inc()
+        ops.STREAMS.inc()
+        ops.NODE_STREAMS.labels(node).set(self.active[node])
         session = _Session(self.client, node, self.settings, context, self.reporter)
         log.info("gateway connected", extra={"node": node, "peer": context.peer()})
         tasks = [
@@ -339,8 +350,13 @@ class SyncService(sync_pb2_grpc.SyncServicer):
             await asyncio.gather(*tasks, return_exceptions=True)
             await session.close()
             self.active[node] -= 1
-            if not self.active[node]:
+            ops.STREAMS.dec()
+            ops.STREAM_ENDS.labels(_condition(why)[0]).inc()
+            if self.active[node]:
+                ops.NODE_STREAMS.labels(node).set(self.active[node])
+            else:
                 del self.active[node]
+                ops.NODE_STREAMS.remove(node)  # series only for connected nodes
             if session.hello is not None:
                 self.reporter.disconnected(node, *_condition(why))
             log.info("gateway disconnected", extra={"node": node, "reason": why})
@@ -383,12 +399,16 @@ async def serve(
     key: bytes,
     ca: bytes,
     settings: RelaySettings | None = None,
+    health: health_aio.HealthServicer | None = None,
 ) -> tuple[grpc.aio.Server, SyncService, int]:
     """Start the relay's gRPC server (mutual TLS) on ``address``; returns the server,
-    the service and the bound port."""
+    the service and the bound port. ``health`` (grpc.health.v1) is served beside the
+    sync service when given."""
     server = grpc.aio.server(options=CHANNEL_OPTIONS)
     service = SyncService(client, settings)
     sync_pb2_grpc.add_SyncServicer_to_server(service, server)  # type: ignore[no-untyped-call]
+    if health is not None:
+        health_pb2_grpc.add_HealthServicer_to_server(health, server)
     creds = grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=True)
     port = server.add_secure_port(address, creds)  # RuntimeError when it cannot bind
     if port == 0 and not address.endswith(":0"):

@@ -24,6 +24,7 @@ from lightkube import AsyncClient
 from lightkube.generic_resource import create_namespaced_resource
 from lightkube.types import PatchType
 
+from cloud import ops
 from cloud.status_merge import merge_edge_status
 
 log = logging.getLogger(__name__)
@@ -162,5 +163,7 @@ class StatusWriter:
                     return Outcome(False, f"device {namespace}/{name} does not exist (yet)", retry=True)
                 raise
             self.writes += 1
+            ops.STATUS_WRITES.inc()
+            ops.STATUS_FOLDED.inc(len(messages) - 1)
             return Outcome(True)
         raise RuntimeError(f"{MAX_CONFLICT_RETRIES} conflicts in a row writing {namespace}/{name}")

@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import sys
 import time
@@ -19,6 +20,7 @@ from typing import Any
 
 from deviceapi import ManifestError
 from deviceapi.types import split_device_id
+from deviceapi.version import __version__
 from gateway.config import ConfigError, GatewayConfig, load_config
 from gateway.mapper_host import MapperLoadError
 from gateway.mqtt.broker import BrokerStartError
@@ -312,9 +314,11 @@ def cmd_sim_ble(args: argparse.Namespace) -> int:
 def cmd_cloud_run(args: argparse.Namespace) -> int:
     from lightkube import AsyncClient
 
+    from cloud import ops
     from cloud.config import RelayConfigError, kube_config, load_relay_config
     from cloud.gateway_status import GatewayTiming
     from cloud.relay import RelaySettings, serve
+    from deviceapi.ops_http import OpsServer, split_listen
 
     try:
         cfg = load_relay_config(args.config)
@@ -340,24 +344,48 @@ def cmd_cloud_run(args: argparse.Namespace) -> int:
                 stale_after_s=gateway.staleAfter / 1000,
             ),
         )
-        try:
-            server, _, port = await serve(
-                client,
-                cfg.listen,
-                cfg.tls.cert_file.read_bytes(),
-                cfg.tls.key_file.read_bytes(),
-                cfg.tls.ca_file.read_bytes(),
-                settings,
-            )
-        except RuntimeError as exc:  # grpc: "Failed to bind to address ..."
-            await client.close()
-            raise CliError(f"listen: cannot serve on {cfg.listen}: {exc}", EXIT_USAGE) from None
-        print(f"edgetwin relay listening on {cfg.listen.rsplit(':', 1)[0]}:{port} (mutual TLS)", flush=True)
-        try:
+        ops.instrument(client)
+        health = await ops.new_health()
+        probe = ops.ApiProbe(client, health, cfg.apiProbeInterval / 1000)
+        probe_task = asyncio.create_task(probe.run(), name="api probe")
+        async with contextlib.AsyncExitStack() as stack:
+            stack.push_async_callback(client.close)
+            stack.push_async_callback(ops.stop_quietly, probe_task)
+            try:
+                server, _, port = await serve(
+                    client,
+                    cfg.listen,
+                    cfg.tls.cert_file.read_bytes(),
+                    cfg.tls.key_file.read_bytes(),
+                    cfg.tls.ca_file.read_bytes(),
+                    settings,
+                    health,
+                )
+            except RuntimeError as exc:  # grpc: "Failed to bind to address ..."
+                raise CliError(f"listen: cannot serve on {cfg.listen}: {exc}", EXIT_USAGE) from None
+            stack.push_async_callback(server.stop, 5)
+            lines = [f"edgetwin relay listening on {cfg.listen.rsplit(':', 1)[0]}:{port} (mutual TLS)"]
+            if cfg.healthListen:
+                try:
+                    hserver, hport = await ops.health_server(health, cfg.healthListen)
+                except RuntimeError as exc:
+                    raise CliError(
+                        f"healthListen: cannot serve on {cfg.healthListen}: {exc}", EXIT_USAGE
+                    ) from None
+                stack.push_async_callback(hserver.stop, 1)
+                lines.append(f"grpc health on {cfg.healthListen.rsplit(':', 1)[0]}:{hport}")
+            if cfg.metricsListen:
+                web = OpsServer(probe.problems)
+                try:
+                    mport = await web.start(*split_listen(cfg.metricsListen))
+                except OSError as exc:
+                    raise CliError(
+                        f"metricsListen: cannot serve on {cfg.metricsListen}: {exc}", EXIT_USAGE
+                    ) from None
+                stack.push_async_callback(web.stop)
+                lines.append(f"metrics on http://{cfg.metricsListen.rsplit(':', 1)[0]}:{mport}/metrics")
+            print("; ".join(lines), flush=True)
             await server.wait_for_termination()
-        finally:
-            await server.stop(5)
-            await client.close()
 
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(run())
@@ -388,17 +416,30 @@ def cmd_kube_emulator(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------- parser
+DEFAULT_GATEWAY_CONFIG = Path("/etc/edgetwin/gateway.yaml")
+DEFAULT_RELAY_CONFIG = Path("/etc/edgetwin/relay.yaml")
+
+
+def _default_config(env: str, default: Path) -> Path:
+    """``--config`` may be left out: the environment variable, else the system path."""
+    value = os.environ.get(env)
+    return Path(value) if value else default
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edgetwin", description="Offline-tolerant sync gateway with device twins"
     )
+    parser.add_argument("--version", action="version", version=f"edgetwin {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    gateway_config = _default_config("EDGETWIN_CONFIG", DEFAULT_GATEWAY_CONFIG)
+    config_help = f"the gateway's config (default: $EDGETWIN_CONFIG or {DEFAULT_GATEWAY_CONFIG})"
 
     gw = sub.add_parser("gateway", help="the edge gateway service").add_subparsers(
         dest="action", required=True
     )
     run = gw.add_parser("run", help="run the gateway")
-    run.add_argument("--config", required=True, type=Path)
+    run.add_argument("--config", type=Path, default=gateway_config, help=config_help)
     run.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     run.set_defaults(func=cmd_gateway_run)
 
@@ -408,29 +449,29 @@ def build_parser() -> argparse.ArgumentParser:
     get = twin.add_parser("get", help="show a device's twin (works while the gateway runs)")
     get.add_argument("device", help="NAMESPACE/NAME")
     get.add_argument("--json", action="store_true")
-    get.add_argument("--config", required=True, type=Path)
+    get.add_argument("--config", type=Path, default=gateway_config, help=config_help)
     get.set_defaults(func=cmd_twin_get)
     lst = twin.add_parser("list", help="list devices: source, readiness, state, pending status")
     lst.add_argument("--json", action="store_true")
-    lst.add_argument("--config", required=True, type=Path)
+    lst.add_argument("--config", type=Path, default=gateway_config, help=config_help)
     lst.set_defaults(func=cmd_twin_list)
     events = twin.add_parser("events", help="the local event log: conflicts, rejected values, failed writes")
     events.add_argument("device", nargs="?", help="NAMESPACE/NAME (all devices if omitted)")
     events.add_argument("--kind", choices=["conflict", "rejected", "write_failed", "read_error", "state"])
     events.add_argument("--limit", type=int, default=50, help="newest N events (default 50)")
     events.add_argument("--json", action="store_true")
-    events.add_argument("--config", required=True, type=Path)
+    events.add_argument("--config", type=Path, default=gateway_config, help=config_help)
     events.set_defaults(func=cmd_twin_events)
     set_ = twin.add_parser("set", help="set edge-local desired values, applied by the running gateway")
     set_.add_argument("device", help="NAMESPACE/NAME")
     set_.add_argument("assignments", nargs="+", metavar="PROP=VALUE")
-    set_.add_argument("--config", required=True, type=Path)
+    set_.add_argument("--config", type=Path, default=gateway_config, help=config_help)
     set_.add_argument("--timeout", type=float, default=10.0)
     set_.set_defaults(func=cmd_twin_set)
 
     cfg = sub.add_parser("config", help="configuration").add_subparsers(dest="action", required=True)
     check = cfg.add_parser("check", help="validate a config and its manifests")
-    check.add_argument("--config", required=True, type=Path)
+    check.add_argument("--config", type=Path, default=gateway_config, help=config_help)
     check.set_defaults(func=cmd_config_check)
 
     sim = sub.add_parser("sim", help="device simulators").add_subparsers(dest="kind", required=True)
@@ -457,7 +498,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     cloud = sub.add_parser("cloud", help="cloud side").add_subparsers(dest="action", required=True)
     crun = cloud.add_parser("run", help="run the cloud relay (gRPC, mutual TLS) against a Kubernetes API")
-    crun.add_argument("--config", required=True, type=Path)
+    crun.add_argument(
+        "--config",
+        type=Path,
+        default=_default_config("EDGETWIN_RELAY_CONFIG", DEFAULT_RELAY_CONFIG),
+        help=f"default: ${{EDGETWIN_RELAY_CONFIG}} or {DEFAULT_RELAY_CONFIG}",
+    )
     crun.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     crun.set_defaults(func=cmd_cloud_run)
     emu = cloud.add_parser(

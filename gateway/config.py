@@ -144,6 +144,32 @@ class LogConfig(_Section):
     format: Literal["text", "json"] = "text"
 
 
+class HealthConfig(_Section):
+    """Probes and metrics (docs/operations.md, "Health and watchdog")."""
+
+    # HTTP /healthz and /metrics (Prometheus), e.g. 127.0.0.1:9464; off when unset.
+    listen: str | None = None
+    # A loop with work pending and no progress for this long is stuck: /healthz answers
+    # 503 and systemd's watchdog is no longer fed. Above the uplink's dead-link time, so
+    # a dead link is reconnected before it counts as stuck.
+    stuck_after: int = Field(default=60_000, ge=1_000)  # ms
+
+    @field_validator("stuck_after", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> int:
+        return parse_duration_ms(v)
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        host, sep, port = v.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError(f"expected HOST:PORT (e.g. 127.0.0.1:9464), got {v!r}")
+        return v
+
+
 class UplinkConfig(_Section):
     """The link to the cloud relay (gRPC, mutual TLS)."""
 
@@ -219,6 +245,7 @@ class GatewayConfig(_Section):
     mqtt: MqttConfig
     manifests: list[Path] = Field(default_factory=list)
     log: LogConfig = Field(default_factory=LogConfig)
+    health: HealthConfig = HealthConfig()
     # Options per mapper, by protocol name (passed to the mapper as given).
     mappers: dict[str, dict[str, Any]] = Field(default_factory=dict)
     uplink: UplinkConfig | None = None

@@ -26,11 +26,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from deviceapi import Device, DeviceModel, value_to_text
+from deviceapi.ops_http import OpsServer, split_listen
 from deviceapi.version import __version__
 from gateway import logs
 from gateway.config import ConfigError, GatewayConfig
 from gateway.dedup import RecentUpdates
 from gateway.devices import Devices
+from gateway.health import HealthMonitor, Loop
 from gateway.manifests import load_manifests
 from gateway.mapper_host import MapperSet
 from gateway.metrics import Metrics
@@ -38,6 +40,8 @@ from gateway.mqtt import payloads, topics
 from gateway.mqtt.broker import EmbeddedBroker
 from gateway.mqtt.bus import Inbound, MqttBus
 from gateway.mqtt.payloads import PayloadError
+from gateway.prom import GatewayMetrics
+from gateway.sd_notify import Notifier
 from gateway.store.store import Store, StoreError, StoreWriter, snapshot
 from gateway.twin.engine import (
     DesiredRejected,
@@ -116,6 +120,10 @@ class Gateway:
         # One commit at a time: the committer and the final commit at shutdown share the
         # store's one connection.
         self._commit_lock = asyncio.Lock()
+        self._commits_done = 0
+        self.prom = GatewayMetrics(self)
+        self.health = HealthMonitor(self._health_loops(), cfg.health.stuck_after / 1000)
+        self.notifier = Notifier()
 
     # ----------------------------------------------------------------- start-up
     def load(self) -> None:
@@ -163,6 +171,7 @@ class Gateway:
         """Run until ``stop`` is set; raises on a store failure (the process should exit
         and be restarted: nothing unacknowledged is lost)."""
         broker = None
+        ops: OpsServer | None = None
         if self.cfg.mqtt.embedded is not None:
             broker = EmbeddedBroker(self.cfg.mqtt.embedded.host, self.cfg.mqtt.embedded.port)
             await broker.start()
@@ -183,6 +192,11 @@ class Gateway:
             self._spawn(self.bus.run(self._on_message, self._on_connect), "mqtt")
             self._spawn(self._write_scheduler(), "writes")
             self._spawn(self._metrics_publisher(), "metrics")
+            self._spawn(self._health_watch(), "health")
+            if self.cfg.health.listen:
+                ops = OpsServer(self.health.problems, self.prom.registry)
+                await ops.start(*split_listen(self.cfg.health.listen))
+                log.info("health and metrics", extra={"url": f"http://{self.cfg.health.listen}/healthz"})
             if self.cfg.uplink is not None:
                 from gateway.uplink import Uplink
 
@@ -206,13 +220,18 @@ class Gateway:
             gc.collect()
             gc.freeze()
             self.ready.set()
+            self.notifier.send("READY=1")
             stopper = asyncio.ensure_future(stop.wait())
             await asyncio.wait({stopper, committer}, return_when=asyncio.FIRST_COMPLETED)
             stopper.cancel()
             if committer.done() and committer.exception() is not None:
                 raise committer.exception()  # type: ignore[misc]
+            self.notifier.send("STOPPING=1")
             await self._shutdown()
         finally:
+            if ops is not None:
+                await ops.stop()
+            self.notifier.close()
             for task in self._tasks:
                 task.cancel()
             for task in list(self._tasks):
@@ -299,7 +318,9 @@ class Gateway:
             if self.store is not None and self.store.events_dropped:
                 # The event log's bound: oldest rows dropped so far (a running total).
                 self.metrics.total("events_dropped", self.store.events_dropped)
-            self.metrics.peak("commit_ms_max", (time.perf_counter() - started) * 1000)
+            took = time.perf_counter() - started
+            self.metrics.peak("commit_ms_max", took * 1000)
+            self.prom.commit_seconds.observe(took)
             self.metrics.peak("commit_batch_max", len(acks))
         bus = self.bus
         if bus is not None:
@@ -326,6 +347,7 @@ class Gateway:
         for w in waiters:
             if not w.done():
                 w.set_result(None)
+        self._commits_done += 1
         if changes:
             self.metrics.peak("commit_cycle_ms_max", (time.perf_counter() - started) * 1000)
 
@@ -657,6 +679,56 @@ class Gateway:
             self._writes_wake.set()
 
     # ----------------------------------------------------------------- metrics
+    def _health_loops(self) -> list[Loop]:
+        def uplink_unacked() -> bool:
+            return self.uplink is not None and self.uplink.frames_unacked > 0
+
+        def bus_pending() -> bool:
+            bus = self.bus
+            return bus is not None and (
+                bus.inbox_waiting > 0 or (bus.connected.is_set() and bus.publishes_unacked > 0)
+            )
+
+        return [
+            Loop(
+                "committer",
+                lambda: self._dirty.is_set() or self._commit_lock.locked(),
+                lambda: self._commits_done,
+                "changes waiting for a commit",
+            ),
+            Loop(
+                "mqtt",
+                bus_pending,
+                lambda: (self.bus.handled + self.bus.publish_acks) if self.bus is not None else 0,
+                "messages received but not handled, or publishes the broker does not acknowledge",
+            ),
+            Loop(
+                "uplink",
+                uplink_unacked,
+                lambda: self.uplink.frames_acked if self.uplink is not None else 0,
+                "frames the relay does not acknowledge",
+            ),
+        ]
+
+    async def _health_watch(self) -> None:
+        """Sample the loops every second; feed systemd's watchdog while none is stuck."""
+        interval = self.notifier.watchdog_interval_s
+        next_ping = 0.0
+        was: list[str] = []
+        while True:
+            await asyncio.sleep(1.0)
+            self.health.sample()
+            problems = self.health.problems()
+            if problems != was:
+                if problems:
+                    log.error("gateway unhealthy", extra={"problems": json.dumps(problems)})
+                elif was:
+                    log.info("gateway healthy again")
+                was = problems
+            if interval is not None and not problems and time.monotonic() >= next_ping:
+                self.notifier.send("WATCHDOG=1")
+                next_ping = time.monotonic() + interval
+
     async def _metrics_publisher(self) -> None:
         while True:
             await asyncio.sleep(METRICS_INTERVAL_S)

@@ -168,11 +168,19 @@ class Uplink:
         self.last_error = ""
         self.connected_since: float | None = None
         self.last_rx_at: float | None = None
+        self.stream: _Stream | None = None  # the current stream, while one is open
+        self.frames_acked = 0  # progress, for the health monitor
         self.failures = 0  # connection attempts failed in a row
         self._hold_until: float = 0.0
         from grpc.experimental.session_cache import ssl_session_cache_lru
 
         self._tls_sessions = ssl_session_cache_lru(1)
+
+    @property
+    def frames_unacked(self) -> int:
+        """Frames sent on the welcomed stream that the relay has not acknowledged."""
+        stream = self.stream
+        return len(stream.out.unacked) if stream is not None and self.connected.is_set() else 0
 
     @property
     def holding(self) -> bool:
@@ -244,7 +252,7 @@ class Uplink:
             options.append(("grpc.ssl_target_name_override", self.cfg.server_name))
         async with grpc.aio.secure_channel(self.cfg.address, self._credentials(), options=options) as channel:
             call = sync_pb2_grpc.SyncStub(channel).Link()  # type: ignore[no-untyped-call]
-            stream = _Stream(self, call)
+            stream = self.stream = _Stream(self, call)
             tasks = [
                 asyncio.create_task(stream.read(), name="uplink read"),
                 asyncio.create_task(stream.write(), name="uplink write"),
@@ -261,6 +269,7 @@ class Uplink:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
                 call.cancel()
+                self.stream = None
 
     # ----------------------------------------------------------------- messages from the relay
     def handle(self, msg: dict[str, Any], stream: _Stream) -> None:
@@ -322,6 +331,8 @@ class _Stream:
             self.last_rx = self.up.last_rx_at = time.monotonic()
             self.up.bytes_received += len(frame.payload)
             if frame.ack:
+                if frame.ack > self.out.acked:
+                    self.up.frames_acked += 1
                 self.out.on_ack(frame.ack)  # the window opens; the answers say what was applied
                 self.up.wake.set()
             if frame.seq and self.inc.accept(frame.seq):

@@ -18,7 +18,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 MARKED = re.compile(r"<!-- doc-test: (?P<how>[^>]*?) -->\s*```sh\n(?P<body>.*?)```", re.S)
-WALKTHROUGHS = ["docs/cluster-devices.md"]
+WALKTHROUGHS = ["docs/cluster-devices.md", "README.md"]
 
 
 def blocks(doc: str) -> list[tuple[str, str]]:

@@ -244,3 +244,70 @@ async def test_link_drops_are_logged_with_the_reason_and_without_asyncio_noise(
     assert any(code in downs[0] for code in ("UNAVAILABLE", "CANCELLED", "INTERNAL", "closed", "dead")), downs
     assert "HTTP Request" not in relay_text  # the API client is quiet at INFO
     assert relay_text.count("gateway connected") >= 4
+
+
+async def test_relay_readiness_follows_the_api_server_and_metrics_count_api_requests(
+    tmp_path: Path, api: RunningEmulator
+) -> None:
+    """kubelet's view: the plaintext grpc.health.v1 port says SERVING only while the
+    API server answers; /healthz says why not; /metrics counts API requests by verb and
+    code."""
+    import grpc
+    import httpx
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    pki = make_pki(tmp_path / "pki", NODE)
+    hport, mport = free_port(), free_port()
+    config = relay_yaml(
+        tmp_path,
+        pki,
+        free_port(),
+        kubeconfig=str(tmp_path / "kc"),
+        healthListen=f"127.0.0.1:{hport}",
+        metricsListen=f"127.0.0.1:{mport}",
+        apiProbeInterval="1s",
+    )
+    proc = await start_relay(config, tmp_path, tmp_path / "relay.log")
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{hport}")
+    stub = health_pb2_grpc.HealthStub(channel)
+    web = httpx.AsyncClient(base_url=f"http://127.0.0.1:{mport}")
+
+    async def serving(service: str = "") -> bool:
+        try:
+            answer = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1)
+        except grpc.aio.AioRpcError:
+            return False
+        return bool(answer.status == health_pb2.HealthCheckResponse.SERVING)
+
+    async def not_serving() -> bool:
+        answer = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+        return bool(answer.status == health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    try:
+        await asyncio.to_thread(wait_port, hport)
+        await until(serving, within=10, what="SERVING")
+        assert await serving("edgetwin.sync.v1.Sync")
+        assert (await web.get("/healthz")).status_code == 200
+        metrics = (await web.get("/metrics")).text
+        # The probe's own GET of a Gateway that does not exist: a 404 is an answer.
+        assert 'edgetwin_relay_api_requests_total{code="404",verb="GET"}' in metrics
+        assert "edgetwin_relay_api_reachable 1.0" in metrics
+
+        await api.stop()  # the API server goes away
+        await until(not_serving, within=5, what="NOT_SERVING")
+        health = await web.get("/healthz")
+        assert health.status_code == 503 and "cannot reach the API server" in health.json()["problems"][0]
+        assert "edgetwin_relay_api_reachable 0.0" in (await web.get("/metrics")).text
+
+        back = RunningEmulator(api.emulator, port=api.port)
+        await back.start()
+        try:
+            await until(serving, within=5, what="SERVING again")
+        finally:
+            await back.stop()
+    finally:
+        await web.aclose()
+        await channel.close()
+        proc.terminate()
+        await proc.wait()
+    assert "Traceback" not in (tmp_path / "relay.log").read_text()

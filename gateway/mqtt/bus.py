@@ -75,6 +75,11 @@ class MqttBus:
         self._loop = asyncio.get_running_loop()
         self._generation = 0
         self._inbox: collections.deque[Inbound] = collections.deque()
+        # Progress, for the health monitor: messages handled; QoS 1 publishes handed to
+        # the connection and acknowledged by the broker on it.
+        self.handled = 0
+        self.published = 0
+        self.publish_acks = 0
         self._drain_scheduled = False
         self._on_message: Callable[[Inbound], None] = lambda m: None
         self._session: asyncio.Future[int] | None = None
@@ -115,6 +120,7 @@ class MqttBus:
         client.on_connect = self._handle_connect
         client.on_disconnect = self._handle_disconnect
         client.on_message = self._handle_message
+        client.on_publish = self._handle_publish
         return client
 
     def _connect_properties(self) -> Properties | None:
@@ -147,6 +153,18 @@ class MqttBus:
             self._drain_scheduled = True
             self._loop.call_soon_threadsafe(self._drain)
 
+    def _handle_publish(self, c: paho.Client, userdata: Any, mid: int, reason: Any, props: Any) -> None:
+        self.publish_acks += 1  # an int add on paho's thread: atomic under the GIL
+
+    @property
+    def publishes_unacked(self) -> int:
+        """QoS 1 publishes on this connection the broker has not acknowledged yet."""
+        return max(0, self.published - self.publish_acks)
+
+    @property
+    def inbox_waiting(self) -> int:
+        return len(self._inbox)
+
     def _resolve_session(self, why: str) -> None:
         def resolve() -> None:
             if self._session is not None and not self._session.done():
@@ -156,6 +174,7 @@ class MqttBus:
 
     # ----------------------------------------------------------------- event loop
     def _connected(self) -> None:
+        self.published = self.publish_acks = 0  # a new connection: count afresh
         self.connected.set()
         self.metrics.inc("mqtt_connects")
 
@@ -164,6 +183,7 @@ class MqttBus:
         inbox, handle = self._inbox, self._on_message
         while inbox:
             msg = inbox.popleft()
+            self.handled += 1
             try:
                 handle(msg)
             except Exception as exc:  # the handler should not raise; never strand the rest
@@ -259,6 +279,8 @@ class MqttBus:
             kind = "queue_full" if info.rc == paho.MQTT_ERR_QUEUE_SIZE else "failed"
             self.metrics.inc(f"publish_dropped_{kind}")
             return False
+        if qos:
+            self.published += 1
         return True
 
     async def close(self, final: tuple[str, bytes] | None = None) -> None:

@@ -1,0 +1,165 @@
+"""The relay's probes and metrics (docs/operations.md, "Relay probes and metrics").
+
+Readiness is whether the relay can reach the Kubernetes API: a replica that cannot
+must not take gateways, whose status it could not write. It is served with the standard
+gRPC health-checking protocol (``grpc.health.v1``) on the sync port (mutual TLS) and on
+a plaintext probe port for kubelet's ``grpc:`` probes, and as ``/healthz`` beside
+``/metrics``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+import grpc
+import httpx
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from lightkube import AsyncClient
+from prometheus_client import Counter, Gauge, Histogram
+
+log = logging.getLogger(__name__)
+
+# The service name gateways' probes and kubelet may ask for; "" is the whole server.
+SYNC_SERVICE = "edgetwin.sync.v1.Sync"
+
+STREAMS = Gauge("edgetwin_relay_streams", "Gateway streams open on this replica")
+NODE_STREAMS = Gauge(
+    "edgetwin_relay_node_streams",
+    "Streams open per node (a series exists only while the node is connected)",
+    ["node"],
+)
+STREAM_OPENS = Counter("edgetwin_relay_stream_opens_total", "Gateway streams opened")
+STREAM_ENDS = Counter("edgetwin_relay_stream_ends_total", "Gateway streams ended, by reason", ["reason"])
+FRAMES = Counter("edgetwin_relay_frames_total", "Sync frames with a payload", ["direction"])
+PAYLOAD_BYTES = Counter("edgetwin_relay_payload_bytes_total", "Sync frame payload bytes", ["direction"])
+API_REQUESTS = Counter("edgetwin_relay_api_requests_total", "Kubernetes API requests", ["verb", "code"])
+API_SECONDS = Histogram(
+    "edgetwin_relay_api_request_seconds",
+    "Kubernetes API request latency (to the response headers)",
+    ["verb"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+API_REACHABLE = Gauge("edgetwin_relay_api_reachable", "1 while the Kubernetes API answers the probe")
+STATUS_MESSAGES = Counter("edgetwin_relay_status_messages_total", "Status messages received from gateways")
+STATUS_WRITES = Counter("edgetwin_relay_status_writes_total", "Device status writes to the API")
+STATUS_FOLDED = Counter(
+    "edgetwin_relay_status_messages_folded_total",
+    "Status messages folded into another's write (minStatusInterval at work)",
+)
+
+
+def instrument(client: AsyncClient) -> None:
+    """Count and time every API request the client makes (httpx event hooks on the
+    client lightkube wraps)."""
+    http = getattr(getattr(client, "_client", None), "_client", None)
+    if not isinstance(http, httpx.AsyncClient):  # another lightkube layout: no API metrics
+        log.warning("cannot instrument the Kubernetes client; API request metrics stay empty")
+        return
+
+    async def on_request(request: httpx.Request) -> None:
+        request.extensions["edgetwin_started"] = time.perf_counter()
+
+    async def on_response(response: httpx.Response) -> None:
+        request = response.request
+        verb = request.method
+        if verb == "GET" and request.url.params.get("watch") in ("1", "true"):
+            verb = "WATCH"
+        API_REQUESTS.labels(verb, str(response.status_code)).inc()
+        started = request.extensions.get("edgetwin_started")
+        if isinstance(started, float):
+            API_SECONDS.labels(verb).observe(time.perf_counter() - started)
+
+    hooks = http.event_hooks
+    hooks["request"].append(on_request)
+    hooks["response"].append(on_response)
+    http.event_hooks = hooks
+
+
+class ApiProbe:
+    """Asks the API server a cheap question every ``interval_s`` (a GET of a Gateway
+    that does not exist: any HTTP answer but 401/403/5xx means reachable and allowed)
+    and sets the health service's status from the answer."""
+
+    PROBE_NAME = "edgetwin-readiness-probe"
+
+    def __init__(
+        self, client: AsyncClient, health: health_aio.HealthServicer, interval_s: float = 10.0
+    ) -> None:
+        self.client, self.health, self.interval_s = client, health, interval_s
+        self.reachable: bool | None = None
+        self.last_error = ""
+
+    async def check(self) -> bool:
+        from cloud.gateway_status import Gateway
+
+        try:
+            await asyncio.wait_for(self.client.get(Gateway, self.PROBE_NAME), self.interval_s)
+            ok, why = True, ""
+        except httpx.HTTPStatusError as exc:
+            code = exc.response.status_code
+            ok = code == 404
+            why = "" if ok else f"the API server answered {code}"
+        except (httpx.HTTPError, OSError, TimeoutError) as exc:
+            ok, why = False, f"cannot reach the API server: {type(exc).__name__}: {exc}"
+        except Exception as exc:  # anything else the client raises: not ready, say why
+            ok, why = False, f"API probe failed: {type(exc).__name__}: {exc}"
+        if ok != self.reachable:
+            if ok:
+                log.info("kubernetes API reachable; ready")
+            else:
+                log.warning("kubernetes API unreachable; not ready", extra={"error": why})
+        self.reachable, self.last_error = ok, why
+        API_REACHABLE.set(1 if ok else 0)
+        status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+        await self.health.set("", status)
+        await self.health.set(SYNC_SERVICE, status)
+        return ok
+
+    async def run(self) -> None:
+        while True:
+            await self.check()
+            await asyncio.sleep(self.interval_s)
+
+    def problems(self) -> list[str]:
+        if self.reachable is None:
+            return ["the Kubernetes API has not been probed yet"]
+        return [] if self.reachable else [self.last_error]
+
+
+async def health_server(health: health_aio.HealthServicer, address: str) -> tuple[grpc.aio.Server, int]:
+    """A plaintext gRPC server carrying only the health service, for kubelet's grpc
+    probes (they cannot present the client certificate the sync port requires)."""
+    server = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    port = server.add_insecure_port(address)
+    await server.start()
+    return server, port
+
+
+async def new_health() -> health_aio.HealthServicer:
+    """A health service that says NOT_SERVING until the first probe answers."""
+    health = health_aio.HealthServicer()
+    for service in ("", SYNC_SERVICE):
+        await health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+    return health
+
+
+async def stop_quietly(task: asyncio.Task[Any] | None) -> None:
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+__all__ = [
+    "SYNC_SERVICE",
+    "ApiProbe",
+    "health_server",
+    "instrument",
+    "new_health",
+    "stop_quietly",
+]
