@@ -669,6 +669,8 @@ class Emulator:
             return web.json_response(exc.status(), status=exc.code)
         except json.JSONDecodeError as exc:
             return web.json_response(ApiError(400, "BadRequest", f"invalid JSON: {exc}").status(), status=400)
+        except ConnectionResetError:  # the client went away mid-request (a killed relay)
+            return web.Response(status=499)
 
     def _resource(self, request: web.Request) -> Resource:
         info = request.match_info

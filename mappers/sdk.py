@@ -202,6 +202,9 @@ class ReportFilter:
         out: dict[str, Any] = {}
         for name, value in values.items():
             report, deadband, report_cycle_ms = rules[name]
+            if report == "cycle":  # every value, nothing to remember
+                out[name] = value
+                continue
             last = self._last.setdefault(name, _LastReport())
             silence = report_cycle_ms / 1000 if report_cycle_ms else None
             changed = last.at == 0.0 or _changed(last.value, value, deadband)

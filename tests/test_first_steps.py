@@ -3,9 +3,12 @@ override, the shipped files a deployment needs."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import time
 from pathlib import Path
+from typing import Any
 
 from tests.conftest import EDGETWIN
 
@@ -55,7 +58,58 @@ def test_license_is_shipped_and_declared_as_spdx() -> None:
     assert "Apache License" in (ROOT / "LICENSE").read_text()[:200]
 
 
-def test_systemd_unit_gives_serial_and_bluetooth_access() -> None:
+def test_systemd_unit_gives_serial_and_bluetooth_access_and_a_watchdog() -> None:
     unit = (ROOT / "deploy" / "systemd" / "edgetwin-gateway.service").read_text()
-    groups = next(line for line in unit.splitlines() if line.startswith("SupplementaryGroups="))
-    assert {"dialout", "bluetooth"} <= set(groups.split("=", 1)[1].split())
+    keys = dict(line.split("=", 1) for line in unit.splitlines() if "=" in line and not line.startswith("#"))
+    assert {"dialout", "bluetooth"} <= set(keys["SupplementaryGroups"].split())
+    assert keys["Type"] == "notify" and keys["NotifyAccess"] == "main"
+    # The watchdog must outlast the default stuck_after, or a healthy pause would kill it.
+    from gateway.config import HealthConfig
+
+    assert int(keys["WatchdogSec"]) * 1000 >= HealthConfig().stuck_after
+
+
+def test_status_shows_health_devices_outbox_and_errors_in_one_screen(mosquitto: Any, tmp_path: Path) -> None:
+    from edgetwin.demo import free_port
+    from tests.conftest import (
+        THERMO_PROPS,
+        GatewayProcess,
+        device_doc,
+        model_doc,
+        publish,
+        update_payload,
+        write_config,
+        write_manifests,
+    )
+
+    node = "edge-status"
+    manifests = write_manifests(
+        tmp_path / "manifests" / "devices.yaml",
+        [
+            model_doc("thermostat", "plant", THERMO_PROPS),
+            device_doc("thermo-1", "plant", "thermostat", node),
+            device_doc("thermo-2", "plant", "thermostat", node),
+        ],
+    )
+    health = f"127.0.0.1:{free_port()}"
+    config = write_config(tmp_path, node, mosquitto.port, manifests.parent, health={"listen": health})
+    gw = GatewayProcess(config, mosquitto.port, node, tmp_path / "gateway.log").start()
+    try:
+        topic = "$hw/events/device/plant.thermo-1/twin/update"
+        publish(mosquitto.port, topic, update_payload({"temperature": "21.5", "count": "x"}, "s1"))
+        time.sleep(1.0)
+        out = cli("status", "--config", str(config))
+        assert out.returncode == 0, out.stdout + out.stderr
+        text = out.stdout
+        assert len(text.splitlines()) <= 24  # one screen
+        assert "health   ok" in text
+        assert "devices  2 served" in text
+        assert "mqtt     connected" in text
+        assert "1 rejected" in text  # "x" is not an INT
+        doc = json.loads(cli("status", "--json", "--config", str(config)).stdout)
+        assert doc["devices"]["served"] == 2 and doc["health"]["status"] == "ok"
+        assert doc["metrics"]["edgetwin_gateway_reported_accepted_total"] >= 1
+    finally:
+        assert gw.stop() == 0
+    down = cli("status", "--config", str(config))
+    assert down.returncode == 1 and "NOT ANSWERING" in down.stdout

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import sqlite3
 import threading
 import time
@@ -91,6 +92,12 @@ class Batch:
 
 
 def _dump(value: Any) -> str | None:
+    kind = type(value)
+    # Numbers, the common case, written as json.dumps writes them at a tenth of the cost.
+    if kind is int:
+        return int.__repr__(value)
+    if kind is float and math.isfinite(value):
+        return float.__repr__(value)
     return None if value is None else json.dumps(value, separators=(",", ":"))
 
 
@@ -572,3 +579,34 @@ def list_devices(db: sqlite_utils.Database) -> list[dict[str, Any]]:
             }
         )
     return out
+
+
+def gateway_summary(db: sqlite_utils.Database, now_ms: int) -> dict[str, Any]:
+    """What ``edgetwin status`` shows from the store: devices (served, online, not
+    ready), the outbox (devices waiting and the age of the oldest entry) and the event
+    log's last hour by kind."""
+    devices = list_devices(db)
+    not_ready = [d for d in devices if d["ready"] is False]
+    oldest = next(iter(db.query("SELECT min(since_ms) AS t, count(*) AS n FROM outbox")), {"t": None, "n": 0})
+    pending = {d["device"] for d in devices if d["outbox"]}
+    events = {
+        r["kind"]: r["n"]
+        for r in db.query(
+            "SELECT kind, count(*) AS n FROM events WHERE ts_ms >= ? AND kind != 'state' GROUP BY kind",
+            [now_ms - 3_600_000],
+        )
+    }
+    return {
+        "devices": {
+            "served": next(iter(db.query("SELECT count(*) AS n FROM served")))["n"],
+            "online": sum(1 for d in devices if d["state"] == "online"),
+            "offline": sum(1 for d in devices if d["state"] == "offline"),
+            "not_ready": len(not_ready),
+            "not_ready_examples": [(d["device"], d["reason"]) for d in not_ready[:3]],
+        },
+        "outbox": {
+            "devices": max(len(pending), int(oldest["n"] or 0)),
+            "oldest_age_s": (now_ms - oldest["t"]) / 1000 if oldest["t"] is not None else None,
+        },
+        "events_last_hour": events,
+    }

@@ -15,13 +15,13 @@ Example (docs/mappers/modbus.md has more)::
 
 from __future__ import annotations
 
+from functools import cached_property
 from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
@@ -112,9 +112,6 @@ class Visitor(BaseModel):
     # property's reportCycle is the longest silence allowed either way.
     report: Literal["cycle", "change"] = "cycle"
     deadband: float | None = Field(None, ge=0)
-    # One register taken as it is (uint16, big-endian bytes, no mask/shift/scale/offset):
-    # the codec's fast path, decided once here instead of per value.
-    _plain: bool = PrivateAttr(False)
 
     @model_validator(mode="after")
     def _consistent(self) -> Visitor:
@@ -146,20 +143,21 @@ class Visitor(BaseModel):
             raise ValueError(f"deadband: only for numeric types, not {dt}")
         if self.address + self.count > 65536:
             raise ValueError(f"address: {self.address} + {self.count} registers runs past 65535")
-        self._plain = (
-            dt == "uint16"
+        return self
+
+    @cached_property
+    def plain(self) -> bool:
+        """True when the value is one register as it is (uint16, big-endian bytes, no
+        mask/shift/scale/offset): the codec's fast path. Cached: a plain attribute
+        after the first read, where a pydantic private attribute costs microseconds."""
+        return (
+            self.dataType == "uint16"
             and self.byteOrder == "big"
             and self.mask is None
             and self.shift == 0
             and self.scale == 1.0
             and self.offset == 0.0
         )
-        return self
-
-    @property
-    def plain(self) -> bool:
-        """True when the value is one register as it is (the codec's fast path)."""
-        return self._plain
 
     @property
     def count(self) -> int:
