@@ -24,6 +24,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from deviceapi import yaml_strict
 from deviceapi.types import first_problem, parse_duration_ms
 
 
@@ -82,7 +83,7 @@ class RelayConfig(BaseModel):
     # selectableFields, Kubernetes 1.31+), by the edgetwin.io/node label, or auto: the
     # field, falling back to the label where the API server refuses it.
     nodeSelector: Literal["auto", "field", "label"] = "auto"
-    # A stream silent this long is taken as dead (gateways send a heartbeat every 20 s).
+    # A stream silent this long is taken as dead (gateways send a heartbeat after 24 s of silence).
     linkDeadAfter: int = 45_000  # ms
     name: str | None = Field(None, max_length=253)
     gatewayStatus: GatewayStatusConfig = Field(default_factory=GatewayStatusConfig)
@@ -115,7 +116,7 @@ class RelayConfig(BaseModel):
 def load_relay_config(path: str | Path) -> RelayConfig:
     p = Path(path)
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml_strict.safe_load(p.read_text())
     except OSError as exc:
         raise RelayConfigError(f"{p}: cannot read config: {exc.strerror}") from None
     except yaml.YAMLError as exc:

@@ -83,7 +83,7 @@ class RelaySettings:
     flush_s: float = 0.05  # how long to gather messages into one frame
     queue_max: int = 10_000  # spec messages waiting to go to a gateway; feeds wait when full
     # No frame from the gateway for this long: the link is dead (the gateway's heartbeat
-    # comes every 20 s when idle).
+    # comes after 24 s of silence).
     dead_after_s: float = 45.0
     down_bps: int = 8_000  # when the gateway's hello names no budget
     frame_s: float = 2.0  # a frame carries at most this many seconds of the budget

@@ -152,6 +152,8 @@ class LinkSim:
             while True:
                 data = await src.read(self.CHUNK)
                 if not data:
+                    if self._blackhole:
+                        return  # the FIN is lost like everything else: the far side never hears
                     break
                 if self._blackhole:
                     d.dropped += len(data)
@@ -170,7 +172,8 @@ class LinkSim:
             if conn.finished == 2:  # both sides said goodbye
                 self._close(conn, abort=False)
         except (OSError, asyncio.IncompleteReadError):
-            self._close(conn, abort=True)
+            if not self._blackhole:  # a reset is lost in a blackhole too
+                self._close(conn, abort=True)
         finally:
             sender.cancel()
 

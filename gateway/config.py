@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from deviceapi import yaml_strict
 from deviceapi.types import first_problem, parse_duration_ms
 
 _NODE = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
@@ -111,9 +112,12 @@ class MqttConfig(_Section):
         if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
             raise ValueError(f"expected mqtt://host:port or mqtts://host:port, got {v!r}")
         try:
-            parts.port  # noqa: B018 - raises ValueError on a bad port
+            port = parts.port
         except ValueError:
             raise ValueError(f"bad port in {v!r}") from None
+        if port is None:  # no silent 1883/8883: say which port
+            default = 8883 if parts.scheme == "mqtts" else 1883
+            raise ValueError(f"give the port, e.g. {parts.scheme}://{parts.hostname}:{default}, got {v!r}")
         return v
 
     @model_validator(mode="after")
@@ -162,18 +166,27 @@ class HealthConfig(_Section):
     @field_validator("listen")
     @classmethod
     def _listen(cls, v: str | None) -> str | None:
-        if v is None:
-            return v
-        host, sep, port = v.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-            raise ValueError(f"expected HOST:PORT (e.g. 127.0.0.1:9464), got {v!r}")
-        return v
+        return None if v is None else _host_port(v, "127.0.0.1:9464")
+
+
+def _host_port(v: str, example: str) -> str:
+    """``HOST:PORT`` with the port given (no silent default)."""
+    host, sep, port = v.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected HOST:PORT with the port given (e.g. {example}), got {v!r}")
+    return v
 
 
 class UplinkConfig(_Section):
     """The link to the cloud relay (gRPC, mutual TLS)."""
 
     address: str  # host:port of the relay
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, v: str) -> str:
+        return _host_port(v, "relay.example.com:7443")
+
     ca_file: Path
     cert_file: Path  # this node's certificate (its common name is the node name)
     key_file: Path
@@ -190,7 +203,7 @@ class UplinkConfig(_Section):
     batch_window_ms: int = 500
     # Silence from the relay this long: send a heartbeat (echo request). Nothing at all
     # for dead_after_ms: the link is dead (noticed within 30 s with the defaults).
-    heartbeat_ms: int = 20_000
+    heartbeat_ms: int = 24_000
     dead_after_ms: int = 27_000
     reconnect_min_ms: int = 500
     reconnect_max_ms: int = 30_000
@@ -305,7 +318,24 @@ def parse_config(data: Any, source: str = "", base: Path | None = None) -> Gatew
     for index, path in enumerate(cfg.manifests):
         if not path.exists():
             raise ConfigError(f"manifests.{index}", f"{path} does not exist", source)
+    _check_store_path(Path(cfg.store.path), source)
     return cfg
+
+
+def _check_store_path(path: Path, source: str) -> None:
+    """What ``gateway run`` would fail on later: a folder, or a file that is not SQLite."""
+    if path.is_dir():
+        raise ConfigError(
+            "store.path", f"{path} is a folder; give a file path, e.g. {path / 'store.db'}", source
+        )
+    if path.is_file():
+        try:
+            with path.open("rb") as f:
+                head = f.read(16)
+        except OSError as exc:
+            raise ConfigError("store.path", f"cannot read {path}: {exc.strerror}", source) from None
+        if head and head != b"SQLite format 3\x00":
+            raise ConfigError("store.path", f"{path} exists and is not an SQLite database", source)
 
 
 def load_config(path: str | Path) -> GatewayConfig:
@@ -316,7 +346,7 @@ def load_config(path: str | Path) -> GatewayConfig:
     except OSError as exc:
         raise ConfigError("", f"cannot read config: {exc.strerror}", str(p)) from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml_strict.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError("", f"not valid YAML: {exc}", str(p)) from None
     return parse_config(data, str(p), p.parent)

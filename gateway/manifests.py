@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from deviceapi import Device, DeviceModel, ManifestError
+from deviceapi import Device, DeviceModel, ManifestError, yaml_strict
 from deviceapi.types import check_device_against_model, first_problem
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ def load_manifests(paths: list[Path], node: str) -> ManifestSet:
     result = ManifestSet()
     for file in _files(paths):
         try:
-            docs = list(yaml.safe_load_all(file.read_text()))
+            docs = list(yaml_strict.safe_load_all(file.read_text()))
         except UnicodeDecodeError as exc:
             raise ManifestError(
                 str(file), f"cannot read: not UTF-8 text ({exc.reason} at byte {exc.start})"

@@ -23,10 +23,9 @@ import random
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from deviceapi import Device, DeviceModel, value_to_text
-from deviceapi.ops_http import OpsServer, split_listen
 from deviceapi.version import __version__
 from gateway import logs
 from gateway.config import ConfigError, GatewayConfig
@@ -40,7 +39,6 @@ from gateway.mqtt import payloads, topics
 from gateway.mqtt.broker import EmbeddedBroker
 from gateway.mqtt.bus import Inbound, MqttBus
 from gateway.mqtt.payloads import PayloadError
-from gateway.prom import GatewayMetrics
 from gateway.sd_notify import Notifier
 from gateway.store.store import Store, StoreError, StoreWriter, snapshot
 from gateway.twin.engine import (
@@ -53,6 +51,9 @@ from gateway.twin.engine import (
     clip,
 )
 from mappers.sdk import DeviceUnavailable, MapperError, ReportResult
+
+if TYPE_CHECKING:
+    from gateway.prom import GatewayMetrics
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +122,9 @@ class Gateway:
         # store's one connection.
         self._commit_lock = asyncio.Lock()
         self._commits_done = 0
-        self.prom = GatewayMetrics(self)
+        # Prometheus and its HTTP server only when asked for: aiohttp and
+        # prometheus_client cost ~20 MB of RSS in a gateway that does not serve them.
+        self.prom: GatewayMetrics | None = None
         self.health = HealthMonitor(self._health_loops(), cfg.health.stuck_after / 1000)
         self.notifier = Notifier()
 
@@ -171,7 +174,7 @@ class Gateway:
         """Run until ``stop`` is set; raises on a store failure (the process should exit
         and be restarted: nothing unacknowledged is lost)."""
         broker = None
-        ops: OpsServer | None = None
+        ops: Any = None  # deviceapi.ops_http.OpsServer when health.listen is set
         if self.cfg.mqtt.embedded is not None:
             broker = EmbeddedBroker(self.cfg.mqtt.embedded.host, self.cfg.mqtt.embedded.port)
             await broker.start()
@@ -194,6 +197,10 @@ class Gateway:
             self._spawn(self._metrics_publisher(), "metrics")
             self._spawn(self._health_watch(), "health")
             if self.cfg.health.listen:
+                from deviceapi.ops_http import OpsServer, split_listen
+                from gateway.prom import GatewayMetrics
+
+                self.prom = GatewayMetrics(self)
                 ops = OpsServer(self.health.problems, self.prom.registry)
                 await ops.start(*split_listen(self.cfg.health.listen))
                 log.info("health and metrics", extra={"url": f"http://{self.cfg.health.listen}/healthz"})
@@ -320,7 +327,8 @@ class Gateway:
                 self.metrics.total("events_dropped", self.store.events_dropped)
             took = time.perf_counter() - started
             self.metrics.peak("commit_ms_max", took * 1000)
-            self.prom.commit_seconds.observe(took)
+            if self.prom is not None:
+                self.prom.commit_seconds.observe(took)
             self.metrics.peak("commit_batch_max", len(acks))
         bus = self.bus
         if bus is not None:

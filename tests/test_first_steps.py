@@ -113,3 +113,47 @@ def test_status_shows_health_devices_outbox_and_errors_in_one_screen(mosquitto: 
         assert gw.stop() == 0
     down = cli("status", "--config", str(config))
     assert down.returncode == 1 and "NOT ANSWERING" in down.stdout
+
+
+def test_config_check_refuses_what_gateway_run_would_fail_on(tmp_path: Path) -> None:
+    """Each names the key and what is wrong, exit status 2."""
+    manifests = tmp_path / "m"
+    manifests.mkdir()
+    (manifests / "t.yaml").write_text(
+        (ROOT / "deploy" / "examples" / "manifests" / "thermostat.yaml").read_text()
+    )
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "text.db").write_text("not a database")
+    (tmp_path / "x.pem").write_text("x")
+    base = "node: edge-01\nmanifests: [m]\n"
+    cases = {
+        "store.path: " + str(tmp_path / "folder") + " is a folder": (
+            base + 'store: {path: folder}\nmqtt: {url: "mqtt://127.0.0.1:1883"}\n'
+        ),
+        "is not an SQLite database": base + 'store: {path: text.db}\nmqtt: {url: "mqtt://127.0.0.1:1883"}\n',
+        "key 'node' given twice (lines 1 and 4)": (
+            base + 'store: {path: s.db}\nnode: edge-02\nmqtt: {url: "mqtt://127.0.0.1:1883"}\n'
+        ),
+        "mqtt.url: give the port, e.g. mqtt://broker:1883": base
+        + 'store: {path: s.db}\nmqtt: {url: "mqtt://broker"}\n',
+        "uplink.address: expected HOST:PORT with the port given": (
+            base
+            + 'store: {path: s.db}\nmqtt: {url: "mqtt://127.0.0.1:1883"}\n'
+            + "uplink: {address: relay.example, ca_file: x.pem, cert_file: x.pem, key_file: x.pem}\n"
+        ),
+    }
+    for expected, text in cases.items():
+        (tmp_path / "gw.yaml").write_text(text)
+        out = cli("config", "check", "--config", str(tmp_path / "gw.yaml"))
+        assert out.returncode == 2 and expected in out.stderr, (expected, out.stderr)
+        assert "Traceback" not in out.stderr
+    # A manifest with a key given twice: no silent "last one wins".
+    (manifests / "dup.yaml").write_text(
+        "apiVersion: edgetwin.io/v1alpha1\nkind: Device\nmetadata: {name: d, namespace: plant}\n"
+        "spec: {nodeName: edge-01}\nspec: {nodeName: edge-02}\n"
+    )
+    (tmp_path / "gw.yaml").write_text(base + 'store: {path: s.db}\nmqtt: {url: "mqtt://127.0.0.1:1883"}\n')
+    out = cli("config", "check", "--config", str(tmp_path / "gw.yaml"))
+    assert (
+        out.returncode == 2 and "dup.yaml: cannot read: key 'spec' given twice (lines 4 and 5)" in out.stderr
+    )

@@ -93,3 +93,30 @@ async def test_cut_resets_connections_and_refuses_new_ones_until_restored(echo: 
         got, _ = await roundtrip(link.port, b"back")
         assert got == b"back"
         assert link.connections == 2
+
+
+async def test_a_close_does_not_cross_a_blackhole() -> None:
+    """One side closing (FIN) or resetting while the link is blackholed: the other side
+    hears nothing, as over a cut cable, until the link is restored."""
+    accepted: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await accepted.put((reader, writer))
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with LinkSim("127.0.0.1", port) as link:
+            _, client = await asyncio.open_connection("127.0.0.1", link.port)
+            far_reader, far_writer = await asyncio.wait_for(accepted.get(), 5)
+            link.blackhole(True)
+            client.close()  # the near side gives up and closes
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(far_reader.read(10), 1.0)
+            assert not far_reader.at_eof()  # the far side still thinks the stream is open
+            link.restore()
+            with contextlib.suppress(ConnectionError):
+                assert await asyncio.wait_for(far_reader.read(10), 5) == b""
+            far_writer.close()
+    finally:
+        server.close()

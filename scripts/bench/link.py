@@ -15,7 +15,7 @@ One run, everything through the link simulator (edgetwin.linksim) on loopback:
   * baseline: a standard Kubernetes client (lightkube) sending each change as a JSON
     merge patch of Device status through the same proxy: bytes per change measured,
     times the changes of a day offline (devices x props x 86,400);
-  * the idle link: bytes per day with the shipped heartbeat (after 20 s of silence);
+  * the idle link: bytes per day with the shipped heartbeat (uplink.heartbeat_ms of silence);
   * a dead link on an established stream carrying a drain at 64 kbit/s: seconds until
     the gateway notices (goal 30);
   * a reconnect after --reconnect-after seconds of a healthy stream while the API server
@@ -114,7 +114,7 @@ async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--devices", type=int, default=1000)
     ap.add_argument("--props", type=int, default=10)
-    ap.add_argument("--idle-seconds", type=float, default=60.0)
+    ap.add_argument("--idle-seconds", type=float, default=240.0)
     ap.add_argument(
         "--reconnect-after", type=float, default=600.0, help="seconds connected before the reconnect test"
     )
@@ -171,6 +171,12 @@ async def main() -> None:
             devs = [f"plant.s{d:04d}" for d in range(min(50, args.devices))]
             all_devs = [f"plant.s{d:04d}" for d in range(args.devices)]
             before = link.bytes_up + link.bytes_down
+            up0, down0 = link.bytes_up, link.bytes_down
+            pay_up0, pay_down0, frames0 = (
+                gw.uplink.bytes_sent,
+                gw.uplink.bytes_received,
+                gw.uplink.frames_sent,
+            )
             n = 0
             for second in range(10):
                 await asyncio.to_thread(publish_all, mqtt_port, [(d, {"p0": 20 + second / 10}) for d in devs])
@@ -181,7 +187,12 @@ async def main() -> None:
             steady = (link.bytes_up + link.bytes_down - before) / n
             print(
                 f"steady state: {steady:.1f} bytes on the wire per property update "
-                f"({n} updates, 50 devices at 1 Hz)"
+                f"({n} updates, 50 devices at 1 Hz; goal 14)\n"
+                f"  per update: up {(link.bytes_up - up0) / n:.1f} on the wire of which "
+                f"{(gw.uplink.bytes_sent - pay_up0) / n:.1f} compressed payload, "
+                f"down {(link.bytes_down - down0) / n:.1f} of which "
+                f"{(gw.uplink.bytes_received - pay_down0) / n:.1f}; "
+                f"{gw.uplink.frames_sent - frames0} frames up"
             )
 
             # 2. A day offline, then 64 kbit/s.
@@ -238,7 +249,8 @@ async def main() -> None:
             await asyncio.sleep(args.idle_seconds)
             idle = (link.bytes_up + link.bytes_down - i0) / (time.monotonic() - t0) * DAY
             print(
-                f"idle link: {idle / 1e6:.2f} MB/day (a heartbeat after 20 s of silence; "
+                f"idle link: {idle / 1e6:.2f} MB/day (goal 0.5; a heartbeat after "
+                f"{cfg.uplink.heartbeat_ms / 1000:g} s of silence; "
                 "a dead link is noticed within 30 s)"
             )
 
