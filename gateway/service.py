@@ -722,17 +722,18 @@ class Gateway:
         """Sample the loops every second; feed systemd's watchdog while none is stuck."""
         interval = self.notifier.watchdog_interval_s
         next_ping = 0.0
-        was: list[str] = []
+        was: set[str] = set()
         while True:
             await asyncio.sleep(1.0)
             self.health.sample()
             problems = self.health.problems()
-            if problems != was:
+            stuck = {p.split(" ", 1)[0] for p in problems}  # the loops, not their growing ages
+            if stuck != was:  # logged once per change, not every second
                 if problems:
                     log.error("gateway unhealthy", extra={"problems": json.dumps(problems)})
                 elif was:
                     log.info("gateway healthy again")
-                was = problems
+                was = stuck
             if interval is not None and not problems and time.monotonic() >= next_ping:
                 self.notifier.send("WATCHDOG=1")
                 next_ping = time.monotonic() + interval
