@@ -191,3 +191,26 @@ def test_the_wheel_the_image_installs_runs_the_relay_and_gateway_commands(tmp_pa
             cwd=tmp_path,
         )
         assert out.returncode == 0 and "--config" in out.stdout, out.stderr
+
+
+def test_grafana_dashboard_queries_only_metrics_the_code_exports() -> None:
+    """A renamed metric must not leave a dashboard panel silently empty."""
+    import json
+
+    dash = json.loads((DEPLOY / "grafana" / "edgetwin.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    assert len(exprs) >= 10
+    sources = "".join(
+        (ROOT / f).read_text()
+        for f in ("cloud/ops.py", "gateway/prom.py", "gateway/service.py", "gateway/mqtt/bus.py")
+    )
+    counters = set(re.findall(r'metrics\.inc\(\s*f?"([a-z_{}]+)"', sources))
+    for expr in exprs:
+        for name in re.findall(r"edgetwin_[a-z_]+", expr):
+            base = re.sub(r"_(total|bucket|count|sum)$", "", name)
+            if base.startswith("edgetwin_gateway_rejected_"):
+                assert any(c.startswith("rejected_") for c in counters)
+                continue
+            short = base.removeprefix("edgetwin_gateway_").removeprefix("edgetwin_relay_")
+            quoted = {f'"{name}"', f'"{base}"', f'"{short}"'}
+            assert any(q in sources for q in quoted) or short in counters, name
