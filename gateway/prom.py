@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from gateway.service import Gateway
 
 PREFIX = "edgetwin_gateway_"
+_GAUGES = frozenset({"tasks"})  # asyncio tasks alive: a leak shows as growth
 
 
 class GatewayCollector(Collector):
@@ -26,7 +27,10 @@ class GatewayCollector(Collector):
         gw = self.gw
         # Every counter the gateway keeps (also on edgetwin/{node}/gateway/metrics).
         for name, value in sorted(gw.metrics.counters.items()):
-            yield CounterMetricFamily(PREFIX + name, f"gateway counter {name}", value=value)
+            if name in _GAUGES:  # kept beside the counters, but it goes down too
+                yield GaugeMetricFamily(PREFIX + name, f"gateway gauge {name}", value)
+            else:
+                yield CounterMetricFamily(PREFIX + name, f"gateway counter {name}", value=value)
         depth, since_ms = gw.engine.backlog()
         yield GaugeMetricFamily(
             PREFIX + "outbox_devices", "Devices with status not yet taken by the cloud", depth
