@@ -25,7 +25,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from deviceapi import yaml_strict
-from deviceapi.types import first_problem, parse_duration_ms
+from deviceapi.types import check_host_port, first_problem, parse_duration_ms
 
 
 class RelayConfigError(ValueError):
@@ -105,12 +105,7 @@ class RelayConfig(BaseModel):
     @field_validator("listen", "healthListen", "metricsListen")
     @classmethod
     def _listen(cls, v: str | None) -> str | None:
-        if v is None:
-            return v
-        host, sep, port = v.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-            raise ValueError(f"expected HOST:PORT (e.g. 0.0.0.0:7443 or [::]:7443), got {v!r}")
-        return v
+        return None if v is None else check_host_port(v, "(e.g. 0.0.0.0:7443 or [::]:7443)")
 
 
 def load_relay_config(path: str | Path) -> RelayConfig:

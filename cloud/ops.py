@@ -9,10 +9,8 @@ a plaintext probe port for kubelet's ``grpc:`` probes, and as ``/healthz`` besid
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from typing import Any
 
 import grpc
 import httpx
@@ -148,18 +146,10 @@ async def new_health() -> health_aio.HealthServicer:
     return health
 
 
-async def stop_quietly(task: asyncio.Task[Any] | None) -> None:
-    if task is not None:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-
 __all__ = [
     "SYNC_SERVICE",
     "ApiProbe",
     "health_server",
     "instrument",
     "new_health",
-    "stop_quietly",
 ]

@@ -68,6 +68,15 @@ class AccessMode(StrEnum):
     READ_WRITE = "ReadWrite"
 
 
+def check_host_port(value: str, hint: str) -> str:
+    """``value`` if it is ``HOST:PORT`` with a port 0-65535 (no default port is ever
+    assumed); else ValueError saying "expected HOST:PORT {hint}"."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected HOST:PORT {hint}, got {value!r}")
+    return value
+
+
 def parse_duration_ms(raw: Any) -> int:
     """A duration as milliseconds: an integer is milliseconds (as in KubeEdge); text may
     carry a unit (``500ms``, ``10s``, ``1.5m``, ``1h``, ``7d``)."""

@@ -140,10 +140,7 @@ def coerce_value(
         kind is float and type_name in _FLOATS and math.isfinite(raw)
     ):
         # The common case (a mapper's decoded number): nothing to convert.
-        if minimum is not None and raw < minimum:
-            raise ValueRejected(f"{raw} is below the minimum {minimum:g}")
-        if maximum is not None and raw > maximum:
-            raise ValueRejected(f"{raw} is above the maximum {maximum:g}")
+        _check_range(raw, minimum, maximum)
         return raw  # type: ignore[no-any-return]
     coercer = _COERCERS.get(type_name)
     if coercer is None:
@@ -154,11 +151,15 @@ def coerce_value(
         raise ValueRejected(f"value is {len(raw)} characters, more than {MAX_VALUE_BYTES}")
     value: Value = coercer(raw)  # type: ignore[operator,assignment,unused-ignore]
     if isinstance(value, int | float) and not isinstance(value, bool):
-        if minimum is not None and value < minimum:
-            raise ValueRejected(f"{value} is below the minimum {minimum:g}")
-        if maximum is not None and value > maximum:
-            raise ValueRejected(f"{value} is above the maximum {maximum:g}")
+        _check_range(value, minimum, maximum)
     return value
+
+
+def _check_range(value: float, minimum: float | None, maximum: float | None) -> None:
+    if minimum is not None and value < minimum:
+        raise ValueRejected(f"{value} is below the minimum {minimum:g}")
+    if maximum is not None and value > maximum:
+        raise ValueRejected(f"{value} is above the maximum {maximum:g}")
 
 
 def value_to_text(value: Value) -> str:

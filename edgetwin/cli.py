@@ -210,16 +210,15 @@ def _scrape(listen: str | None) -> tuple[dict[str, Any], dict[str, float]]:
             text = web.get("/metrics").text
     except (httpx.HTTPError, ValueError) as exc:
         return {"error": str(exc) or type(exc).__name__}, {}
+    from prometheus_client.parser import text_string_to_metric_families
+
     metrics: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith("#") or " " not in line:
-            continue
-        name, _, value = line.rpartition(" ")
-        base = name.split("{", 1)[0]
-        try:
-            metrics[base] = metrics.get(base, 0.0) + float(value)
-        except ValueError:
-            continue
+    try:
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                metrics[sample.name] = metrics.get(sample.name, 0.0) + sample.value
+    except ValueError:  # not the Prometheus text format: health only
+        return health, {}
     return health, metrics
 
 
@@ -398,6 +397,7 @@ def cmd_cloud_run(args: argparse.Namespace) -> int:
     from cloud.gateway_status import GatewayTiming
     from cloud.relay import RelaySettings, serve
     from deviceapi.ops_http import OpsServer, split_listen
+    from mappers.sdk import cancel_tasks
 
     try:
         cfg = load_relay_config(args.config)
@@ -429,7 +429,7 @@ def cmd_cloud_run(args: argparse.Namespace) -> int:
         probe_task = asyncio.create_task(probe.run(), name="api probe")
         async with contextlib.AsyncExitStack() as stack:
             stack.push_async_callback(client.close)
-            stack.push_async_callback(ops.stop_quietly, probe_task)
+            stack.push_async_callback(cancel_tasks, [probe_task])
             try:
                 server, _, port = await serve(
                     client,

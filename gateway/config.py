@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from deviceapi import yaml_strict
-from deviceapi.types import first_problem, parse_duration_ms
+from deviceapi.types import check_host_port, first_problem, parse_duration_ms
 
 _NODE = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 
@@ -166,15 +166,7 @@ class HealthConfig(_Section):
     @field_validator("listen")
     @classmethod
     def _listen(cls, v: str | None) -> str | None:
-        return None if v is None else _host_port(v, "127.0.0.1:9464")
-
-
-def _host_port(v: str, example: str) -> str:
-    """``HOST:PORT`` with the port given (no silent default)."""
-    host, sep, port = v.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"expected HOST:PORT with the port given (e.g. {example}), got {v!r}")
-    return v
+        return None if v is None else check_host_port(v, "with the port given (e.g. 127.0.0.1:9464)")
 
 
 class UplinkConfig(_Section):
@@ -185,7 +177,7 @@ class UplinkConfig(_Section):
     @field_validator("address")
     @classmethod
     def _address(cls, v: str) -> str:
-        return _host_port(v, "relay.example.com:7443")
+        return check_host_port(v, "with the port given (e.g. relay.example.com:7443)")
 
     ca_file: Path
     cert_file: Path  # this node's certificate (its common name is the node name)
