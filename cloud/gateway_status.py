@@ -40,6 +40,7 @@ from lightkube import ApiError, AsyncClient
 from lightkube.generic_resource import create_global_resource
 from lightkube.types import PatchType
 
+from deviceapi.aio import wait_within
 from gateway.logs import RateLimit
 
 log = logging.getLogger(__name__)
@@ -197,7 +198,7 @@ class GatewayReporter:
                 await self._sweep()
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._next_wait(time.monotonic(), next_sweep))
+                await wait_within(self._wake.wait(), self._next_wait(time.monotonic(), next_sweep))
 
     def _next_wait(self, now: float, next_sweep: float) -> float:
         wait = next_sweep - now

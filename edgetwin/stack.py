@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from deviceapi.aio import wait_within
 from edgetwin.demo import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -188,7 +189,7 @@ class Stack:
         if self._gateway_task is not None and self._gateway_stop is not None:
             self._gateway_stop.set()
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._gateway_task, 30)
+                await wait_within(self._gateway_task, 30)
             self._gateway_task = None
 
     async def restart_gateway(self) -> None:
@@ -197,7 +198,7 @@ class Stack:
 
     # ----------------------------------------------------------------- helpers
     async def connected(self, within: float = 30) -> None:
-        await asyncio.wait_for(self.gateway.uplink.connected.wait(), within)
+        await wait_within(self.gateway.uplink.connected.wait(), within)
 
     async def kubectl(
         self, *args: str, stdin: str | None = None, env: dict[str, str] | None = None

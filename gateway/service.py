@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from deviceapi import Device, DeviceModel, value_to_text
+from deviceapi.aio import cancel_tasks, wait_within
 from deviceapi.version import __version__
 from gateway import logs
 from gateway.config import ConfigError, GatewayConfig
@@ -58,6 +59,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 METRICS_INTERVAL_S = 1.0
+# How long stopping may wait for the mappers and for each group of tasks to end.
+SHUTDOWN_GRACE_S = 10.0
 # Skipped polling cycles: a log warning at most this often per device, an event less.
 SKIP_WARN_INTERVAL_S = 60.0
 SKIP_EVENT_INTERVAL_S = 600.0
@@ -102,6 +105,9 @@ class Gateway:
         # Twin updates applied lately, so a redelivery is answered, not applied again.
         self.recent = RecentUpdates(max(2048, 2 * cfg.mqtt.receive_maximum))
         self.ready = asyncio.Event()
+        # Set once run() begins to stop (asked to, or a store failure): the caller may
+        # bound how long the rest takes (edgetwin.cli does).
+        self.stopping = asyncio.Event()
         # Everything below is released by the next commit.
         self._acks: list[Inbound] = []
         self._pubs: list[tuple[str, bytes, int, bool]] = []
@@ -230,20 +236,25 @@ class Gateway:
             self.notifier.send("READY=1")
             stopper = asyncio.ensure_future(stop.wait())
             await asyncio.wait({stopper, committer}, return_when=asyncio.FIRST_COMPLETED)
+            self.stopping.set()
             stopper.cancel()
             if committer.done() and committer.exception() is not None:
                 raise committer.exception()  # type: ignore[misc]
             self.notifier.send("STOPPING=1")
             await self._shutdown()
         finally:
+            self.stopping.set()
             if ops is not None:
                 await ops.stop()
             self.notifier.close()
-            for task in self._tasks:
-                task.cancel()
-            for task in list(self._tasks):
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+            if self.mappers is not None:  # already stopped on a clean stop; not after a failure
+                try:
+                    await wait_within(self.mappers.stop(), SHUTDOWN_GRACE_S)
+                except TimeoutError:
+                    log.error("mappers did not stop in time", extra={"grace_s": SHUTDOWN_GRACE_S})
+            stuck = await cancel_tasks(list(self._tasks), SHUTDOWN_GRACE_S)
+            if stuck:  # the process still ends: edgetwin.cli bounds what follows
+                log.error("tasks did not stop in time", extra={"tasks": ",".join(sorted(stuck))})
             if self.writer is not None:
                 self.writer.close()
             if self.store is not None:
@@ -659,7 +670,7 @@ class Gateway:
             timeout = None if next_due is None else max(0.0, (next_due - now_ms()) / 1000)
             self._writes_wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._writes_wake.wait(), timeout)
+                await wait_within(self._writes_wake.wait(), timeout)
 
     async def _mapper_write(self, dev_id: str, prop: str, value: Any) -> None:
         assert self.mappers is not None

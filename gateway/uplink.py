@@ -40,6 +40,7 @@ from typing import Any
 import grpc
 import msgpack
 
+from deviceapi.aio import wait_within
 from deviceapi.proto.edgetwin.sync.v1 import sync_pb2, sync_pb2_grpc
 from deviceapi.wire import (
     CLOUD_TO_EDGE,
@@ -535,7 +536,7 @@ class _Stream:
                 deadlines.append(retry_at - now)
             up.wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(up.wake.wait(), max(0.01, min(deadlines)))
+                await wait_within(up.wake.wait(), max(0.01, min(deadlines)))
 
     async def watchdog(self) -> None:
         dead_after = self.up.cfg.dead_after_ms / 1000

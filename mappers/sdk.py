@@ -19,7 +19,6 @@ marks devices online/offline and backs off with jitter while a device is unreach
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
@@ -29,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 from deviceapi import PropertyType, Value
+from deviceapi.aio import cancel_tasks as _cancel_tasks
 
 __all__ = [
     "Cadence",
@@ -227,18 +227,11 @@ def _changed(old: Any, new: Any, deadband: float | None) -> bool:
 async def cancel_tasks(tasks: list[asyncio.Task[None]]) -> None:
     """Cancel a mapper's tasks, wait until they have ended, and forget them.
 
-    A task whose cancellation got swallowed (Python 3.11's ``asyncio.wait_for`` can lose
-    a cancellation that races with the inner future completing) is cancelled again each
-    second until it ends, so a mapper's stop() never hangs."""
-    for task in tasks:
-        task.cancel()
-    for task in tasks:
-        while not task.done():
-            done, _ = await asyncio.wait({task}, timeout=1.0)
-            if not done:
-                task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    A task whose cancellation got swallowed (by a third-party library's own
+    ``asyncio.wait_for``, see :mod:`deviceapi.aio`) is cancelled again each second until
+    it ends, so a mapper's stop() never hangs. Mappers await with
+    :func:`deviceapi.aio.wait_within`, not ``asyncio.wait_for``."""
+    await _cancel_tasks(tasks)
     tasks.clear()
 
 

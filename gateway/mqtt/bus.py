@@ -37,6 +37,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from deviceapi.aio import wait_within
 from gateway.config import MqttConfig
 from gateway.metrics import Metrics
 
@@ -207,7 +208,7 @@ class MqttBus:
         while True:
             self._session = self._loop.create_future()
             try:
-                await asyncio.wait_for(
+                await wait_within(
                     asyncio.to_thread(
                         client.connect,
                         host,
@@ -219,7 +220,7 @@ class MqttBus:
                     CONNECT_TIMEOUT_S,
                 )
                 client.loop_start()
-                await asyncio.wait_for(self._wait_connected(), CONNECT_TIMEOUT_S)
+                await wait_within(self._wait_connected(), CONNECT_TIMEOUT_S)
                 log.info("mqtt connected", extra={"broker": f"{host}:{port}", "protocol": self.cfg.protocol})
                 delay = RECONNECT_MIN_S
                 await on_connect()

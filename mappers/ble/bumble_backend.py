@@ -35,6 +35,7 @@ from bumble.device import Advertisement, Connection, Device, Peer
 from bumble.hci import Address
 from bumble.transport import open_transport
 
+from deviceapi.aio import wait_within
 from mappers.ble.adverts import ParsedAdvert, parse_ad
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,7 @@ class BumbleAdapter:
         )
         device.on(device.EVENT_ADVERTISEMENT, self._on_advertisement)
         try:
-            await asyncio.wait_for(device.power_on(), 10)
+            await wait_within(device.power_on(), 10)
         except (TimeoutError, BaseBumbleError) as exc:
             await self.close()
             raise BleakError(f"HCI controller at {self.spec!r} did not power on: {exc!r}") from exc
@@ -166,9 +167,7 @@ class BumbleAdapter:
         async with self._connect_lock:
             device = self._need()
             try:
-                return await asyncio.wait_for(
-                    device.connect(address, timeout=timeout), timeout + CANCEL_CONFIRM_S
-                )
+                return await wait_within(device.connect(address, timeout=timeout), timeout + CANCEL_CONFIRM_S)
             except (TimeoutError, BumbleTimeoutError):
                 raise TimeoutError(
                     f"no connection to {plain_address(address)} within {timeout:g} s"
@@ -319,7 +318,7 @@ class BumbleClient(BaseBleakClient):
         connection.on(connection.EVENT_DISCONNECTION, self._on_disconnection)
         try:
             self._peer = Peer(connection)
-            self.services = await asyncio.wait_for(
+            self.services = await wait_within(
                 self._gatt("service discovery", self._discover(self._peer)), timeout
             )
         except BaseException as exc:
@@ -377,7 +376,7 @@ class BumbleClient(BaseBleakClient):
         if self._lost is not None and not self._lost.done():
             self._lost.set_result(None)
         with contextlib.suppress(BaseBumbleError, TimeoutError, OSError):
-            await asyncio.wait_for(connection.disconnect(), 5)
+            await wait_within(connection.disconnect(), 5)
 
     async def pair(self, *args: Any, **kwargs: Any) -> None:
         raise BleakError("the Bumble backend does not pair")

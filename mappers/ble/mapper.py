@@ -37,6 +37,7 @@ from bleak.backends.device import BLEDevice
 from bleak.backends.scanner import AdvertisementData
 from bleak.exc import BleakError, BleakGATTProtocolError
 
+from deviceapi.aio import wait_within
 from mappers.ble.codec import PRESENTATION_DESCRIPTOR, CodecError, PresentationFormat
 from mappers.ble.config import Connection, Visitor, parse_connection, parse_visitor
 from mappers.sdk import (
@@ -177,7 +178,7 @@ class Discovery:
         except (BleakError, OSError) as exc:
             raise LinkLost(f"cannot scan: {exc}") from exc
         try:
-            return await asyncio.wait_for(found, timeout_s)
+            return await wait_within(found, timeout_s)
         except TimeoutError:
             raise LinkLost(f"not found within {timeout_s:g} s ({describe(conn)})") from None
         finally:
@@ -402,7 +403,7 @@ class BleMapper(Mapper):
             ble_device, disconnected_callback=on_disconnect, timeout=timeout_s, **self._backend_kwargs()
         )
         try:
-            await asyncio.wait_for(client.connect(), timeout_s + 1)
+            await wait_within(client.connect(), timeout_s + 1)
         except TimeoutError:
             raise LinkLost(f"connect timed out after {timeout_s:g} s") from None
         except BleakError as exc:
@@ -434,7 +435,7 @@ class BleMapper(Mapper):
             finally:
                 rt.client = None
                 with contextlib.suppress(BleakError, TimeoutError, OSError):
-                    await asyncio.wait_for(client.disconnect(), 5)
+                    await wait_within(client.disconnect(), 5)
         finally:
             self.slots.release()
 
@@ -465,16 +466,14 @@ class BleMapper(Mapper):
                     errors[name] = f"characteristic {v.characteristic} has no presentation format descriptor"
                     continue
                 try:
-                    raw = await asyncio.wait_for(
-                        client.read_gatt_descriptor(desc.handle), self._request_s(rt)
-                    )
+                    raw = await wait_within(client.read_gatt_descriptor(desc.handle), self._request_s(rt))
                     prop.presentation = PresentationFormat.parse(bytes(raw))
                 except (CodecError, BleakGATTProtocolError) as exc:
                     errors[name] = f"presentation format: {exc}"
                     continue
             if v.notify:
                 try:
-                    await asyncio.wait_for(
+                    await wait_within(
                         client.start_notify(char, self._notify_handler(rt, name)), self._request_s(rt)
                     )
                 except BleakGATTProtocolError as exc:  # refused by the device: this property only
@@ -515,7 +514,7 @@ class BleMapper(Mapper):
             ):
                 continue
             try:
-                data = await asyncio.wait_for(client.read_gatt_char(char), self._request_s(rt))
+                data = await wait_within(client.read_gatt_char(char), self._request_s(rt))
             except TimeoutError:
                 raise LinkLost(f"read of {name} timed out after {self._request_s(rt):g} s") from None
             except BleakGATTProtocolError as exc:
@@ -583,7 +582,7 @@ class BleMapper(Mapper):
             if rt.pending or rt.lost is not None:
                 continue
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(rt.wake.wait(), wait)
+                await wait_within(rt.wake.wait(), wait)
 
     # --- advertisement devices -----------------------------------------------------------
 
@@ -640,7 +639,7 @@ class BleMapper(Mapper):
                 rt.wake.clear()
                 wait = min(silence_s, max(0.0, next_report - now) if rt.pending else silence_s)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(rt.wake.wait(), max(wait, 0.01))
+                    await wait_within(rt.wake.wait(), max(wait, 0.01))
         finally:
             await self.discovery.unwatch(token)
 
@@ -673,7 +672,7 @@ class BleMapper(Mapper):
                         await self._write_on(rt, client, p, value)
                     finally:
                         with contextlib.suppress(BleakError, TimeoutError, OSError):
-                            await asyncio.wait_for(client.disconnect(), 5)
+                            await wait_within(client.disconnect(), 5)
                 finally:
                     self.slots.release()
 
@@ -684,7 +683,7 @@ class BleMapper(Mapper):
         if not p.raw and "read" in p.char.properties and p.visitor.format == "custom":
             # A field of a larger value is written over the rest of the current value.
             with contextlib.suppress(BleakError, TimeoutError):
-                p.raw = bytes(await asyncio.wait_for(client.read_gatt_char(p.char), self._request_s(rt)))
+                p.raw = bytes(await wait_within(client.read_gatt_char(p.char), self._request_s(rt)))
         try:
             payload = p.visitor.encode(value, p.raw, p.presentation)
         except CodecError as exc:
@@ -693,11 +692,9 @@ class BleMapper(Mapper):
         if response and "write" not in p.char.properties:
             response = False  # the characteristic only takes commands
         try:
-            await asyncio.wait_for(
-                client.write_gatt_char(p.char, payload, response=response), self._request_s(rt)
-            )
+            await wait_within(client.write_gatt_char(p.char, payload, response=response), self._request_s(rt))
             if "read" in p.char.properties:
-                data = await asyncio.wait_for(client.read_gatt_char(p.char), self._request_s(rt))
+                data = await wait_within(client.read_gatt_char(p.char), self._request_s(rt))
                 p.raw = bytes(data)
                 back = p.visitor.decode(p.raw, p.presentation)
             else:  # write-only: the value written is the best knowledge there is

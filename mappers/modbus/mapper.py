@@ -28,6 +28,7 @@ from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusException
 from pymodbus.framer import FramerType
 
+from deviceapi.aio import wait_within
 from mappers.modbus.codec import CodecError, decode, encode, encode_bit
 from mappers.modbus.config import BIT_TABLES, Connection, Visitor, parse_connection, parse_visitor
 from mappers.modbus.planner import ReadRequest, Span, plan_reads
@@ -118,7 +119,7 @@ class Link:
             client = self.client
             if not client.connected:
                 try:
-                    ok = await asyncio.wait_for(client.connect(), self.conn.timeout / 1000 + 1)
+                    ok = await wait_within(client.connect(), self.conn.timeout / 1000 + 1)
                 except (OSError, TimeoutError, ModbusException) as exc:
                     raise LinkDown(f"cannot connect: {exc or type(exc).__name__}") from None
                 if not ok:
