@@ -96,6 +96,9 @@ class RelayConfig(BaseModel):
     metricsListen: str | None = None
     # How often readiness asks the API server whether it answers (one GET each time).
     apiProbeInterval: int = Field(10_000, ge=1_000)  # ms
+    # The relay's own API request rate (token bucket, as client-go's QPS/Burst); 0: no limit.
+    apiQPS: float = Field(100.0, ge=0)
+    apiBurst: int = Field(200, ge=1)
 
     @field_validator("minStatusInterval", "linkDeadAfter", "apiProbeInterval", mode="before")
     @classmethod

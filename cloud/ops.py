@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Any
 
 import grpc
 import httpx
@@ -18,6 +19,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from lightkube import AsyncClient
 from prometheus_client import Counter, Gauge, Histogram
+
+from cloud.api_rate import ApiRateLimit
+from deviceapi.aio import wait_within
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +45,10 @@ API_SECONDS = Histogram(
     ["verb"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
+API_THROTTLED = Counter(
+    "edgetwin_relay_api_throttled_seconds",
+    "Time API requests waited for the relay's own rate limit (apiQPS, apiBurst)",
+)
 API_REACHABLE = Gauge("edgetwin_relay_api_reachable", "1 while the Kubernetes API answers the probe")
 STATUS_MESSAGES = Counter("edgetwin_relay_status_messages_total", "Status messages received from gateways")
 STATUS_WRITES = Counter("edgetwin_relay_status_writes_total", "Device status writes to the API")
@@ -50,15 +58,56 @@ STATUS_FOLDED = Counter(
 )
 
 
-def instrument(client: AsyncClient) -> None:
-    """Count and time every API request the client makes (httpx event hooks on the
-    client lightkube wraps)."""
+# The relay's request pool: status reads and writes, Gateway writes, lists, probes. Small
+# on purpose: httpcore checks every pooled connection (two system calls each) for every
+# request it sends, so a large pool costs CPU on each request; 16 connections of HTTP/1.1
+# carry several hundred requests/s at an API server's usual latency, above apiQPS.
+API_REQUEST_CONNECTIONS = 16
+
+
+def api_client(kube: Any, field_manager: str, watches: bool = False) -> AsyncClient:
+    """A Kubernetes client (lightkube) for the kubeconfig context ``kube``: for requests
+    (a pool of :data:`API_REQUEST_CONNECTIONS`; more wait for a free one), or with
+    ``watches`` for the feeds' watches (a pool without a fixed size).
+
+    Every connected gateway holds two watches (its Devices, the DeviceModels), a
+    connection each over HTTP/1.1, for as long as it is connected: they get a client of
+    their own, bounded by connected gateways x 2. With httpx's default pool of 100 shared
+    by both, the first 50 gateways' watches took every connection and each status write
+    failed for want of one (PoolTimeout); with one large shared pool every request paid
+    for a scan of all the watches' connections (httpcore assigns requests by walking its
+    pool), and a relay with 200 gateways spent its core on that (scripts/bench/fleet.py)."""
+    from lightkube.config.client_adapter import ConnectionParams
+
+    client = AsyncClient(config=kube, field_manager=field_manager)
+    adapter = getattr(client, "_client", None)
+    if not isinstance(getattr(adapter, "_client", None), httpx.AsyncClient):
+        raise RuntimeError("cannot size the Kubernetes client's pool (an unknown lightkube layout)")
+    # lightkube's own connection settings (server, TLS, auth, timeout), with the pool
+    # sized as above; lightkube takes no limits of its own.
+    params = ConnectionParams().httpx_params(kube)
+    params.pop("transport", None)
+    limits = httpx.Limits(
+        max_connections=None if watches else API_REQUEST_CONNECTIONS,
+        max_keepalive_connections=None if watches else API_REQUEST_CONNECTIONS,
+    )
+    adapter._client = httpx.AsyncClient(**params, limits=limits)  # type: ignore[union-attr]
+    return client
+
+
+def instrument(client: AsyncClient, limit: ApiRateLimit | None = None) -> None:
+    """Count and time every API request the client makes, and hold each to ``limit``
+    (httpx event hooks on the client lightkube wraps; a request hook is awaited before
+    the request is sent)."""
     http = getattr(getattr(client, "_client", None), "_client", None)
     if not isinstance(http, httpx.AsyncClient):  # another lightkube layout: no API metrics
-        log.warning("cannot instrument the Kubernetes client; API request metrics stay empty")
-        return
+        raise RuntimeError("cannot instrument the Kubernetes client (an unknown lightkube layout)")
 
     async def on_request(request: httpx.Request) -> None:
+        if limit is not None:
+            waited = await limit.acquire()
+            if waited:
+                API_THROTTLED.inc(waited)
         request.extensions["edgetwin_started"] = time.perf_counter()
 
     async def on_response(response: httpx.Response) -> None:
@@ -95,7 +144,7 @@ class ApiProbe:
         from cloud.gateway_status import Gateway
 
         try:
-            await asyncio.wait_for(self.client.get(Gateway, self.PROBE_NAME), self.interval_s)
+            await wait_within(self.client.get(Gateway, self.PROBE_NAME), self.interval_s)
             ok, why = True, ""
         except httpx.HTTPStatusError as exc:
             code = exc.response.status_code
@@ -149,6 +198,7 @@ async def new_health() -> health_aio.HealthServicer:
 __all__ = [
     "SYNC_SERVICE",
     "ApiProbe",
+    "api_client",
     "health_server",
     "instrument",
     "new_health",

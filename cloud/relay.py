@@ -46,8 +46,10 @@ from lightkube.generic_resource import create_namespaced_resource
 
 from cloud import ops
 from cloud.gateway_status import GatewayReporter, GatewayTiming
+from cloud.ops import API_REQUEST_CONNECTIONS
 from cloud.spec_feed import NodeFeed, SelectorMode
 from cloud.status_writer import Device, Outcome, StatusWriter
+from deviceapi.aio import wait_within
 from deviceapi.proto.edgetwin.sync.v1 import sync_pb2, sync_pb2_grpc
 from deviceapi.types import split_device_id
 from deviceapi.wire import (
@@ -106,8 +108,11 @@ class _Session:
         settings: RelaySettings,
         context: grpc.aio.ServicerContext[Any, Any],
         reporter: GatewayReporter,
+        watch_client: AsyncClient | None = None,
+        requests: asyncio.Semaphore | None = None,
     ) -> None:
         self.client, self.node, self.settings, self.context = client, node, settings, context
+        self.watch_client = watch_client or client
         self.reporter = reporter
         self.feed_out: asyncio.Queue[dict[str, Any]] = asyncio.Queue(settings.queue_max)
         # Answers to status messages: bounded by what the gateway's window lets it send.
@@ -116,7 +121,7 @@ class _Session:
         self.incoming = Incoming()
         self.decoder = FrameDecoder()
         self.encoder = FrameEncoder()
-        self.writer = StatusWriter(client, node, settings.min_status_interval_s)
+        self.writer = StatusWriter(client, node, settings.min_status_interval_s, shared=requests)
         self.tasks: list[asyncio.Task[None]] = []
         self.wake = asyncio.Event()
         self.ack_due = False
@@ -168,8 +173,11 @@ class _Session:
             resume = msg["resume"]
             store = str(msg.get("store") or "")
             feeds = [
-                (NodeFeed(self.client, Device, "Device", self.node, self.settings.node_selector), "Device"),
-                (NodeFeed(self.client, DeviceModel, "DeviceModel", None), "DeviceModel"),
+                (
+                    NodeFeed(self.watch_client, Device, "Device", self.node, self.settings.node_selector),
+                    "Device",
+                ),
+                (NodeFeed(self.watch_client, DeviceModel, "DeviceModel", None), "DeviceModel"),
             ]
             for feed, kind_name in feeds:
                 feed.rv_every_s = self.settings.rv_every_s
@@ -239,7 +247,7 @@ class _Session:
                 self.wake.clear()
                 wait = -tokens / self.bps if data and tokens < 0 else None
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.wake.wait(), wait)
+                    await wait_within(self.wake.wait(), wait)
                 continue
             if can_data and self.settings.flush_s:
                 await asyncio.sleep(self.settings.flush_s)  # let a burst gather
@@ -306,8 +314,14 @@ class SyncService(sync_pb2_grpc.SyncServicer):
         client: AsyncClient,
         settings: RelaySettings | None = None,
         on_stream: Callable[[str, bool], None] | None = None,
+        watch_client: AsyncClient | None = None,
     ) -> None:
         self.client = client
+        # The feeds' watches on a client of their own (cloud.ops.api_client): a pool
+        # holding every watch's connection makes each request on it scan them all.
+        self.watch_client = watch_client or client
+        # Status requests in flight for all streams together: at most the request pool.
+        self.requests = asyncio.Semaphore(API_REQUEST_CONNECTIONS)
         self.settings = settings or RelaySettings()
         self.streams = 0
         self.active: dict[str, int] = {}  # node -> open streams
@@ -328,7 +342,9 @@ class SyncService(sync_pb2_grpc.SyncServicer):
         ops.STREAM_OPENS.inc()
         ops.STREAMS.inc()
         ops.NODE_STREAMS.labels(node).set(self.active[node])
-        session = _Session(self.client, node, self.settings, context, self.reporter)
+        session = _Session(
+            self.client, node, self.settings, context, self.reporter, self.watch_client, self.requests
+        )
         log.info("gateway connected", extra={"node": node, "peer": context.peer()})
         tasks = [
             asyncio.create_task(session.read(), name=f"read {node}"),
@@ -400,12 +416,14 @@ async def serve(
     ca: bytes,
     settings: RelaySettings | None = None,
     health: health_aio.HealthServicer | None = None,
+    watch_client: AsyncClient | None = None,
 ) -> tuple[grpc.aio.Server, SyncService, int]:
     """Start the relay's gRPC server (mutual TLS) on ``address``; returns the server,
     the service and the bound port. ``health`` (grpc.health.v1) is served beside the
-    sync service when given."""
+    sync service when given; ``watch_client`` carries the feeds' watches (default
+    ``client``)."""
     server = grpc.aio.server(options=CHANNEL_OPTIONS)
-    service = SyncService(client, settings)
+    service = SyncService(client, settings, watch_client=watch_client)
     sync_pb2_grpc.add_SyncServicer_to_server(service, server)  # type: ignore[no-untyped-call]
     if health is not None:
         health_pb2_grpc.add_HealthServicer_to_server(health, server)

@@ -5,8 +5,10 @@ in :mod:`cloud.status_merge`.
 
 Messages for a device that arrive while a write is pending are folded into that write
 (the rule is order-insensitive and idempotent), so API server load is bounded by
-devices / ``min_interval``. Each :meth:`StatusWriter.submit` resolves when its message
-is in the API server (``applied``) or never will be (``refused``).
+devices / ``min_interval``; a message at a newer revision supersedes older ones still
+waiting (see :meth:`StatusWriter.submit`). Each :meth:`StatusWriter.submit` resolves when
+its message is in the API server (``applied``), never will be (``refused``), or was
+superseded (cancelled: the gateway waits for the newer revision's answer only).
 """
 
 from __future__ import annotations
@@ -77,23 +79,47 @@ class StatusWriter:
         min_interval_s: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
         max_concurrent: int = 16,
+        shared: asyncio.Semaphore | None = None,
     ) -> None:
         self.client = client
         self.node = node
         self.min_interval_s = min_interval_s
         self.clock = clock
         self._pending: dict[tuple[str, str], _Pending] = {}
+        # Each device's last known state (see _write): one entry per device of the node
+        # written during this stream, so bounded by the node's devices.
+        self._known: dict[tuple[str, str], _Known] = {}
         self.writes = 0
         self.conflicts = 0
         # At most this many API requests in flight for the node: bounds API server load
         # and the client's connection pool when a thousand devices drain at once.
         self._requests = asyncio.Semaphore(max_concurrent)
+        # ...and at most so many for all nodes together (the relay's request pool): more
+        # would queue inside the HTTP client, whose pool scans its whole queue on every
+        # request and response (quadratic: a relay with 100 gateways draining spent its
+        # core there).
+        self._shared = shared or asyncio.Semaphore(max_concurrent)
 
     def submit(self, namespace: str, name: str, rev: int, patch: dict[str, Any]) -> asyncio.Future[Outcome]:
         """Queue one edge status message; the future says how it ended."""
         key = (namespace, name)
         p = self._pending.setdefault(key, _Pending())
         fut: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        # A gateway's outbox entry keeps every field until the cloud has taken the entry
+        # at its newest revision, so a message at a higher revision holds everything a
+        # lower one of the same device held, and the gateway heeds only the answer to the
+        # newest revision it sent. So only the newest revision's messages (its parts) and
+        # waiters wait for the write; older ones are superseded: cancelled, never answered.
+        # That bounds what waits per device however long writes are held back (apiQPS,
+        # minStatusInterval).
+        newest = max((r for r, _ in p.messages), default=0)
+        if rev < newest:
+            fut.cancel()
+            return fut
+        if rev > newest:
+            for old in p.waiters:
+                old.cancel()
+            p.messages, p.waiters = [], []
         p.messages.append((rev, patch))
         p.waiters.append(fut)
         if p.task is None or p.task.done():
@@ -116,7 +142,7 @@ class StatusWriter:
             messages, waiters = p.messages, p.waiters
             p.messages, p.waiters = [], []
             try:
-                async with self._requests:
+                async with self._requests, self._shared:
                     outcome = await self._write(key, messages)
             except Exception as exc:  # the API server is unreachable or broken: retry later
                 log.warning("status write failed", extra={"device": "/".join(key), "error": repr(exc)})
@@ -131,29 +157,36 @@ class StatusWriter:
     async def _write(self, key: tuple[str, str], messages: list[tuple[int, dict[str, Any]]]) -> Outcome:
         namespace, name = key
         for _ in range(MAX_CONFLICT_RETRIES):
-            try:
-                obj = await self.client.get(Device, name, namespace=namespace)
-            except httpx.HTTPStatusError as exc:
-                if exc.response.status_code == 404:
-                    return Outcome(False, f"device {namespace}/{name} does not exist (yet)", retry=True)
-                raise
-            node = (obj.get("spec") or {}).get("nodeName")
-            if node != self.node:
+            known = self._known.pop(key, None)
+            if known is None:
+                try:
+                    obj = await self.client.get(Device, name, namespace=namespace)
+                except httpx.HTTPStatusError as exc:
+                    if exc.response.status_code == 404:
+                        return Outcome(False, f"device {namespace}/{name} does not exist (yet)", retry=True)
+                    raise
+                known = _Known.of(obj)
+            if known.node != self.node:
                 return Outcome(
-                    False, f"device {namespace}/{name} belongs to node {node!r}, not {self.node!r}"
+                    False, f"device {namespace}/{name} belongs to node {known.node!r}, not {self.node!r}"
                 )
-            current = obj.get("status") or {}
-            status = current
+            status = known.status
             for rev, patch in sorted(messages, key=lambda m: m[0]):
                 status = merge_edge_status(status, patch, rev)
-            if status == current:
+            if status == known.status:
+                self._known[key] = known
                 return Outcome(True)  # a replay: nothing new
-            rv = obj.metadata.resourceVersion if obj.metadata is not None else None
             # The resourceVersion makes the write conditional: 409 if anyone wrote since.
-            body = {"metadata": {"resourceVersion": rv}, "status": merge_diff(current, status)}
+            body = {"metadata": {"resourceVersion": known.rv}, "status": merge_diff(known.status, status)}
             try:
-                await self.client.patch(
-                    Device.Status, name, body, namespace=namespace, patch_type=PatchType.MERGE
+                # (Any: lightkube's overloads do not type the status subresource's
+                # answer; at run time it is the whole Device.)
+                written: Any = await self.client.patch(
+                    Device.Status,
+                    name,
+                    body,
+                    namespace=namespace,
+                    patch_type=PatchType.MERGE,
                 )
             except httpx.HTTPStatusError as exc:
                 if exc.response.status_code == 409:  # written since we read it: read again
@@ -162,8 +195,25 @@ class StatusWriter:
                 if exc.response.status_code == 404:
                     return Outcome(False, f"device {namespace}/{name} does not exist (yet)", retry=True)
                 raise
+            # The answer is the object as written: the next write starts from it without
+            # a read (a conflict, when anyone else wrote since, sends it back to a read).
+            self._known[key] = _Known.of(written)
             self.writes += 1
             ops.STATUS_WRITES.inc()
             ops.STATUS_FOLDED.inc(len(messages) - 1)
             return Outcome(True)
         raise RuntimeError(f"{MAX_CONFLICT_RETRIES} conflicts in a row writing {namespace}/{name}")
+
+
+@dataclass(frozen=True)
+class _Known:
+    """A Device as last read or written by this writer: its resourceVersion, node and status."""
+
+    rv: str | None
+    node: Any
+    status: dict[str, Any]
+
+    @classmethod
+    def of(cls, obj: Any) -> _Known:
+        rv = obj.metadata.resourceVersion if obj.metadata is not None else None
+        return cls(rv, (obj.get("spec") or {}).get("nodeName"), obj.get("status") or {})

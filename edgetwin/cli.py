@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
@@ -53,6 +54,26 @@ def cmd_gateway_run(args: argparse.Namespace) -> int:
     return asyncio.run(_run_gateway(cfg))
 
 
+# Once the gateway begins to stop, how long stopping may take (its own bounded steps, then
+# the asyncio runner's: stray tasks, worker threads) before the process ends anyway. A
+# supervisor (systemd's Restart=, a container runtime) restarts only a process that ended.
+# $EDGETWIN_STOP_DEADLINE_S overrides it (seconds).
+STOP_DEADLINE_S = 40.0
+
+
+def _exit_anyway_after(seconds: float, status: int) -> None:
+    """End the process with ``status`` in ``seconds`` unless it has ended by then."""
+
+    def hard_exit() -> None:
+        print(f"edgetwin: stopping took more than {seconds:.0f} s; exiting anyway", file=sys.stderr)
+        sys.stderr.flush()
+        os._exit(status)
+
+    timer = threading.Timer(seconds, hard_exit)
+    timer.daemon = True
+    timer.start()
+
+
 async def _run_gateway(cfg: GatewayConfig) -> int:
     from gateway.service import Gateway
 
@@ -60,7 +81,15 @@ async def _run_gateway(cfg: GatewayConfig) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await Gateway(cfg).run(stop)
+    gateway = Gateway(cfg)
+    running = asyncio.ensure_future(gateway.run(stop))
+    stopping = asyncio.ensure_future(gateway.stopping.wait())
+    await asyncio.wait({running, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
+    # A failure exits 1 even when the deadline cuts the rest of the stop short.
+    deadline = float(os.environ.get("EDGETWIN_STOP_DEADLINE_S") or STOP_DEADLINE_S)
+    _exit_anyway_after(deadline, 0 if stop.is_set() else EXIT_FAILED)
+    await running
     return 0
 
 
@@ -390,14 +419,13 @@ def cmd_sim_ble(args: argparse.Namespace) -> int:
 
 
 def cmd_cloud_run(args: argparse.Namespace) -> int:
-    from lightkube import AsyncClient
-
     from cloud import ops
+    from cloud.api_rate import ApiRateLimit
     from cloud.config import RelayConfigError, kube_config, load_relay_config
     from cloud.gateway_status import GatewayTiming
     from cloud.relay import RelaySettings, serve
+    from deviceapi.aio import cancel_tasks
     from deviceapi.ops_http import OpsServer, split_listen
-    from mappers.sdk import cancel_tasks
 
     try:
         cfg = load_relay_config(args.config)
@@ -410,7 +438,8 @@ def cmd_cloud_run(args: argparse.Namespace) -> int:
     logs.setup(args.log_level or cfg.log.level, cfg.log.format)  # the gateway's structured lines
 
     async def run() -> None:
-        client = AsyncClient(config=kube, field_manager="edgetwin-relay")
+        client = ops.api_client(kube, "edgetwin-relay")
+        watch_client = ops.api_client(kube, "edgetwin-relay", watches=True)
         gateway = cfg.gatewayStatus
         settings = RelaySettings(
             min_status_interval_s=cfg.minStatusInterval / 1000,
@@ -423,12 +452,15 @@ def cmd_cloud_run(args: argparse.Namespace) -> int:
                 stale_after_s=gateway.staleAfter / 1000,
             ),
         )
-        ops.instrument(client)
+        limit = ApiRateLimit(cfg.apiQPS, cfg.apiBurst)  # one rate for both clients
+        ops.instrument(client, limit)
+        ops.instrument(watch_client, limit)
         health = await ops.new_health()
         probe = ops.ApiProbe(client, health, cfg.apiProbeInterval / 1000)
         probe_task = asyncio.create_task(probe.run(), name="api probe")
         async with contextlib.AsyncExitStack() as stack:
             stack.push_async_callback(client.close)
+            stack.push_async_callback(watch_client.close)
             stack.push_async_callback(cancel_tasks, [probe_task])
             try:
                 server, _, port = await serve(
@@ -439,6 +471,7 @@ def cmd_cloud_run(args: argparse.Namespace) -> int:
                     cfg.tls.ca_file.read_bytes(),
                     settings,
                     health,
+                    watch_client,
                 )
             except RuntimeError as exc:  # grpc: "Failed to bind to address ..."
                 raise CliError(f"listen: cannot serve on {cfg.listen}: {exc}", EXIT_USAGE) from None

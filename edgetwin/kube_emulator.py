@@ -51,6 +51,7 @@ from typing import Any
 import yaml
 from aiohttp import web
 
+from deviceapi.aio import wait_within
 from edgetwin import jsonpath
 from edgetwin.kube_schema import FieldError, Schema, error_message
 
@@ -358,6 +359,12 @@ class Emulator:
         # Each event: (rv, plural, type, object, object before the change or None).
         self.events: deque[Event] = deque(maxlen=history)
         self.watchers: set[asyncio.Queue[Event | None]] = set()
+        # The watchers by (plural, spec.nodeName they select, or None for any): an event
+        # goes only to those that may want it, as kube-apiserver's watch cache indexes
+        # pods by node (a thousand gateways' watches would otherwise each wake per event).
+        self._watching: dict[tuple[str, str | None], set[asyncio.Queue[Event | None]]] = {}
+        # Object keys by spec.nodeName (kept by _emit), so a node's list does not scan all.
+        self._by_node: dict[str, set[tuple[str, str, str]]] = {}
         # etcd compaction as kube-apiserver drives it: every compact_s, history up to
         # the resourceVersion of the previous round is forgotten (so 1-2 rounds are kept).
         self.compact_s, self.bookmark_s = compact_s, bookmark_s
@@ -365,6 +372,8 @@ class Emulator:
         self._compact_mark = 0
         self.selectable_fields, self.managed_fields = selectable_fields, managed_fields
         self.stats: Counter[str] = Counter()
+        # When each of the last requests arrived (time.monotonic()), for rate checks.
+        self.request_times: deque[float] = deque(maxlen=200_000)
         self.status_writes: Counter[tuple[str, str]] = Counter()  # (namespace, name)
         # Fault injection for tests: the next N writes answer 409 Conflict, as when
         # someone else wrote the object between a client's read and its write; the next N
@@ -394,7 +403,22 @@ class Emulator:
     def _emit(self, res: Resource, kind: str, obj: dict[str, Any], old: dict[str, Any] | None = None) -> None:
         event = (self.rv, res.plural, kind, copy.deepcopy(obj), old)
         self.events.append(event)
-        for q in list(self.watchers):
+        meta = obj["metadata"]
+        key = (res.plural, meta.get("namespace") or "", meta["name"])
+        for o in (old,) if kind == "DELETED" else (old, obj):
+            if o is None:
+                continue
+            by = self._by_node.setdefault(str((o.get("spec") or {}).get("nodeName")), set())
+            if o is obj:
+                by.add(key)
+            else:
+                by.discard(key)
+        targets = set(self._watching.get((res.plural, None), ()))
+        for o in (obj, old):
+            if o is not None:
+                node = (o.get("spec") or {}).get("nodeName")
+                targets |= self._watching.get((res.plural, str(node)), set())
+        for q in targets:
             q.put_nowait(event)
 
     def _bump(self, obj: dict[str, Any]) -> None:
@@ -584,10 +608,15 @@ class Emulator:
         return obj
 
     def select(self, res: Resource, ns: str | None, sel: Selector) -> list[dict[str, Any]]:
+        node = next((v for k, op, v in sel.fields if k == "spec.nodeName" and op == "="), None)
+        keys = self._by_node.get(node, set()) if node is not None else self.objects.keys()
         return [
-            o
-            for (plural, ons, _), o in sorted(self.objects.items())
-            if plural == res.plural and (ns is None or ons == ns) and sel.matches(o)
+            self.objects[key]
+            for key in sorted(keys)
+            if key[0] == res.plural
+            and (ns is None or key[1] == ns)
+            and key in self.objects
+            and sel.matches(self.objects[key])
         ]
 
     # --- HTTP ----------------------------------------------------------------------
@@ -649,6 +678,7 @@ class Emulator:
     @web.middleware
     async def _errors(self, request: web.Request, handler: Any) -> web.StreamResponse:
         self.stats[f"{request.method} {request.path.split('/namespaces/')[0]}"] += 1
+        self.request_times.append(time.monotonic())
         try:
             self._authorize(request)
         except ApiError as exc:
@@ -928,6 +958,8 @@ class Emulator:
         bookmarks = request.query.get("allowWatchBookmarks") in ("1", "true")
         queue: asyncio.Queue[Event | None] = asyncio.Queue()
         self.watchers.add(queue)
+        node = next((v for k, op, v in sel.fields if k == "spec.nodeName" and op == "="), None)
+        self._watching.setdefault((res.plural, node), set()).add(queue)
         response = web.StreamResponse(headers={"Content-Type": "application/json"})
         await response.prepare(request)
 
@@ -978,7 +1010,7 @@ class Emulator:
                 if bookmarks:
                     wait = self.bookmark_s if wait is None else min(wait, self.bookmark_s)
                 try:
-                    item = await asyncio.wait_for(queue.get(), wait)
+                    item = await wait_within(queue.get(), wait)
                 except TimeoutError:
                     if deadline is not None and time.monotonic() >= deadline:
                         break
@@ -995,6 +1027,7 @@ class Emulator:
             pass
         finally:
             self.watchers.discard(queue)
+            self._watching[(res.plural, node)].discard(queue)
         return response
 
     async def _body(self, request: web.Request) -> Any:
@@ -1105,7 +1138,8 @@ class RunningEmulator:
             self._compactor = asyncio.create_task(self._compact_every(self.emulator.compact_s))
         self._runner = web.AppRunner(self.emulator.app(), access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
+        # A relay with a thousand gateways opens two thousand watches at once.
+        site = web.TCPSite(self._runner, self.host, self.port, backlog=4096)
         await site.start()
         if self.port == 0:
             server = site._server

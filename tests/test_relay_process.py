@@ -292,6 +292,7 @@ async def test_relay_readiness_follows_the_api_server_and_metrics_count_api_requ
         # The probe's own GET of a Gateway that does not exist: a 404 is an answer.
         assert 'edgetwin_relay_api_requests_total{code="404",verb="GET"}' in metrics
         assert "edgetwin_relay_api_reachable 1.0" in metrics
+        assert "edgetwin_relay_api_throttled_seconds_total 0.0" in metrics  # apiQPS: 100, no storm
 
         await api.stop()  # the API server goes away
         await until(not_serving, within=5, what="NOT_SERVING")

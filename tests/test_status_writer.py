@@ -13,9 +13,10 @@ from typing import Any
 
 import pytest
 from lightkube import AsyncClient, KubeConfig
+from lightkube.types import PatchType
 
 from cloud.status_merge import merge_edge_status
-from cloud.status_writer import Device, StatusWriter, merge_diff
+from cloud.status_writer import Device, Outcome, StatusWriter, merge_diff
 from edgetwin.kube_emulator import Emulator, RunningEmulator
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,9 +61,14 @@ async def test_ten_hz_reports_write_at_most_once_per_interval(
             expected[name] = merge_edge_status(expected.get(name), patch, rev)
             futures.append(writer.submit("plant", name, rev, patch))
         await asyncio.sleep(0.1)  # 10 Hz per device
-    outcomes = await asyncio.wait_for(asyncio.gather(*futures), 10)
+    outcomes = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), 10)
     elapsed = time.monotonic() - start
-    assert all(o.applied for o in outcomes)
+    # Each message is applied, or superseded by a newer revision of its device while it
+    # waited (cancelled: the gateway heeds only the newest revision's answer)...
+    assert all(o.applied for o in outcomes if not isinstance(o, asyncio.CancelledError))
+    # ...and the newest of each device is applied.
+    assert all(isinstance(o, Outcome) and o.applied for o in outcomes[-3:])
+    assert sum(isinstance(o, asyncio.CancelledError) for o in outcomes) > 0
     for name in ("d1", "d2", "d3"):
         writes = api.emulator.status_writes[("plant", name)]
         assert 1 <= writes <= math.ceil(elapsed / interval) + 1, (name, writes)
@@ -107,3 +113,38 @@ def test_merge_diff_turns_old_into_new() -> None:
     from edgetwin.kube_emulator import merge_patch
 
     assert merge_patch(old, patch) == new
+
+
+async def test_a_device_written_before_is_written_without_a_read_and_a_foreign_write_forces_one(
+    cluster: tuple[RunningEmulator, AsyncClient],
+) -> None:
+    """Steady state costs one request per status write (the conditional patch), not two;
+    the resourceVersion still guards it: a write by anyone else in between is a 409, a
+    re-read, and the merge of both."""
+    api, client = cluster
+    writer = StatusWriter(client, "edge-a", min_interval_s=0)
+    stats = api.emulator.stats
+    assert (await writer.submit("plant", "d1", 1, reading(1, 20.0))).applied
+    gets, patches = stats["GET /apis/edgetwin.io/v1alpha1"], stats["PATCH /apis/edgetwin.io/v1alpha1"]
+    assert (await writer.submit("plant", "d1", 2, reading(2, 21.0))).applied
+    assert stats["GET /apis/edgetwin.io/v1alpha1"] == gets  # no read
+    assert stats["PATCH /apis/edgetwin.io/v1alpha1"] == patches + 1
+
+    # Someone else writes the status (another replica, a user): the cached version is old.
+    obj = await client.get(Device, "d1", namespace="plant")
+    await client.patch(
+        Device.Status,
+        "d1",
+        {"status": {"conditions": [{"type": "Other", "status": "True"}]}},
+        namespace="plant",
+        patch_type=PatchType.MERGE,
+    )
+    conflicts = writer.conflicts
+    assert (await writer.submit("plant", "d1", 3, reading(3, 22.0))).applied
+    assert writer.conflicts == conflicts + 1  # refused as stale, then read again
+    after = await client.get(Device, "d1", namespace="plant")
+    assert obj.metadata.resourceVersion != after.metadata.resourceVersion
+    twins = {t["propertyName"]: t for t in after["status"]["twins"]}
+    assert twins["temperature"]["reported"]["value"] == "22.0"
+    assert any(c["type"] == "Other" for c in after["status"]["conditions"])  # the other write kept
+    await writer.close()

@@ -1,0 +1,604 @@
+#!/usr/bin/env python3
+"""Fleet benchmark: what one relay replica carries.
+
+    .venv/bin/python scripts/bench/fleet.py [--gateways 1000] [--devices 20] [--every 10]
+
+Simulated gateways run the real uplink (gateway.uplink.Uplink over gRPC with mutual TLS,
+one client certificate per node) on the real twin engine, a few hundred per worker
+process; each device reports a new value every --every seconds. The relay is
+`edgetwin cloud run` (a process, as deployed) against the Kubernetes API emulator
+(edgetwin.kube_emulator, in this process), reached through a TCP balancer in this
+process, as gateways reach a Service. Printed:
+
+  * connect: seconds until every gateway is welcomed;
+  * steady state: relay CPU (cores) and RSS per connected gateway (RSS with the fleet
+    minus RSS idle, over gateways), status messages/s in, API requests/s and status
+    writes/s out; the baseline in the same run is one write per device change (what a
+    gateway writing straight to the API would send): the ratio is writes / changes;
+  * reconnect storm: the relay is killed while devices change, then restarted; seconds
+    until every gateway is back and every outbox empty, and the most API requests the
+    emulator saw in any second against the relay's apiQPS + apiBurst;
+  * failover: a second replica joins the balancer, the first is killed; seconds until
+    every gateway is on the second and every outbox empty, and whether the cloud holds
+    every device's last value (nothing lost).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+from edgetwin.demo import free_port  # noqa: E402
+
+NAMESPACE = "fleet"
+PROPS = ("temperature", "humidity", "state")
+
+
+# --------------------------------------------------------------------- PKI
+def make_pki(out: Path, nodes: list[str]) -> None:
+    """CA, relay certificate and one client certificate per node, as make-test-pki
+    writes them (EC P-256), made in-process: a thousand openssl runs take minutes."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    out.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC)
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    def write(stem: str, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate) -> None:
+        (out / f"{stem}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        (out / f"{stem}-key.pem").write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(name("fleet CA"))
+        .issuer_name(name("fleet CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    (out / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+
+    def issue(stem: str, cn: str, usage: x509.ObjectIdentifier, sans: list[x509.GeneralName]) -> None:
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name(cn))
+            .issuer_name(ca.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            .sign(ca_key, hashes.SHA256())
+        )
+        write(stem, key, cert)
+
+    import ipaddress
+
+    issue(
+        "relay",
+        "edgetwin-relay",
+        ExtendedKeyUsageOID.SERVER_AUTH,
+        [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
+    )
+    for node in nodes:
+        issue(node, node, ExtendedKeyUsageOID.CLIENT_AUTH, [x509.DNSName(node)])
+
+
+def node_name(i: int) -> str:
+    return f"edge-{i:04d}"
+
+
+def device_docs(node: str, devices: int) -> list[dict[str, Any]]:
+    return [
+        {
+            "apiVersion": "edgetwin.io/v1alpha1",
+            "kind": "Device",
+            "metadata": {"name": f"{node}-d{d:02d}", "namespace": NAMESPACE},
+            "spec": {"deviceModelRef": {"name": "sensor"}, "nodeName": node},
+        }
+        for d in range(devices)
+    ]
+
+
+MODEL = {
+    "apiVersion": "edgetwin.io/v1alpha1",
+    "kind": "DeviceModel",
+    "metadata": {"name": "sensor", "namespace": NAMESPACE},
+    "spec": {
+        "properties": [
+            {"name": "temperature", "type": "FLOAT"},
+            {"name": "humidity", "type": "FLOAT"},
+            {"name": "state", "type": "STRING"},
+        ]
+    },
+}
+
+
+# --------------------------------------------------------------------- worker process
+async def worker(spec: dict[str, Any]) -> None:
+    """Run spec["nodes"] simulated gateways; a JSON line of totals on stdout each second.
+    Commands on stdin: "pause", "resume", "dump" (each device's last value, as JSON)."""
+    import logging
+
+    from deviceapi import Device, DeviceModel
+    from gateway.config import UplinkConfig
+    from gateway.twin.engine import TwinEngine
+    from gateway.uplink import Uplink
+
+    logging.basicConfig(level=logging.ERROR)
+    pki = Path(spec["pki"])
+    model = DeviceModel.model_validate(MODEL)
+    gateways: list[tuple[str, TwinEngine, Uplink]] = []
+    tasks = []
+    for node in spec["nodes"]:
+        engine = TwinEngine()
+        for doc in device_docs(node, spec["devices"]):
+            engine.upsert_device(Device.model_validate(doc), model)
+        cfg = UplinkConfig(
+            address=spec["address"],
+            ca_file=pki / "ca.pem",
+            cert_file=pki / f"{node}.pem",
+            key_file=pki / f"{node}-key.pem",
+            server_name="localhost",
+            reconnect_max_ms=10_000,
+        )
+        up = Uplink(cfg, engine, lambda: None, lambda msg: None, {}, f"store-{node}", "bench")
+        gateways.append((node, engine, up))
+        tasks.append(asyncio.create_task(up.run()))
+    every, devices = spec["every"], spec["devices"]
+    running = True
+    last: dict[str, Any] = {}
+
+    async def commands() -> None:
+        nonlocal running
+        reader = asyncio.StreamReader()
+        await asyncio.get_running_loop().connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), sys.stdin
+        )
+        while line := (await reader.readline()).decode().strip():
+            if line == "pause":
+                running = False
+            elif line == "resume":
+                running = True
+            elif line == "dump":
+                print(json.dumps({"dump": last}), flush=True)
+
+    cmd_task = asyncio.create_task(commands())
+    # Each device reports every `every` seconds, the fleet's devices spread evenly over it.
+    all_devices = [
+        (engine, up, f"{NAMESPACE}.{node}-d{d:02d}") for node, engine, up in gateways for d in range(devices)
+    ]
+    tick, step = 0.1, 0
+    per_tick = len(all_devices) * tick / every
+    due = 0.0
+    next_report = time.monotonic()
+    value = 0
+    while True:
+        await asyncio.sleep(tick)
+        if running:
+            due += per_tick
+            while due >= 1:
+                due -= 1
+                engine, up, dev = all_devices[step % len(all_devices)]
+                step += 1
+                value += 1
+                now = int(time.time() * 1000)
+                engine.apply_reported(dev, {"temperature": value / 10, "humidity": 50.0, "state": "ok"}, now)
+                last[dev] = value / 10
+                up.notify()
+        for _, engine, _ in gateways:
+            engine.drain()  # what the gateway's committer does; here nothing is stored
+        if time.monotonic() >= next_report:
+            next_report += 1.0
+            print(
+                json.dumps(
+                    {
+                        "connected": sum(up.connected.is_set() for _, _, up in gateways),
+                        "outbox": sum(len(engine.outbox) for _, engine, _ in gateways),
+                        "applied": sum(up.applied for _, _, up in gateways),
+                        "connects": sum(up.connects for _, _, up in gateways),
+                        "changes": step,
+                    }
+                ),
+                flush=True,
+            )
+        if cmd_task.done():
+            break
+    for task in tasks:
+        task.cancel()
+
+
+# --------------------------------------------------------------------- the balancer
+class Balancer:
+    """A TCP balancer: each new connection goes to the next live backend, round robin,
+    as a Kubernetes Service spreads connections over ready pods."""
+
+    def __init__(self) -> None:
+        self.backends: list[int] = []
+        self.port = 0
+        self._next = 0
+        self._server: asyncio.Server | None = None
+        self._conns: dict[int, set[asyncio.StreamWriter]] = {}
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, backlog=4096)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    def drop(self, backend: int) -> None:
+        """The backend died: cut its connections (as the kernel resets them)."""
+        self.backends.remove(backend)
+        for w in self._conns.pop(backend, set()):
+            w.transport.abort()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for _ in range(len(self.backends) or 1):
+            if not self.backends:
+                break
+            backend = self.backends[self._next % len(self.backends)]
+            self._next += 1
+            try:
+                up_reader, up_writer = await asyncio.open_connection("127.0.0.1", backend)
+            except OSError:
+                continue
+            conns = self._conns.setdefault(backend, set())
+            conns.update((writer, up_writer))
+
+            async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+                with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+                    while data := await r.read(65536):
+                        w.write(data)
+                        await w.drain()
+                w.transport.abort()
+
+            await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+            conns.discard(writer)
+            conns.discard(up_writer)
+            return
+        writer.transport.abort()
+
+
+# --------------------------------------------------------------------- processes
+def proc_cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def proc_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class Relay:
+    def __init__(self, tmp: Path, name: str, kubeconfig: Path, args: argparse.Namespace) -> None:
+        self.port = free_port()
+        self.config = tmp / f"{name}.yaml"
+        self.config.write_text(
+            yaml.safe_dump(
+                {
+                    "listen": f"127.0.0.1:{self.port}",
+                    "tls": {
+                        "cert_file": str(tmp / "pki" / "relay.pem"),
+                        "key_file": str(tmp / "pki" / "relay-key.pem"),
+                        "ca_file": str(tmp / "pki" / "ca.pem"),
+                    },
+                    "kubeconfig": str(kubeconfig),
+                    "minStatusInterval": f"{args.min_status_interval}s",
+                    "apiQPS": args.api_qps,
+                    "apiBurst": args.api_burst,
+                    "name": name,
+                    "log": {"level": "WARNING"},
+                }
+            )
+        )
+        self.log = (tmp / f"{name}.log").open("ab")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "edgetwin", "cloud", "run", "--config", str(self.config)],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
+
+    async def ready(self) -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                _, w = await asyncio.open_connection("127.0.0.1", self.port)
+                w.close()
+                return
+            await asyncio.sleep(0.1)
+        raise SystemExit(f"relay did not listen on {self.port}")
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+
+class Workers:
+    def __init__(self, procs: list[asyncio.subprocess.Process]) -> None:
+        self.procs = procs
+        self.totals: list[dict[str, int]] = [{} for _ in procs]
+        self.dumps: list[asyncio.Future[dict[str, float]]] = []
+        self._readers = [asyncio.create_task(self._read(i, p)) for i, p in enumerate(procs)]
+
+    async def _read(self, i: int, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdout is not None
+        while line := await proc.stdout.readline():
+            msg = json.loads(line)
+            if "dump" in msg:
+                for fut in self.dumps:
+                    if not fut.done():
+                        fut.set_result(msg["dump"])
+                        break
+            else:
+                self.totals[i] = msg
+
+    def total(self, key: str) -> int:
+        return sum(t.get(key, 0) for t in self.totals)
+
+    async def send(self, command: str) -> None:
+        for p in self.procs:
+            assert p.stdin is not None
+            p.stdin.write(command.encode() + b"\n")
+            await p.stdin.drain()
+
+    async def dump(self) -> dict[str, float]:
+        loop = asyncio.get_running_loop()
+        self.dumps = [loop.create_future() for _ in self.procs]
+        await self.send("dump")
+        out: dict[str, float] = {}
+        for part in await asyncio.gather(*self.dumps):
+            out.update(part)
+        return out
+
+    async def until(self, what: str, pred: Any, limit_s: float) -> float:
+        started = time.monotonic()
+        while not pred():
+            if time.monotonic() - started > limit_s:
+                raise SystemExit(f"{what}: not within {limit_s:.0f} s ({self.totals})")
+            await asyncio.sleep(0.2)
+        return time.monotonic() - started
+
+    async def stop(self) -> None:
+        for p in self.procs:
+            with contextlib.suppress(ProcessLookupError):
+                p.kill()
+            await p.wait()
+        for r in self._readers:
+            r.cancel()
+
+
+def max_per_second(times: list[float]) -> int:
+    """The most requests that arrived within any one second."""
+    best, j = 0, 0
+    for i, t in enumerate(times):
+        while times[j] < t - 1.0:
+            j += 1
+        best = max(best, i - j + 1)
+    return best
+
+
+# --------------------------------------------------------------------- main
+async def main(args: argparse.Namespace) -> None:
+    from lightkube import AsyncClient, KubeConfig
+
+    from edgetwin.kube_emulator import Emulator, RunningEmulator
+
+    tmp = Path(tempfile.mkdtemp(prefix="edgetwin-bench-fleet-"))
+    nodes = [node_name(i) for i in range(args.gateways)]
+    t0 = time.monotonic()
+    await asyncio.to_thread(make_pki, tmp / "pki", nodes)
+    print(f"pki for {len(nodes)} gateways in {time.monotonic() - t0:.1f} s", flush=True)
+    emulator = Emulator.from_files(sorted((ROOT / "deploy" / "crds").glob("*.yaml")), compact_s=300)
+    devices_res = emulator.resources[("edgetwin.io", "v1alpha1", "devices")]
+    models_res = emulator.resources[("edgetwin.io", "v1alpha1", "devicemodels")]
+    emulator.create(models_res, NAMESPACE, json.loads(json.dumps(MODEL)))
+    for node in nodes:
+        for doc in device_docs(node, args.devices):
+            emulator.create(devices_res, NAMESPACE, doc)
+    n_devices = args.gateways * args.devices
+    changes_per_s = n_devices / args.every
+    async with RunningEmulator(emulator) as api:
+        kubeconfig = api.kubeconfig(tmp / "kubeconfig", NAMESPACE)
+        balancer = Balancer()
+        await balancer.start()
+        relay_a = Relay(tmp, "relay-a", kubeconfig, args)
+        relay_a.start()
+        await relay_a.ready()
+        balancer.backends.append(relay_a.port)
+        await asyncio.sleep(3)
+        idle_rss = proc_rss_mb(relay_a.pid)
+        print(f"relay idle: RSS {idle_rss:.1f} MB", flush=True)
+
+        per = -(-len(nodes) // args.workers)
+        procs = []
+        for w in range(args.workers):
+            spec = {
+                "nodes": nodes[w * per : (w + 1) * per],
+                "pki": str(tmp / "pki"),
+                "address": f"127.0.0.1:{balancer.port}",
+                "devices": args.devices,
+                "every": args.every,
+            }
+            procs.append(
+                await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    __file__,
+                    "--worker",
+                    json.dumps(spec),
+                    stdin=asyncio.subprocess.PIPE,
+                    stdout=asyncio.subprocess.PIPE,
+                    cwd=ROOT,
+                )
+            )
+        workers = Workers(procs)
+        try:
+            took = await workers.until("connect", lambda: workers.total("connected") == len(nodes), 300)
+            print(f"connect: all {len(nodes)} gateways welcomed in {took:.1f} s", flush=True)
+
+            # ---- steady state
+            await asyncio.sleep(args.warmup)
+            cpu0, at0 = proc_cpu_s(relay_a.pid), time.monotonic()
+            writes0 = sum(emulator.status_writes.values())
+            requests0 = len(emulator.request_times)
+            applied0 = workers.total("applied")
+            await asyncio.sleep(args.steady)
+            dt = time.monotonic() - at0
+            cores = (proc_cpu_s(relay_a.pid) - cpu0) / dt
+            rss = proc_rss_mb(relay_a.pid)
+            writes = (sum(emulator.status_writes.values()) - writes0) / dt
+            requests = (len(emulator.request_times) - requests0) / dt
+            messages = (workers.total("applied") - applied0) / dt
+            per_gw_kb = (rss - idle_rss) * 1024 / len(nodes)
+            print(
+                f"steady ({args.steady:.0f} s, {len(nodes)} gateways x {args.devices} devices, "
+                f"a change per device every {args.every:g} s = {changes_per_s:.0f} changes/s):\n"
+                f"  relay CPU {cores:.2f} cores ({cores / len(nodes) * 1e6:.0f} us/s per gateway); "
+                f"RSS {rss:.1f} MB = {per_gw_kb:.0f} KB per gateway (goal <= 200)\n"
+                f"  status messages applied {messages:.0f}/s; API requests {requests:.0f}/s, "
+                f"status writes {writes:.0f}/s; baseline one write per change {changes_per_s:.0f}/s: "
+                f"ratio {writes / changes_per_s:.2f}",
+                flush=True,
+            )
+
+            # ---- reconnect storm: the relay dies while devices change, then comes back
+            await asyncio.sleep(1)
+            relay_a.kill()
+            await asyncio.sleep(args.outage)
+            await workers.send("pause")  # the last change of the outage: drained below
+            emulator.request_times.clear()
+            relay_a.start()
+            t_restart = time.monotonic()
+            connects0 = workers.total("connects")
+            back = await workers.until(
+                "reconnect",
+                lambda: (
+                    workers.total("connects") >= connects0 + len(nodes)
+                    and workers.total("connected") == len(nodes)
+                ),
+                600,
+            )
+            drained = await workers.until("drain", lambda: workers.total("outbox") == 0, 900)
+            converged = time.monotonic() - t_restart
+            peak = max_per_second(sorted(emulator.request_times))
+            bound = args.api_qps + args.api_burst
+            print(
+                f"reconnect storm (relay killed for {args.outage:.0f} s while devices changed): "
+                f"every gateway back in {back:.1f} s, every outbox empty {converged:.1f} s after the restart "
+                f"({drained:.1f} s after the last reconnect); peak API requests in one second {peak} "
+                f"(apiQPS {args.api_qps:g} + apiBurst {args.api_burst} = {bound:g}"
+                f"{'' if args.api_qps else ': no limit'})",
+                flush=True,
+            )
+            await workers.send("resume")
+
+            # ---- failover: a second replica behind the balancer, the first dies
+            relay_b = Relay(tmp, "relay-b", kubeconfig, args)
+            relay_b.start()
+            await relay_b.ready()
+            balancer.backends.append(relay_b.port)
+            await asyncio.sleep(args.warmup)
+            await workers.send("pause")
+            # Every gateway is on the first replica (the second joined after they connected).
+            connects0 = workers.total("connects")
+            t_kill = time.monotonic()
+            relay_a.kill()
+            balancer.drop(relay_a.port)
+            moved = await workers.until(
+                "failover",
+                lambda: (
+                    workers.total("connects") >= connects0 + len(nodes)
+                    and workers.total("connected") == len(nodes)
+                ),
+                120,
+            )
+            await workers.until("drain", lambda: workers.total("outbox") == 0, 900)
+            emptied = time.monotonic() - t_kill
+            last = await workers.dump()
+            client = AsyncClient(config=KubeConfig.from_file(kubeconfig))
+            missing = 0
+            from cloud.status_writer import Device
+
+            async for obj in client.list(Device, namespace=NAMESPACE):
+                dev = f"{NAMESPACE}.{obj.metadata.name}"
+                twins = {t.get("propertyName"): t for t in (obj.get("status") or {}).get("twins") or []}
+                got = ((twins.get("temperature") or {}).get("reported") or {}).get("value")
+                if dev in last and (got is None or float(got) != last[dev]):
+                    missing += 1
+            await client.close()
+            print(
+                f"failover (2 replicas, one killed): every gateway on the other in {moved:.1f} s "
+                f"(goal <= 30), every outbox empty in {emptied:.1f} s; devices whose last value the "
+                f"cloud lacks: {missing} of {len(last)}",
+                flush=True,
+            )
+            relay_b.kill()
+        finally:
+            await workers.stop()
+            for relay in ("relay_a", "relay_b"):
+                r = locals().get(relay)
+                if r is not None and r.proc is not None and r.proc.poll() is None:
+                    r.kill()
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--gateways", type=int, default=1000)
+    ap.add_argument("--devices", type=int, default=20, help="devices per gateway")
+    ap.add_argument("--every", type=float, default=10.0, help="seconds between a device's changes")
+    ap.add_argument("--workers", type=int, default=4, help="processes simulating gateways")
+    ap.add_argument("--warmup", type=float, default=15.0)
+    ap.add_argument("--steady", type=float, default=30.0)
+    ap.add_argument("--outage", type=float, default=10.0, help="seconds the relay is down in the storm")
+    ap.add_argument("--min-status-interval", type=float, default=5.0, help="the relay's, seconds")
+    ap.add_argument("--api-qps", type=float, default=100.0)
+    ap.add_argument("--api-burst", type=int, default=200)
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(worker(json.loads(args.worker)))
+    else:
+        asyncio.run(main(args))
