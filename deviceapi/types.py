@@ -252,6 +252,16 @@ class DeviceSpec(_Strict):
     @model_validator(mode="after")
     def _unique(self) -> DeviceSpec:
         _check_unique(p.name for p in self.properties)
+        # A visitor names the protocol it is written for (KubeEdge's field); one for
+        # another protocol than the device's would be read as if it were this one's.
+        protocol = self.protocol.protocolName if self.protocol is not None else None
+        for i, prop in enumerate(self.properties):
+            named = prop.visitors.protocolName if prop.visitors is not None else None
+            if named is not None and named != protocol:
+                raise ValueError(
+                    f"properties[{i}].visitors.protocolName: {named!r} is not the device's protocol "
+                    f"(spec.protocol.protocolName: {protocol!r})"
+                )
         return self
 
 

@@ -145,6 +145,21 @@ def test_manifests_load_and_skip_other_nodes(tmp_path: Path) -> None:
             [model_doc("m", "plant", [{"name": "a", "type": "INT"}, {"name": "b", "type": "INT"}])] * 2,
             "defined twice",
         ),
+        (
+            [
+                model_doc("thermostat", "plant", THERMO_PROPS),
+                device_doc(
+                    "t1",
+                    "plant",
+                    "thermostat",
+                    "edge-a",
+                    protocol={"protocolName": "modbus"},
+                    properties=[{"name": "setpoint", "visitors": {"protocolName": "opcua"}}],
+                ),
+            ],
+            "properties[0].visitors.protocolName: 'opcua' is not the device's protocol "
+            "(spec.protocol.protocolName: 'modbus')",
+        ),
     ],
 )
 def test_bad_manifests_name_file_object_and_field(tmp_path: Path, docs: list, message: str) -> None:
