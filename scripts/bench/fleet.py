@@ -401,6 +401,15 @@ class Workers:
             await asyncio.sleep(0.2)
         return time.monotonic() - started
 
+    async def all_reconnect(self, what: str, gateways: int, limit_s: float) -> float:
+        """Seconds until every gateway has been welcomed once more from now."""
+        connects0 = self.total("connects")
+        return await self.until(
+            what,
+            lambda: self.total("connects") >= connects0 + gateways and self.total("connected") == gateways,
+            limit_s,
+        )
+
     async def stop(self) -> None:
         for p in self.procs:
             with contextlib.suppress(ProcessLookupError):
@@ -511,15 +520,7 @@ async def main(args: argparse.Namespace) -> None:
             emulator.request_times.clear()
             relay_a.start()
             t_restart = time.monotonic()
-            connects0 = workers.total("connects")
-            back = await workers.until(
-                "reconnect",
-                lambda: (
-                    workers.total("connects") >= connects0 + len(nodes)
-                    and workers.total("connected") == len(nodes)
-                ),
-                600,
-            )
+            back = await workers.all_reconnect("reconnect", len(nodes), 600)
             drained = await workers.until("drain", lambda: workers.total("outbox") == 0, 900)
             converged = time.monotonic() - t_restart
             peak = max_per_second(sorted(emulator.request_times))
@@ -542,18 +543,10 @@ async def main(args: argparse.Namespace) -> None:
             await asyncio.sleep(args.warmup)
             await workers.send("pause")
             # Every gateway is on the first replica (the second joined after they connected).
-            connects0 = workers.total("connects")
             t_kill = time.monotonic()
             relay_a.kill()
             balancer.drop(relay_a.port)
-            moved = await workers.until(
-                "failover",
-                lambda: (
-                    workers.total("connects") >= connects0 + len(nodes)
-                    and workers.total("connected") == len(nodes)
-                ),
-                120,
-            )
+            moved = await workers.all_reconnect("failover", len(nodes), 120)
             await workers.until("drain", lambda: workers.total("outbox") == 0, 900)
             emptied = time.monotonic() - t_kill
             last = await workers.dump()
