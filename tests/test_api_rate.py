@@ -135,9 +135,10 @@ async def test_a_storm_of_status_writes_keeps_the_api_rate_and_loses_nothing(tmp
     # Every request passed the bucket, which never let more through than it allows...
     assert len(limit.sent) >= len(times)  # (and the reads that check the result, after)
     assert most_in_any_window(limit.sent, qps, burst) <= 1e-6
-    # ...and at the server (where a busy machine may bunch arrivals a little) the rate
-    # over the storm is the bucket's.
-    assert len(times) <= burst + qps * (times[-1] - times[0]) + 2
+    # ...and at the server the rate over the storm is the bucket's, give or take a
+    # quarter second of skew between the first and the last request's trip (a busy
+    # machine delays some more than others; without the bucket it is 89 over).
+    assert len(times) <= burst + qps * (times[-1] - times[0] + 0.25)
     assert took >= (len(times) - burst) / qps * 0.9
 
 
