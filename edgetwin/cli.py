@@ -284,13 +284,14 @@ async def _twin_set(cfg: GatewayConfig, dev_id: str, values: dict[str, str], wai
     host, port = cfg.mqtt.host_port
     event_id = payloads.new_event_id()
     request = payloads.twin_set_request(event_id, int(time.time() * 1000), values)
-    tls = None
-    if cfg.mqtt.use_tls and cfg.mqtt.tls is not None:
-        t = cfg.mqtt.tls
+    # The gateway's TLS rules (gateway.mqtt.bus): mqtts:// or a tls block means TLS; no CA
+    # file means the system's CAs; insecure skips the host name check.
+    tls, t = None, cfg.mqtt.tls
+    if cfg.mqtt.use_tls:
         tls = aiomqtt.TLSParameters(
-            ca_certs=str(t.ca_file) if t.ca_file else None,
-            certfile=str(t.cert_file) if t.cert_file else None,
-            keyfile=str(t.key_file) if t.key_file else None,
+            ca_certs=str(t.ca_file) if t and t.ca_file else None,
+            certfile=str(t.cert_file) if t and t.cert_file else None,
+            keyfile=str(t.key_file) if t and t.key_file else None,
         )
     try:
         async with aiomqtt.Client(
@@ -299,6 +300,7 @@ async def _twin_set(cfg: GatewayConfig, dev_id: str, values: dict[str, str], wai
             username=cfg.mqtt.username,
             password=cfg.mqtt.password,
             tls_params=tls,
+            tls_insecure=bool(t and t.insecure) if tls else None,
             timeout=wait_s,
         ) as client:
             await client.subscribe(topics.twin_update_result(dev_id), qos=1)
