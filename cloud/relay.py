@@ -53,14 +53,17 @@ from deviceapi.aio import wait_within
 from deviceapi.proto.edgetwin.sync.v1 import sync_pb2, sync_pb2_grpc
 from deviceapi.types import split_device_id
 from deviceapi.wire import (
+    CAP_APPLIED_REVS,
     EDGE_TO_CLOUD,
     MAX_FRAME_BYTES,
     PROTOCOL_VERSION,
+    AckTimer,
     FrameDecoder,
     FrameEncoder,
     Incoming,
     Outgoing,
     WireError,
+    encode_revs,
     pack_batch,
 )
 
@@ -124,8 +127,9 @@ class _Session:
         self.writer = StatusWriter(client, node, settings.min_status_interval_s, shared=requests)
         self.tasks: list[asyncio.Task[None]] = []
         self.wake = asyncio.Event()
-        self.ack_due = False
+        self.acks = AckTimer()
         self.echo_due = False
+        self.applied_revs = False  # the gateway offered appliedRevs
         self.last_rx = time.monotonic()
         self.bps = settings.down_bps
         self.hello: dict[str, Any] | None = None
@@ -153,7 +157,7 @@ class _Session:
             if self.incoming.accept(frame.seq):
                 for msg in self.decoder.decode(frame.encoding, frame.payload, EDGE_TO_CLOUD):
                     self._handle(msg)
-            self.ack_due = True
+            self.acks.received(time.monotonic())
             self.wake.set()
 
     def _handle(self, msg: dict[str, Any]) -> None:
@@ -167,6 +171,8 @@ class _Session:
                     "run the same edgetwin release on both"
                 )
             self.hello = msg
+            caps = msg.get("caps") or []
+            self.applied_revs = CAP_APPLIED_REVS in caps
             self.reporter.connected(self.node, msg)
             self.bps = max(100, int(msg.get("bps") or self.settings.down_bps))
             self.answers.append({"t": "welcome", "proto": PROTOCOL_VERSION})
@@ -220,16 +226,23 @@ class _Session:
         """Answers first, then spec messages, up to a frame's worth of the budget."""
         budget = max(2048, int(self.bps * self.settings.frame_s)) * 4  # raw; compresses ~4x or better
         batch: list[dict[str, Any]] = []
+        revs: list[int] = []  # whole revisions applied, as one appliedRevs
         size = 0
-        while len(batch) < self.settings.batch_max and size < budget:
+        while len(batch) + len(revs) < self.settings.batch_max and size < budget:
             if self.answers:
                 msg = self.answers.popleft()
+                if self.applied_revs and msg["t"] == "applied" and "part" not in msg:
+                    revs.append(msg["rev"])
+                    size += 3
+                    continue
             elif not self.feed_out.empty():
                 msg = self.feed_out.get_nowait()
             else:
                 break
             batch.append(msg)
             size += _estimate(msg)
+        if revs:
+            batch.insert(0, {"t": "appliedRevs", "revs": encode_revs(revs)})
         return batch
 
     async def write(self) -> None:
@@ -242,18 +255,21 @@ class _Session:
             tokens, last = min(float(self.bps), tokens + (now - last) * self.bps), now
             data = bool(self.answers) or not self.feed_out.empty()
             can_data = data and self.outgoing.can_send and tokens >= 0
-            if not (can_data or self.ack_due or self.echo_due):
-                # Idle, or data held back by the window (an ack wakes us) or the budget.
+            ack_wait = self.acks.wait(self.incoming.ack, now)
+            if not (can_data or ack_wait == 0 or self.echo_due):
+                # Idle, or data held back by the window (an ack wakes us) or the budget,
+                # or an ack waiting for a data frame to ride on.
                 self.wake.clear()
-                wait = -tokens / self.bps if data and tokens < 0 else None
+                waits = [w for w in (-tokens / self.bps if data and tokens < 0 else None, ack_wait) if w]
                 with contextlib.suppress(TimeoutError):
-                    await wait_within(self.wake.wait(), wait)
+                    await wait_within(self.wake.wait(), min(waits) if waits else None)
                 continue
             if can_data and self.settings.flush_s:
                 await asyncio.sleep(self.settings.flush_s)  # let a burst gather
             batch = self._next_batch() if can_data else []
             ack = self.incoming.ack
-            self.ack_due = self.echo_due = False
+            self.acks.carried(ack)
+            self.echo_due = False
             if not batch:
                 await self.context.write(sync_pb2.Frame(seq=0, ack=ack))
                 continue

@@ -7,10 +7,12 @@ A batch is a msgpack array of messages, each a map with a type ``t``:
 
 edge -> cloud
     ``hello``   ``{"t": "hello", "proto": 2, "resume": {"Device": rv, "DeviceModel": rv},
-                "bps": 8000, "store": "<store id>", "version": "0.2.0"}``: first message of a
-                stream. ``resume``: the last resourceVersion the gateway has seen of each
-                kind ("" or absent: none, relist). ``bps``: bytes/s the relay may send
-                down. ``store``: the gateway store's id (a new one after a store loss).
+                "bps": 8000, "store": "<store id>", "version": "0.2.0", "caps": [...]}``:
+                first message of a stream. ``resume``: the last resourceVersion the gateway
+                has seen of each kind ("" or absent: none, relist). ``bps``: bytes/s the
+                relay may send down. ``store``: the gateway store's id (a new one after a
+                store loss). ``caps``: optional messages the gateway understands (today
+                ``appliedRevs``); a relay sends none the gateway did not offer.
     ``status``  ``{"t": "status", "dev": "ns.name", "rev": 17, "patch": {...}}``: one
                 composed outbox entry (a Device status merge patch; ``twins`` keyed by
                 property name) and its outbox revision. An entry too large for one frame
@@ -29,6 +31,12 @@ cloud -> edge
                 up to rv (from watch bookmarks): the resume point moves on.
     ``applied`` ``{"t": "applied", "dev": "ns.name", "rev": 17}``: the API server accepted
                 the status of that outbox revision (and ``part``, if it was sent in parts).
+    ``appliedRevs`` ``{"t": "appliedRevs", "revs": [17, 1, 1, 3]}``: ``applied`` for many
+                whole (not in parts) revisions at once, to a gateway whose hello offered
+                ``"caps": ["appliedRevs"]``: the revisions ascending, the first as is and
+                each next as its difference from the one before (17, 18, 19, 22 here).
+                Outbox revisions come from one counter per gateway, so a revision alone
+                names its device; a steady trickle of answers costs a byte or less each.
     ``refused`` ``{"t": "refused", "dev": "ns.name", "rev": 17, "reason": "...", "retry": true}``:
                 not written. ``retry: true``: not yet (the Device does not exist yet; the
                 gateway keeps the entry and tries again); false: never as things are (another
@@ -37,8 +45,11 @@ cloud -> edge
 Frames are numbered per direction from 1 and acknowledged cumulatively: ``ack = n``
 means every frame up to n has been applied. Unacknowledged frames are sent again after
 a reconnect; a receiver skips a seq it has already applied (re-acknowledging it), so
-replays are harmless. A frame with ``echo`` set asks the peer for an immediate bare ack
-frame: the application heartbeat that notices a dead or half-open link.
+replays are harmless. Acks ride on data frames; a bare ack frame (no payload) goes only
+when none has carried the ack ``ACK_DELAY_S`` after a frame arrived, or ``ACK_EVERY``
+frames are waiting for one (:class:`AckTimer`): on a narrowband link a bare frame costs
+~50 bytes of TLS, HTTP/2 and gRPC framing. A frame with ``echo`` set asks the peer for an
+immediate bare ack frame: the application heartbeat that notices a dead or half-open link.
 
 Payload encodings: 1 plain msgpack; 2 msgpack + zlib per frame; 3 msgpack + raw deflate
 with one compression context per stream and direction (frames end in a sync flush, whose
@@ -50,6 +61,7 @@ are kept uncompressed and encoded again in the new stream's context when replaye
 
 from __future__ import annotations
 
+import itertools
 import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -85,8 +97,18 @@ ZDICT = (
     b"upsertdeletesyncedrefusedretrystatspartobservedGenerationedgeStoregeneration"
 )
 
+# Acknowledgements (see the module docstring): how long a bare ack waits for a data frame
+# to carry it, and how many received frames may wait.
+ACK_DELAY_S = 0.5
+ACK_EVERY = 4
+
+# Optional messages a gateway offers in its hello's ``caps``.
+CAP_APPLIED_REVS = "appliedRevs"
+
 EDGE_TO_CLOUD = frozenset({"hello", "status", "stats"})
-CLOUD_TO_EDGE = frozenset({"welcome", "upsert", "delete", "synced", "rv", "applied", "refused"})
+CLOUD_TO_EDGE = frozenset(
+    {"welcome", "upsert", "delete", "synced", "rv", "applied", "appliedRevs", "refused"}
+)
 
 _Type = type | tuple[type, ...]
 _REQUIRED: dict[str, dict[str, _Type]] = {
@@ -99,10 +121,11 @@ _REQUIRED: dict[str, dict[str, _Type]] = {
     "synced": {"kind": str, "names": list, "rv": str},
     "rv": {"kind": str, "rv": str},
     "applied": {"dev": str, "rev": int},
+    "appliedRevs": {"revs": list},
     "refused": {"dev": str, "rev": int, "reason": str},
 }
 _OPTIONAL: dict[str, dict[str, _Type]] = {
-    "hello": {"bps": int, "store": str, "version": str},
+    "hello": {"bps": int, "store": str, "version": str, "caps": list},
     "status": {"part": list},
     "welcome": {"relay": str},
     "applied": {"part": int},
@@ -197,6 +220,11 @@ def check_message(msg: Any, index: int = 0, allowed: frozenset[str] | None = Non
     for key, typ in _OPTIONAL.get(kind, {}).items():
         if key in msg:
             _check_field(msg, index, kind, key, typ)
+    if kind == "appliedRevs":
+        try:
+            decode_revs(msg["revs"])
+        except WireError as exc:
+            raise WireError(f"message {index}: {exc}") from None
 
 
 def _check_field(msg: dict[str, Any], index: int, kind: str, key: str, typ: _Type) -> None:
@@ -207,6 +235,51 @@ def _check_field(msg: dict[str, Any], index: int, kind: str, key: str, typ: _Typ
 
 def _name(typ: _Type) -> str:
     return typ.__name__ if isinstance(typ, type) else " or ".join(t.__name__ for t in typ)
+
+
+def encode_revs(revs: list[int]) -> list[int]:
+    """``appliedRevs``' ``revs`` for a set of revisions: ascending, the first as is, then
+    differences (small numbers, a byte each in msgpack, compressing to less)."""
+    ordered = sorted(set(revs))
+    return [ordered[0], *(b - a for a, b in itertools.pairwise(ordered))] if ordered else []
+
+
+def decode_revs(revs: list[Any]) -> list[int]:
+    """The revisions of ``appliedRevs``' ``revs``; raises :class:`WireError`."""
+    out: list[int] = []
+    for i, step in enumerate(revs):
+        if not isinstance(step, int) or isinstance(step, bool) or step < (0 if i == 0 else 1):
+            raise WireError(f"appliedRevs: revs[{i}] must be {'a revision' if i == 0 else 'a step >= 1'}")
+        out.append(step if i == 0 else out[-1] + step)
+    return out
+
+
+@dataclass
+class AckTimer:
+    """When a receiver owes its peer a bare ack frame (pure; the caller passes the clock).
+    An ack rides free on any data frame the receiver sends; a bare one is due only after
+    :data:`ACK_DELAY_S` without one, or at once when :data:`ACK_EVERY` frames wait."""
+
+    sent: int = 0  # the last ack value sent (on any frame)
+    due_at: float | None = None
+
+    def received(self, now: float) -> None:
+        """A frame with a seq arrived (new or a replay: both want an ack)."""
+        if self.due_at is None:
+            self.due_at = now + ACK_DELAY_S
+
+    def carried(self, ack: int) -> None:
+        """A frame carrying ``ack`` went out."""
+        self.sent = ack
+        self.due_at = None
+
+    def wait(self, ack: int, now: float) -> float | None:
+        """Seconds until a bare ack is due (0: now), or None when none is owed."""
+        if self.due_at is None:
+            return None
+        if ack - self.sent >= ACK_EVERY:
+            return 0.0
+        return max(0.0, self.due_at - now)
 
 
 # --------------------------------------------------------------------------- stream codecs

@@ -43,14 +43,17 @@ import msgpack
 from deviceapi.aio import wait_within
 from deviceapi.proto.edgetwin.sync.v1 import sync_pb2, sync_pb2_grpc
 from deviceapi.wire import (
+    CAP_APPLIED_REVS,
     CLOUD_TO_EDGE,
     MAX_FRAME_BYTES,
     PROTOCOL_VERSION,
+    AckTimer,
     FrameDecoder,
     FrameEncoder,
     Incoming,
     Outgoing,
     WireError,
+    decode_revs,
     pack_batch,
 )
 from gateway.config import UplinkConfig
@@ -284,6 +287,10 @@ class Uplink:
             log.info("uplink connected", extra={"relay": self.cfg.address, "resume": json.dumps(self.resume)})
         elif kind in ("applied", "refused"):
             stream.answered(msg)
+        elif kind == "appliedRevs":
+            for rev in decode_revs(msg["revs"]):
+                if (dev := stream.rev_dev.get(rev)) is not None:
+                    stream.answered({"t": "applied", "dev": dev, "rev": rev})
         else:
             if kind in ("delete", "synced", "rv"):
                 self.set_resume(msg["kind"], msg["rv"])
@@ -314,10 +321,11 @@ class _Stream:
         self.encoder = FrameEncoder()
         self.decoder = FrameDecoder()
         self.in_flight: dict[str, _InFlight] = {}
+        self.rev_dev: dict[int, str] = {}  # in_flight by revision, for appliedRevs
         # Parts of entries too large for one frame, waiting for their frames:
         # (device, revision, index, count, patch).
         self.parts: collections.deque[tuple[str, int, int, int, dict[str, Any]]] = collections.deque()
-        self.ack_due = False
+        self.acks = AckTimer()
         self.last_rx = time.monotonic()
         self.last_echo = 0.0
         self.stats_sent: tuple[int, int, int, int | None] | None = None
@@ -340,7 +348,7 @@ class _Stream:
                 for msg in self.decoder.decode(frame.encoding, frame.payload, CLOUD_TO_EDGE):
                     self.up.handle(msg, self)
             if frame.seq:
-                self.ack_due = True
+                self.acks.received(time.monotonic())
                 self.up.wake.set()
 
     def answered(self, msg: dict[str, Any]) -> None:
@@ -349,7 +357,7 @@ class _Stream:
         if flight is None or flight.rev != rev:
             return  # an answer to an older revision: a newer one is on its way
         if msg["t"] == "refused":
-            del self.in_flight[dev]
+            self._land(dev)
             previous = self.up.deferred.get(dev)
             if msg.get("retry"):
                 backoff = min(RETRY_MAX_S, previous.backoff * 2) if previous else RETRY_MIN_S
@@ -365,11 +373,20 @@ class _Stream:
         flight.parts.discard(msg.get("part", 0))
         if flight.parts:
             return
-        del self.in_flight[dev]
+        self._land(dev)
         self.up.deferred.pop(dev, None)
         if self.up.engine.outbox_acked(dev, rev):
             self.up.applied += 1
         self.up.changed()
+
+    def _fly(self, dev: str, flight: _InFlight) -> None:
+        if (old := self.in_flight.get(dev)) is not None:
+            self.rev_dev.pop(old.rev, None)
+        self.in_flight[dev] = flight
+        self.rev_dev[flight.rev] = dev
+
+    def _land(self, dev: str) -> None:
+        self.rev_dev.pop(self.in_flight.pop(dev).rev, None)
 
     # ----------------------------------------------------------------- outbound
     def _due_entries(self) -> list[tuple[str, OutboxEntry]]:
@@ -418,14 +435,14 @@ class _Stream:
             entry_size = len(msgpack.packb(entry.patch))
             if entry_size > self.frame_raw:
                 parts = split_patch(entry.patch, self.frame_raw)
-                self.in_flight[dev] = _InFlight(entry.revision, set(range(len(parts))))
+                self._fly(dev, _InFlight(entry.revision, set(range(len(parts)))))
                 self.parts.extend((dev, entry.revision, i, len(parts), part) for i, part in enumerate(parts))
                 if messages:
                     break  # this frame goes as it is; the parts follow
                 return self._status_batch()
             if messages and size + entry_size > self.frame_raw:
                 break
-            self.in_flight[dev] = _InFlight(entry.revision, {0})
+            self._fly(dev, _InFlight(entry.revision, {0}))
             messages.append({"t": "status", "dev": dev, "rev": entry.revision, "patch": entry.patch})
             metas.append((dev, entry.revision, None))
             size += entry_size
@@ -460,7 +477,7 @@ class _Stream:
         raw = pack_batch(messages)
         encoding, payload = self.encoder.encode(raw)
         seq = self.out.send(raw, meta)
-        self.ack_due = False
+        self.acks.carried(self.inc.ack)
         await self.call.write(
             sync_pb2.Frame(seq=seq, ack=self.inc.ack, encoding=encoding, payload=payload)  # type: ignore[arg-type]
         )
@@ -477,6 +494,7 @@ class _Stream:
             "bps": cfg.budget_down_bps or cfg.budget_bps,
             "store": up.store_id,
             "version": up.version,
+            "caps": [CAP_APPLIED_REVS],
         }
         first = self._stats(time.monotonic(), force=True)
         await self._send([hello, first] if first else [hello], [])
@@ -511,19 +529,23 @@ class _Stream:
             if up.connected.is_set() and self.out.can_send and (stats := self._stats(now)):
                 tokens -= await self._send([stats], [])
                 continue
-            if self.ack_due:
-                self.ack_due = False
+            ack_wait = self.acks.wait(self.inc.ack, now)
+            if ack_wait == 0:
+                self.acks.carried(self.inc.ack)
                 await self.call.write(sync_pb2.Frame(seq=0, ack=self.inc.ack))
                 continue
             silent = now - self.last_rx
             if silent >= cfg.heartbeat_ms / 1000 and now - self.last_echo >= cfg.heartbeat_ms / 1000:
                 self.last_echo = now
+                self.acks.carried(self.inc.ack)
                 await self.call.write(sync_pb2.Frame(seq=0, ack=self.inc.ack, echo=True))
                 continue
             # Sleep until: a wake (outbox change, ack, frame to acknowledge), the end of
             # the gathering window, the budget refilling, a deferral ending, or the next
             # heartbeat.
             deadlines = [cfg.heartbeat_ms / 1000 - silent, wait]
+            if ack_wait is not None:
+                deadlines.append(ack_wait)
             if (
                 up.connected.is_set()
                 and self.out.can_send

@@ -153,6 +153,8 @@ async def test_kubectl_follows_the_twin_and_a_cloud_desired_value_reaches_the_de
                 break
             await asyncio.sleep(0.05)
         assert DEV not in gw.engine.outbox
+        # The relay answered in the compact form this gateway offers (wire: appliedRevs).
+        assert gw.uplink.received["appliedRevs"] >= 1 and gw.uplink.received["applied"] == 0
         # kubectl patch of a desired value reaches the device as a delta.
         patch = (
             '{"spec":{"properties":[{"name":"setpoint","desired":{"value":"23"}},{"name":"temperature"}]}}'

@@ -19,7 +19,15 @@ from lightkube.types import PatchType
 from cloud.relay import RelaySettings, read_pki, serve
 from cloud.status_writer import Device
 from deviceapi.proto.edgetwin.sync.v1 import sync_pb2, sync_pb2_grpc
-from deviceapi.wire import CLOUD_TO_EDGE, PROTOCOL_VERSION, FrameDecoder, Incoming, encode_batch
+from deviceapi.wire import (
+    CAP_APPLIED_REVS,
+    CLOUD_TO_EDGE,
+    PROTOCOL_VERSION,
+    FrameDecoder,
+    Incoming,
+    decode_revs,
+    encode_batch,
+)
 from edgetwin.kube_emulator import Emulator, RunningEmulator
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,6 +77,7 @@ class Gateway:
         self.incoming = Incoming()
         self.decoder = FrameDecoder()
         self.seq = 0
+        self.acks: list[int] = []  # the ack of every frame the relay sent
         self.call = sync_pb2_grpc.SyncStub(self.channel).Link(self._frames())
         self.task = asyncio.create_task(self._read())
 
@@ -78,6 +87,7 @@ class Gateway:
 
     async def _read(self) -> None:
         async for frame in self.call:
+            self.acks.append(frame.ack)
             if frame.seq and self.incoming.accept(frame.seq):
                 self.received += self.decoder.decode(frame.encoding, frame.payload, CLOUD_TO_EDGE)
                 self.send_q.put_nowait(sync_pb2.Frame(seq=0, ack=self.incoming.ack))
@@ -147,6 +157,44 @@ async def test_a_node_sees_and_writes_only_its_own_devices(
     finally:
         await a.close()
         await b.close()
+
+
+async def test_a_gateway_that_offers_applied_revs_gets_its_answers_compactly(
+    relay: tuple[RunningEmulator, AsyncClient, int], pki: Path
+) -> None:
+    """Whole revisions applied come as one ``appliedRevs``; parts and refusals keep their
+    own messages; a frame nothing answers is still acknowledged (by a bare ack)."""
+    _, _, port = relay
+    a = Gateway(pki, "edge-a", port)
+    try:
+        a.send({"t": "hello", "proto": PROTOCOL_VERSION, "resume": {}, "caps": [CAP_APPLIED_REVS]})
+        await a.until(lambda r: any(m["t"] == "synced" and m["kind"] == "Device" for m in r))
+        a.send(
+            {"t": "status", "dev": "plant.a1", "rev": 100, "patch": status(1, 20.0)},
+            {"t": "status", "dev": "plant.a2", "rev": 103, "patch": status(1, 21.0)},
+            {"t": "status", "dev": "plant.b1", "rev": 104, "patch": status(1, 22.0)},
+        )
+
+        def revs(r: list[dict[str, Any]]) -> list[int]:
+            return [rev for m in r if m["t"] == "appliedRevs" for rev in decode_revs(m["revs"])]
+
+        await a.until(lambda r: set(revs(r)) >= {100, 103} and any(m["t"] == "refused" for m in r))
+        a.send({"t": "status", "dev": "plant.a2", "rev": 105, "patch": status(2, 23.0), "part": [0, 2]})
+        await a.until(lambda r: any(m["t"] == "applied" for m in r))
+        assert sorted(revs(a.received)) == [100, 103]
+        assert [(m["dev"], m["rev"], m.get("part")) for m in a.received if m["t"] == "applied"] == [
+            ("plant.a2", 105, 0)
+        ]
+        assert [m["rev"] for m in a.received if m["t"] == "refused"] == [104]
+        # stats are not answered: the relay acknowledges the frame by itself.
+        a.send({"t": "stats", "s": {"devices": 2, "devicesNotReady": 0, "backlog": 0, "oldestMs": 0}})
+        for _ in range(150):
+            if a.acks and a.acks[-1] == a.seq:
+                break
+            await asyncio.sleep(0.02)
+        assert a.acks[-1] == a.seq, a.acks[-5:]
+    finally:
+        await a.close()
 
 
 async def test_a_new_stream_resumes_from_the_gateways_resource_version(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import filecmp
+import re
 import subprocess
 import zlib
 from pathlib import Path
@@ -17,20 +18,26 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from deviceapi.wire import (
+    ACK_DELAY_S,
+    ACK_EVERY,
     CLOUD_TO_EDGE,
     ENCODING_MSGPACK,
     ENCODING_MSGPACK_ZLIB,
     ENCODING_MSGPACK_ZSTREAM,
     MAX_BATCH_BYTES,
     MAX_FRAME_BYTES,
+    AckTimer,
     FrameDecoder,
     FrameEncoder,
     Incoming,
     Outgoing,
     WireError,
     decode_batch,
+    decode_revs,
     encode_batch,
+    encode_revs,
     pack_batch,
+    unpack_batch,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -201,3 +208,71 @@ def test_stream_garbage_never_escapes_as_anything_but_wire_error(payloads: list[
     for payload in payloads:
         with contextlib.suppress(WireError):
             dec.decode(ENCODING_MSGPACK_ZSTREAM, payload)
+
+
+# --------------------------------------------------------------------- compact answers, acks
+@given(st.lists(st.integers(0, 2**63 - 1), max_size=60))
+def test_applied_revisions_round_trip_compactly(revs: list[int]) -> None:
+    encoded = encode_revs(revs)
+    assert decode_revs(encoded) == sorted(set(revs))
+    msg = {"t": "appliedRevs", "revs": encoded}
+    assert unpack_batch(pack_batch([msg]), CLOUD_TO_EDGE) == [msg]
+
+
+def test_a_run_of_revisions_costs_about_a_byte_each() -> None:
+    revs = [1_795_868_346_000_000 + i for i in range(50)]
+    per_message = len(
+        pack_batch([{"t": "applied", "dev": f"plant.s{i:04d}", "rev": r} for i, r in enumerate(revs)])
+    )
+    compact = len(pack_batch([{"t": "appliedRevs", "revs": encode_revs(revs)}]))
+    assert compact <= 50 + 40 and compact * 10 < per_message, (compact, per_message)
+
+
+@pytest.mark.parametrize(
+    "revs, why",
+    [
+        ([-1], "revs[0]"),
+        ([5, 0], "revs[1]"),
+        ([5, -2], "revs[1]"),
+        ([True], "revs[0]"),
+        ([7, "1"], "revs[1]"),
+    ],
+)
+def test_bad_applied_revisions_are_refused_naming_the_entry(revs: list[Any], why: str) -> None:
+    with pytest.raises(WireError, match=rf"message 0: appliedRevs: {re.escape(why)}"):
+        unpack_batch(pack_batch([{"t": "appliedRevs", "revs": revs}]), CLOUD_TO_EDGE)
+
+
+@given(st.lists(st.tuples(st.sampled_from(["recv", "data", "tick"]), st.floats(0, 1.5)), max_size=60))
+def test_an_ack_is_owed_at_most_the_delay_and_never_for_more_than_ack_every_frames(
+    events: list[tuple[str, float]],
+) -> None:
+    """A receiver driven by AckTimer, as both ends drive it: frames arrive, data frames go
+    out (carrying the ack), and the clock moves. Whenever the timer says 0 a bare ack goes.
+    No received frame waits longer than ACK_DELAY_S for an ack, nor do ACK_EVERY of them."""
+    timer, now, received, acked = AckTimer(), 0.0, 0, 0
+    oldest: float | None = None  # arrival of the oldest frame not yet acknowledged
+
+    def settle() -> None:
+        nonlocal acked, oldest
+        wait = timer.wait(received, now)
+        assert (wait is None) == (oldest is None and received == acked)
+        if wait == 0:
+            timer.carried(received)
+            acked, oldest = received, None
+
+    for kind, dt in events:
+        # Time moves in steps no longer than the wait the timer asked for, as a loop sleeping on it would.
+        wait = timer.wait(received, now)
+        now += dt if wait is None else min(dt, wait)
+        settle()
+        if kind == "recv":
+            received += 1
+            timer.received(now)
+            oldest = now if oldest is None else oldest
+        elif kind == "data":
+            timer.carried(received)
+            acked, oldest = received, None
+        settle()
+        assert oldest is None or now - oldest <= ACK_DELAY_S + 1e-9
+        assert received - acked < ACK_EVERY
