@@ -24,8 +24,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from deviceapi import yaml_strict
-from deviceapi.types import check_host_port, first_problem, parse_duration_ms
+from edgetwin.deviceapi import yaml_strict
+from edgetwin.deviceapi.types import check_host_port, first_problem, parse_duration_ms
 
 
 class RelayConfigError(ValueError):

@@ -40,8 +40,8 @@ from lightkube import ApiError, AsyncClient
 from lightkube.generic_resource import create_global_resource
 from lightkube.types import PatchType
 
-from deviceapi.aio import wait_within
-from gateway.logs import RateLimit
+from edgetwin.deviceapi.aio import wait_within
+from edgetwin.deviceapi.log_limit import RateLimit
 
 log = logging.getLogger(__name__)
 

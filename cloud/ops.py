@@ -20,8 +20,8 @@ from grpc_health.v1.health import aio as health_aio
 from lightkube import AsyncClient
 from prometheus_client import Counter, Gauge, Histogram
 
-from cloud.api_rate import ApiRateLimit
-from deviceapi.aio import wait_within
+from edgetwin.cloud.api_rate import ApiRateLimit
+from edgetwin.deviceapi.aio import wait_within
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ class ApiProbe:
         self.last_error = ""
 
     async def check(self) -> bool:
-        from cloud.gateway_status import Gateway
+        from edgetwin.cloud.gateway_status import Gateway
 
         try:
             await wait_within(self.client.get(Gateway, self.PROBE_NAME), self.interval_s)

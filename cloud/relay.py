@@ -44,15 +44,15 @@ from grpc_health.v1.health import aio as health_aio
 from lightkube import AsyncClient
 from lightkube.generic_resource import create_namespaced_resource
 
-from cloud import ops
-from cloud.gateway_status import GatewayReporter, GatewayTiming
-from cloud.ops import API_REQUEST_CONNECTIONS
-from cloud.spec_feed import NodeFeed, SelectorMode
-from cloud.status_writer import Device, Outcome, StatusWriter
-from deviceapi.aio import wait_within
-from deviceapi.proto.edgetwin.sync.v1 import sync_pb2, sync_pb2_grpc
-from deviceapi.types import split_device_id
-from deviceapi.wire import (
+from edgetwin.cloud import ops
+from edgetwin.cloud.gateway_status import GatewayReporter, GatewayTiming
+from edgetwin.cloud.ops import API_REQUEST_CONNECTIONS
+from edgetwin.cloud.spec_feed import NodeFeed, SelectorMode
+from edgetwin.cloud.status_writer import Device, Outcome, StatusWriter
+from edgetwin.deviceapi.aio import wait_within
+from edgetwin.deviceapi.proto.edgetwin.sync.v1 import sync_pb2, sync_pb2_grpc
+from edgetwin.deviceapi.types import split_device_id
+from edgetwin.deviceapi.wire import (
     CAP_APPLIED_REVS,
     EDGE_TO_CLOUD,
     MAX_FRAME_BYTES,

@@ -26,8 +26,8 @@ from lightkube import AsyncClient
 from lightkube.generic_resource import create_namespaced_resource
 from lightkube.types import PatchType
 
-from cloud import ops
-from cloud.status_merge import merge_edge_status
+from edgetwin.cloud import ops
+from edgetwin.cloud.status_merge import merge_edge_status
 
 log = logging.getLogger(__name__)
 

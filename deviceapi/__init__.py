@@ -4,7 +4,7 @@ This package imports neither ``gateway`` nor ``cloud``: it holds what both sides
 agree on (the ``edgetwin.io/v1alpha1`` object types and how property values are typed).
 """
 
-from deviceapi.types import (
+from edgetwin.deviceapi.types import (
     API_GROUP,
     API_VERSION,
     AccessMode,
@@ -16,7 +16,7 @@ from deviceapi.types import (
     PropertyType,
     device_id,
 )
-from deviceapi.values import Value, ValueRejected, coerce_value, value_to_text
+from edgetwin.deviceapi.values import Value, ValueRejected, coerce_value, value_to_text
 
 __all__ = [
     "API_GROUP",

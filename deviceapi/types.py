@@ -304,7 +304,7 @@ def split_device_id(dev_id: str) -> tuple[str, str]:
 def check_device_against_model(device: Device, model: DeviceModel) -> None:
     """Cross-object rules: every device property exists in the model, and only writable
     properties may carry a desired value (which must fit the property's type)."""
-    from deviceapi.values import ValueRejected, coerce_value
+    from edgetwin.deviceapi.values import ValueRejected, coerce_value
 
     where = f"Device {device.metadata.namespace}/{device.metadata.name}"
     for index, prop in enumerate(device.spec.properties):

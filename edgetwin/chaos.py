@@ -353,9 +353,9 @@ class Harness:
     async def _devices(self) -> None:
         from lightkube.generic_resource import create_namespaced_resource
 
-        from cloud.status_writer import Device
-        from mappers.ble.sim import sensor_manifests
-        from mappers.modbus.sim import BoilerSimulator, boiler_manifests
+        from edgetwin.cloud.status_writer import Device
+        from edgetwin.mappers.ble.sim import sensor_manifests
+        from edgetwin.mappers.modbus.sim import BoilerSimulator, boiler_manifests
 
         self.boiler = BoilerSimulator("127.0.0.1", free_port())
         await self.boiler.start()
@@ -494,7 +494,7 @@ class Harness:
         """Updates at about 30/s, desired values every few seconds from both sides."""
         from lightkube.types import PatchType
 
-        from cloud.status_writer import Device
+        from edgetwin.cloud.status_writer import Device
 
         tick = 0
         while not self._stop:
@@ -624,7 +624,7 @@ class Harness:
 
     # ----------------------------------------------------------------- checks
     def _twins(self) -> dict[str, dict[str, Any]]:
-        from gateway.store.store import open_reader, read_twin
+        from edgetwin.gateway.store.store import open_reader, read_twin
 
         db = open_reader(self.store / "store.db")
         try:
@@ -638,7 +638,7 @@ class Harness:
             db.conn.close()
 
     def _pending(self) -> list[str]:
-        from gateway.store.store import list_devices, open_reader
+        from edgetwin.gateway.store.store import list_devices, open_reader
 
         db = open_reader(self.store / "store.db")
         try:
@@ -647,7 +647,7 @@ class Harness:
             db.conn.close()
 
     async def _cloud(self) -> dict[str, dict[str, Any]]:
-        from cloud.status_writer import Device
+        from edgetwin.cloud.status_writer import Device
 
         out: dict[str, dict[str, Any]] = {}
         async for obj in self.client.list(Device, namespace="plant"):

@@ -19,14 +19,14 @@ from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
-from deviceapi import ManifestError
-from deviceapi.types import split_device_id
-from deviceapi.version import __version__
-from gateway.config import ConfigError, GatewayConfig, load_config
-from gateway.mapper_host import MapperLoadError
-from gateway.mqtt.broker import BrokerStartError
-from gateway.store.schema import SchemaTooNew
-from gateway.store.store import StoreError
+from edgetwin.deviceapi import ManifestError
+from edgetwin.deviceapi.types import split_device_id
+from edgetwin.deviceapi.version import __version__
+from edgetwin.gateway.config import ConfigError, GatewayConfig, load_config
+from edgetwin.gateway.mapper_host import MapperLoadError
+from edgetwin.gateway.mqtt.broker import BrokerStartError
+from edgetwin.gateway.store.schema import SchemaTooNew
+from edgetwin.gateway.store.store import StoreError
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -48,7 +48,7 @@ def _device_arg(text: str) -> str:
 # --------------------------------------------------------------------- gateway run
 def cmd_gateway_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
-    from gateway import logs
+    from edgetwin.gateway import logs
 
     logs.setup(args.log_level or cfg.log.level, cfg.log.format)
     return asyncio.run(_run_gateway(cfg))
@@ -75,7 +75,7 @@ def _exit_anyway_after(seconds: float, status: int) -> None:
 
 
 async def _run_gateway(cfg: GatewayConfig) -> int:
-    from gateway.service import Gateway
+    from edgetwin.gateway.service import Gateway
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -95,7 +95,7 @@ async def _run_gateway(cfg: GatewayConfig) -> int:
 
 # --------------------------------------------------------------------- twin get / list
 def cmd_twin_get(args: argparse.Namespace) -> int:
-    from gateway.store.store import open_reader, read_twin
+    from edgetwin.gateway.store.store import open_reader, read_twin
 
     cfg = load_config(args.config)
     dev_id = _device_arg(args.device)
@@ -130,7 +130,7 @@ def cmd_twin_get(args: argparse.Namespace) -> int:
 
 
 def cmd_twin_events(args: argparse.Namespace) -> int:
-    from gateway.store.store import open_reader, read_events
+    from edgetwin.gateway.store.store import open_reader, read_events
 
     cfg = load_config(args.config)
     dev_id = _device_arg(args.device) if args.device else None
@@ -148,7 +148,7 @@ def cmd_twin_events(args: argparse.Namespace) -> int:
 
 
 def cmd_twin_list(args: argparse.Namespace) -> int:
-    from gateway.store.store import list_devices, open_reader
+    from edgetwin.gateway.store.store import list_devices, open_reader
 
     cfg = load_config(args.config)
     devices = list_devices(open_reader(cfg.store.path))
@@ -176,7 +176,7 @@ def cmd_twin_list(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     """The gateway's health in one screen: from its health endpoint (when
     ``health.listen`` is set) and its store (always; read-only, safe while it runs)."""
-    from gateway.store.store import gateway_summary, open_reader
+    from edgetwin.gateway.store.store import gateway_summary, open_reader
 
     cfg = load_config(args.config)
     summary = gateway_summary(open_reader(cfg.store.path), now_ms=int(time.time() * 1000))
@@ -279,7 +279,7 @@ def cmd_twin_set(args: argparse.Namespace) -> int:
 async def _twin_set(cfg: GatewayConfig, dev_id: str, values: dict[str, str], wait_s: float) -> int:
     import aiomqtt
 
-    from gateway.mqtt import payloads, topics
+    from edgetwin.gateway.mqtt import payloads, topics
 
     host, port = cfg.mqtt.host_port
     event_id = payloads.new_event_id()
@@ -342,8 +342,8 @@ def _report_set(dev_id: str, doc: dict[str, Any]) -> int:
 
 # --------------------------------------------------------------------- config check
 def cmd_config_check(args: argparse.Namespace) -> int:
-    from gateway.manifests import load_manifests
-    from gateway.mapper_host import validate_devices
+    from edgetwin.gateway.manifests import load_manifests
+    from edgetwin.gateway.mapper_host import validate_devices
 
     cfg = load_config(args.config)
     manifests = load_manifests(cfg.manifests, cfg.node)
@@ -405,13 +405,13 @@ def _serve_until_interrupted(main: Coroutine[Any, Any, None], host: str, port: i
 
 
 def cmd_sim_modbus(args: argparse.Namespace) -> int:
-    from mappers.modbus.sim import serve
+    from edgetwin.mappers.modbus.sim import serve
 
     return _serve_until_interrupted(serve(args.host, args.port, args.unit), args.host, args.port)
 
 
 def cmd_sim_ble(args: argparse.Namespace) -> int:
-    from mappers.ble.sim import serve
+    from edgetwin.mappers.ble.sim import serve
 
     return _serve_until_interrupted(
         serve(args.host, args.port, args.count, args.beacons, args.prefix, args.notify_interval),
@@ -421,13 +421,13 @@ def cmd_sim_ble(args: argparse.Namespace) -> int:
 
 
 def cmd_cloud_run(args: argparse.Namespace) -> int:
-    from cloud import ops
-    from cloud.api_rate import ApiRateLimit
-    from cloud.config import RelayConfigError, kube_config, load_relay_config
-    from cloud.gateway_status import GatewayTiming
-    from cloud.relay import RelaySettings, serve
-    from deviceapi.aio import cancel_tasks
-    from deviceapi.ops_http import OpsServer, split_listen
+    from edgetwin.cloud import ops
+    from edgetwin.cloud.api_rate import ApiRateLimit
+    from edgetwin.cloud.config import RelayConfigError, kube_config, load_relay_config
+    from edgetwin.cloud.gateway_status import GatewayTiming
+    from edgetwin.cloud.relay import RelaySettings, serve
+    from edgetwin.deviceapi.aio import cancel_tasks
+    from edgetwin.deviceapi.ops_http import OpsServer, split_listen
 
     try:
         cfg = load_relay_config(args.config)
@@ -435,7 +435,7 @@ def cmd_cloud_run(args: argparse.Namespace) -> int:
     except RelayConfigError as exc:
         print(f"edgetwin: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    from gateway import logs
+    from edgetwin.gateway import logs
 
     logs.setup(args.log_level or cfg.log.level, cfg.log.format)  # the gateway's structured lines
 
@@ -506,15 +506,24 @@ def cmd_cloud_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cloud_crds(args: argparse.Namespace) -> int:
+    from edgetwin.shipped import crds_yaml
+
+    sys.stdout.write(crds_yaml())
+    return 0
+
+
 def cmd_kube_emulator(args: argparse.Namespace) -> int:
     from edgetwin.kube_emulator import BANNER, Emulator, RunningEmulator
+    from edgetwin.shipped import CRDS
 
-    crds = sorted(Path(args.crds).glob("*.yaml")) if Path(args.crds).is_dir() else [Path(args.crds)]
+    where = Path(args.crds) if args.crds else CRDS
+    crds = sorted(where.glob("*.yaml")) if where.is_dir() else [where]
     if not crds or not all(p.is_file() for p in crds):
-        raise CliError(f"no CRD files at {args.crds} (give --crds deploy/crds)")
+        raise CliError(f"no CRD files at {where} (give --crds with a CRD file or folder)")
     emulator = Emulator.from_files(crds)
     if not emulator.resources:
-        raise CliError(f"{args.crds} holds no CustomResourceDefinition")
+        raise CliError(f"{where} holds no CustomResourceDefinition")
 
     async def serve() -> None:
         async with RunningEmulator(emulator, args.host, args.port) as running:
@@ -627,13 +636,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     crun.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     crun.set_defaults(func=cmd_cloud_run)
+    crds = cloud.add_parser(
+        "crds",
+        help="print the CustomResourceDefinitions edgetwin needs (edgetwin cloud crds | kubectl apply -f -)",
+    )
+    crds.set_defaults(func=cmd_cloud_crds)
     emu = cloud.add_parser(
         "kube-emulator",
         help="a Kubernetes API emulator for the edgetwin CRDs (development stand-in, not for production)",
     )
     emu.add_argument("--host", default="127.0.0.1")
     emu.add_argument("--port", type=int, default=8001)
-    emu.add_argument("--crds", default="deploy/crds", help="CRD file or folder")
+    emu.add_argument("--crds", help="CRD file or folder (default: the CRDs edgetwin ships)")
     emu.add_argument("--kubeconfig", help="write a kubeconfig for kubectl here")
     emu.add_argument("--namespace", default="default", help="the kubeconfig's namespace")
     emu.set_defaults(func=cmd_kube_emulator)

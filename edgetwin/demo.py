@@ -23,11 +23,12 @@ from typing import Any
 
 import yaml
 
-from gateway.config import parse_config
-from gateway.service import Gateway
-from gateway.twin.engine import TwinEngine
-from mappers.ble.sim import BleSimulator, sensor_manifests
-from mappers.modbus.sim import BoilerSimulator, boiler_manifests
+from edgetwin.gateway.config import parse_config
+from edgetwin.gateway.service import Gateway
+from edgetwin.gateway.twin.engine import TwinEngine
+from edgetwin.mappers.ble.sim import BleSimulator, sensor_manifests
+from edgetwin.mappers.modbus.sim import BoilerSimulator, boiler_manifests
+from edgetwin.shipped import DEPLOY
 
 SETPOINTS = (55.0, 70.0, 62.5, 80.0)
 
@@ -63,7 +64,7 @@ def render(engine: TwinEngine, started: float) -> str:
 async def _set_desired(host: str, port: int, value: float) -> None:
     import aiomqtt
 
-    from gateway.mqtt import payloads, topics
+    from edgetwin.gateway.mqtt import payloads, topics
 
     body = payloads.twin_set_request(payloads.new_event_id(), int(time.time() * 1000), {"setpoint": value})
     async with aiomqtt.Client(host, port) as client:
@@ -81,7 +82,7 @@ class CloudStandIn:
 
     def __init__(self, tmp: Path, node: str) -> None:
         self.tmp, self.node = tmp, node
-        self.deploy = Path(__file__).resolve().parents[1] / "deploy"
+        self.deploy = DEPLOY
         self.api: Any = None
         self.client: Any = None
         self.server: Any = None
@@ -93,15 +94,13 @@ class CloudStandIn:
         from lightkube import AsyncClient, KubeConfig
         from lightkube.generic_resource import create_namespaced_resource
 
-        from cloud.relay import RelaySettings, read_pki, serve
+        from edgetwin.cloud.relay import RelaySettings, read_pki, serve
         from edgetwin.kube_emulator import BANNER, Emulator, RunningEmulator
 
-        if not (self.deploy / "crds").is_dir():
-            raise SystemExit("demo --cloud needs the source checkout (deploy/crds and deploy/pki)")
         pki = self.tmp / "pki"
         await asyncio.to_thread(
             subprocess.run,
-            [str(self.deploy / "pki" / "make-test-pki"), str(pki), self.node],
+            ["bash", str(self.deploy / "pki" / "make-test-pki"), str(pki), self.node],
             check=True,
             capture_output=True,
         )

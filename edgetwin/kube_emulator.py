@@ -51,8 +51,8 @@ from typing import Any
 import yaml
 from aiohttp import web
 
-from deviceapi.aio import wait_within
 from edgetwin import jsonpath
+from edgetwin.deviceapi.aio import wait_within
 from edgetwin.kube_schema import FieldError, Schema, error_message
 
 BANNER = "edgetwin Kubernetes API emulator: a development stand-in, not for production"

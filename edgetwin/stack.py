@@ -23,8 +23,8 @@ from typing import Any
 
 import yaml
 
-from deviceapi.aio import wait_within
 from edgetwin.demo import free_port
+from edgetwin.deviceapi.aio import wait_within
 
 ROOT = Path(__file__).resolve().parent.parent
 CRDS = sorted((ROOT / "deploy" / "crds").glob("*.yaml"))
@@ -128,7 +128,7 @@ class Stack:
             await self.api.stop()
 
     async def start_relay(self) -> None:
-        from cloud.relay import RelaySettings, read_pki, serve
+        from edgetwin.cloud.relay import RelaySettings, read_pki, serve
 
         settings = RelaySettings(**{"min_status_interval_s": 0.5, "flush_s": 0.01, **self.opt.relay})
         self.relay, self.relay_service, _ = await serve(
@@ -145,7 +145,7 @@ class Stack:
         await self.start_relay()
 
     def gateway_config(self) -> Any:
-        from gateway.config import parse_config
+        from edgetwin.gateway.config import parse_config
 
         port = self.link.port if self.link is not None else self.relay_port
         node = self.opt.node
@@ -170,7 +170,7 @@ class Stack:
         )
 
     async def start_gateway(self) -> None:
-        from gateway.service import Gateway
+        from edgetwin.gateway.service import Gateway
 
         self.gateway = Gateway(self.gateway_config())
         self._gateway_stop = asyncio.Event()
@@ -222,14 +222,14 @@ class Stack:
             raise RuntimeError(f"kubectl apply failed: {result.stderr}")
 
     async def device(self, name: str, namespace: str = "plant") -> dict[str, Any]:
-        from cloud.status_writer import Device
+        from edgetwin.cloud.status_writer import Device
 
         obj = await self.client.get(Device, name, namespace=namespace)
         return obj.to_dict()  # type: ignore[no-any-return]
 
     async def gateway_status(self) -> dict[str, Any]:
         """The node's Gateway status ({} before the relay wrote it)."""
-        from cloud.gateway_status import Gateway
+        from edgetwin.cloud.gateway_status import Gateway
 
         try:
             obj = await self.client.get(Gateway, self.opt.node)

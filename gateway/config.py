@@ -15,8 +15,8 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from deviceapi import yaml_strict
-from deviceapi.types import check_host_port, first_problem, parse_duration_ms
+from edgetwin.deviceapi import yaml_strict
+from edgetwin.deviceapi.types import check_host_port, first_problem, parse_duration_ms
 
 _NODE = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 

@@ -27,13 +27,13 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from deviceapi import Device, DeviceModel
-from gateway.mqtt import payloads, topics
-from gateway.registry import Decision, Definition, Registry, Source
-from gateway.twin.hlc import Stamp
+from edgetwin.deviceapi import Device, DeviceModel
+from edgetwin.gateway.mqtt import payloads, topics
+from edgetwin.gateway.registry import Decision, Definition, Registry, Source
+from edgetwin.gateway.twin.hlc import Stamp
 
 if TYPE_CHECKING:
-    from gateway.service import Gateway
+    from edgetwin.gateway.service import Gateway
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ class Devices:
 
     def _check(self, device: Device, model: DeviceModel) -> tuple[str, str] | None:
         """A mapper's own validation of a device (protocol and visitor config)."""
-        from gateway.mapper_host import binding, discover
+        from edgetwin.gateway.mapper_host import binding, discover
 
         protocol = device.spec.protocol
         if protocol is None:
@@ -390,6 +390,6 @@ def _spec_path(device: Device, message: str) -> str:
 
 
 def _installed(protocol: str) -> bool:
-    from gateway.mapper_host import discover
+    from edgetwin.gateway.mapper_host import discover
 
     return protocol in discover()

@@ -14,8 +14,8 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from deviceapi import Device, DeviceModel, ManifestError, yaml_strict
-from deviceapi.types import check_device_against_model, first_problem
+from edgetwin.deviceapi import Device, DeviceModel, ManifestError, yaml_strict
+from edgetwin.deviceapi.types import check_device_against_model, first_problem
 
 log = logging.getLogger(__name__)
 

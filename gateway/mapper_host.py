@@ -12,8 +12,8 @@ from collections.abc import Mapping
 from importlib.metadata import entry_points
 from typing import Any
 
-from deviceapi import Device, DeviceModel
-from mappers.sdk import DeviceBinding, Mapper, MapperHost, PropertyBinding
+from edgetwin.deviceapi import Device, DeviceModel
+from edgetwin.mappers.sdk import DeviceBinding, Mapper, MapperHost, PropertyBinding
 
 log = logging.getLogger(__name__)
 

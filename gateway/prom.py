@@ -13,7 +13,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from gateway.service import Gateway
+    from edgetwin.gateway.service import Gateway
 
 PREFIX = "edgetwin_gateway_"
 _GAUGES = frozenset({"tasks"})  # asyncio tasks alive: a leak shows as growth

@@ -30,8 +30,8 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from deviceapi import Device, DeviceModel, ManifestError
-from deviceapi.types import check_device_against_model, device_id, first_problem
+from edgetwin.deviceapi import Device, DeviceModel, ManifestError
+from edgetwin.deviceapi.types import check_device_against_model, device_id, first_problem
 
 Source = Literal["manifest", "cluster"]
 # A mapper-level check of a definition: None when fine, else (reason, message).

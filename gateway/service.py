@@ -25,24 +25,24 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from deviceapi import Device, DeviceModel, value_to_text
-from deviceapi.aio import cancel_tasks, wait_within
-from deviceapi.version import __version__
-from gateway import logs
-from gateway.config import ConfigError, GatewayConfig
-from gateway.dedup import RecentUpdates
-from gateway.devices import Devices
-from gateway.health import HealthMonitor, Loop
-from gateway.manifests import load_manifests
-from gateway.mapper_host import MapperSet
-from gateway.metrics import Metrics
-from gateway.mqtt import payloads, topics
-from gateway.mqtt.broker import EmbeddedBroker
-from gateway.mqtt.bus import Inbound, MqttBus
-from gateway.mqtt.payloads import PayloadError
-from gateway.sd_notify import Notifier
-from gateway.store.store import Store, StoreError, StoreWriter, snapshot
-from gateway.twin.engine import (
+from edgetwin.deviceapi import Device, DeviceModel, value_to_text
+from edgetwin.deviceapi.aio import cancel_tasks, wait_within
+from edgetwin.deviceapi.version import __version__
+from edgetwin.gateway import logs
+from edgetwin.gateway.config import ConfigError, GatewayConfig
+from edgetwin.gateway.dedup import RecentUpdates
+from edgetwin.gateway.devices import Devices
+from edgetwin.gateway.health import HealthMonitor, Loop
+from edgetwin.gateway.manifests import load_manifests
+from edgetwin.gateway.mapper_host import MapperSet
+from edgetwin.gateway.metrics import Metrics
+from edgetwin.gateway.mqtt import payloads, topics
+from edgetwin.gateway.mqtt.broker import EmbeddedBroker
+from edgetwin.gateway.mqtt.bus import Inbound, MqttBus
+from edgetwin.gateway.mqtt.payloads import PayloadError
+from edgetwin.gateway.sd_notify import Notifier
+from edgetwin.gateway.store.store import Store, StoreError, StoreWriter, snapshot
+from edgetwin.gateway.twin.engine import (
     DesiredRejected,
     ReportOutcome,
     TwinEngine,
@@ -51,10 +51,10 @@ from gateway.twin.engine import (
     WritePolicy,
     clip,
 )
-from mappers.sdk import DeviceUnavailable, MapperError, ReportResult
+from edgetwin.mappers.sdk import DeviceUnavailable, MapperError, ReportResult
 
 if TYPE_CHECKING:
-    from gateway.prom import GatewayMetrics
+    from edgetwin.gateway.prom import GatewayMetrics
 
 log = logging.getLogger(__name__)
 
@@ -203,15 +203,15 @@ class Gateway:
             self._spawn(self._metrics_publisher(), "metrics")
             self._spawn(self._health_watch(), "health")
             if self.cfg.health.listen:
-                from deviceapi.ops_http import OpsServer, split_listen
-                from gateway.prom import GatewayMetrics
+                from edgetwin.deviceapi.ops_http import OpsServer, split_listen
+                from edgetwin.gateway.prom import GatewayMetrics
 
                 self.prom = GatewayMetrics(self)
                 ops = OpsServer(self.health.problems, self.prom.registry)
                 await ops.start(*split_listen(self.cfg.health.listen))
                 log.info("health and metrics", extra={"url": f"http://{self.cfg.health.listen}/healthz"})
             if self.cfg.uplink is not None:
-                from gateway.uplink import Uplink
+                from edgetwin.gateway.uplink import Uplink
 
                 assert self.store is not None
                 saved = self.store.get_meta(UPLINK_RESUME_KEY)

@@ -40,9 +40,9 @@ from typing import Any
 import grpc
 import msgpack
 
-from deviceapi.aio import wait_within
-from deviceapi.proto.edgetwin.sync.v1 import sync_pb2, sync_pb2_grpc
-from deviceapi.wire import (
+from edgetwin.deviceapi.aio import wait_within
+from edgetwin.deviceapi.proto.edgetwin.sync.v1 import sync_pb2, sync_pb2_grpc
+from edgetwin.deviceapi.wire import (
     CAP_APPLIED_REVS,
     CLOUD_TO_EDGE,
     MAX_FRAME_BYTES,
@@ -56,9 +56,9 @@ from deviceapi.wire import (
     decode_revs,
     pack_batch,
 )
-from gateway.config import UplinkConfig
-from gateway.logs import RateLimit
-from gateway.twin.engine import OutboxEntry, TwinEngine
+from edgetwin.gateway.config import UplinkConfig
+from edgetwin.gateway.logs import RateLimit
+from edgetwin.gateway.twin.engine import OutboxEntry, TwinEngine
 
 log = logging.getLogger(__name__)
 

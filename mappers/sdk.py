@@ -27,8 +27,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
-from deviceapi import PropertyType, Value
-from deviceapi.aio import cancel_tasks as _cancel_tasks
+from edgetwin.deviceapi import PropertyType, Value
+from edgetwin.deviceapi.aio import cancel_tasks as _cancel_tasks
 
 __all__ = [
     "Cadence",

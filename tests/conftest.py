@@ -24,7 +24,7 @@ import yaml
 from hypothesis import settings
 
 from edgetwin.demo import free_port
-from mappers.sdk import ReportResult
+from edgetwin.mappers.sdk import ReportResult
 
 # Properties are judged on behaviour, never on how long one example took on a busy CI
 # machine; print_blob lets a failure be replayed exactly.

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mappers.ble.adverts import ParsedAdvert, build_ad, parse_ad, uuid_from_le
-from mappers.ble.codec import (
+from edgetwin.mappers.ble.adverts import ParsedAdvert, build_ad, parse_ad, uuid_from_le
+from edgetwin.mappers.ble.codec import (
     INT_TYPES,
     CodecError,
     Layout,

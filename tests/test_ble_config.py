@@ -9,11 +9,11 @@ from typing import Any
 import pytest
 import yaml
 
-from deviceapi import PropertyType
-from mappers.ble.config import BleConfigError, parse_connection, parse_visitor
-from mappers.ble.mapper import BleMapper
-from mappers.ble.sim import sensor_manifests
-from mappers.sdk import DeviceBinding, MapperError, PropertyBinding
+from edgetwin.deviceapi import PropertyType
+from edgetwin.mappers.ble.config import BleConfigError, parse_connection, parse_visitor
+from edgetwin.mappers.ble.mapper import BleMapper
+from edgetwin.mappers.ble.sim import sensor_manifests
+from edgetwin.mappers.sdk import DeviceBinding, MapperError, PropertyBinding
 from tests.conftest import RecordingHost, run_cli
 
 

@@ -15,14 +15,14 @@ import pytest
 import yaml
 
 from edgetwin.demo import free_port
-from gateway.config import parse_config
-from gateway.mapper_host import discover
-from gateway.mqtt import payloads, topics
-from gateway.service import Gateway
-from gateway.store.store import open_reader, read_twin
-from gateway.twin.engine import WriteState
-from mappers.ble.mapper import BleMapper
-from mappers.ble.sim import sensor_manifests
+from edgetwin.gateway.config import parse_config
+from edgetwin.gateway.mapper_host import discover
+from edgetwin.gateway.mqtt import payloads, topics
+from edgetwin.gateway.service import Gateway
+from edgetwin.gateway.store.store import open_reader, read_twin
+from edgetwin.gateway.twin.engine import WriteState
+from edgetwin.mappers.ble.mapper import BleMapper
+from edgetwin.mappers.ble.sim import sensor_manifests
 from tests.conftest import eventually
 from tests.test_ble_mapper import SimProcess
 

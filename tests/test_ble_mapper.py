@@ -18,13 +18,13 @@ import pytest
 from bleak import BleakClient, BleakScanner
 
 from edgetwin.demo import free_port
-from gateway.manifests import parse_object
-from gateway.mapper_host import binding
-from mappers.ble.bumble_backend import BumbleClient, BumbleScanner, close_adapters
-from mappers.ble.codec import decode_sig
-from mappers.ble.mapper import BleMapper
-from mappers.ble.sim import FLOW_UUID, RELAY_UUID, sensor_manifests
-from mappers.sdk import DeviceBinding
+from edgetwin.gateway.manifests import parse_object
+from edgetwin.gateway.mapper_host import binding
+from edgetwin.mappers.ble.bumble_backend import BumbleClient, BumbleScanner, close_adapters
+from edgetwin.mappers.ble.codec import decode_sig
+from edgetwin.mappers.ble.mapper import BleMapper
+from edgetwin.mappers.ble.sim import FLOW_UUID, RELAY_UUID, sensor_manifests
+from edgetwin.mappers.sdk import DeviceBinding
 from tests.conftest import EDGETWIN, RecordingHost, eventually
 
 SENSORS = 20
@@ -356,7 +356,7 @@ from bumble.device import Device
 from bumble.gatt import Characteristic, Service
 from bumble.hci import Address
 from bumble.transport import open_transport
-from mappers.ble.adverts import build_ad
+from edgetwin.mappers.ble.adverts import build_ad
 
 async def main():
     t = await open_transport(sys.argv[1])

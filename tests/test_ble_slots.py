@@ -9,8 +9,8 @@ import asyncio
 from bleak.backends.device import BLEDevice
 from bleak.backends.scanner import AdvertisementData
 
-from mappers.ble.config import parse_connection
-from mappers.ble.mapper import Slots, matches
+from edgetwin.mappers.ble.config import parse_connection
+from edgetwin.mappers.ble.mapper import Slots, matches
 
 
 async def test_slots_are_fifo_and_bounded() -> None:

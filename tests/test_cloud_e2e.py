@@ -16,12 +16,12 @@ from typing import Any
 import pytest
 from lightkube import AsyncClient, KubeConfig
 
-from cloud.relay import RelaySettings, read_pki, serve
+from edgetwin.cloud.relay import RelaySettings, read_pki, serve
+from edgetwin.gateway.config import GatewayConfig, parse_config
+from edgetwin.gateway.mqtt import topics
+from edgetwin.gateway.service import Gateway
 from edgetwin.kube_emulator import Emulator, RunningEmulator
 from edgetwin.linksim import LinkSim
-from gateway.config import GatewayConfig, parse_config
-from gateway.mqtt import topics
-from gateway.service import Gateway
 from tests.conftest import BIN, Collector, Mosquitto, publish, update_payload
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -219,7 +219,7 @@ async def test_an_outage_with_edits_on_both_sides_reconciles_exactly_across_a_re
     the middle of the drain. Afterwards cloud status equals the edge twin for every
     property, the conflict is resolved by the rule and visible in status."""
     from edgetwin.demo import free_port
-    from gateway.mqtt import payloads
+    from edgetwin.gateway.mqtt import payloads
 
     async with RunningEmulator(Emulator.from_files(CRDS)) as api:
         api.kubeconfig(tmp_path / "kc", "plant")
@@ -319,8 +319,8 @@ async def test_an_outage_with_edits_on_both_sides_reconciles_exactly_across_a_re
 async def test_the_last_seen_resource_version_is_kept_in_the_store(
     system: tuple[Gateway, RunningEmulator],
 ) -> None:
-    from gateway.service import UPLINK_RESUME_KEY
-    from gateway.store.store import open_reader
+    from edgetwin.gateway.service import UPLINK_RESUME_KEY
+    from edgetwin.gateway.store.store import open_reader
 
     gw, api = system
     await asyncio.wait_for(gw.uplink.connected.wait(), 10)

@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 
 from edgetwin.demo import free_port
+from edgetwin.mappers.modbus.sim import BoilerSimulator, boiler_manifests
 from edgetwin.stack import Stack, StackOptions, until
-from mappers.modbus.sim import BoilerSimulator, boiler_manifests
 from tests.conftest import Mosquitto
 
 NODE = "edge-01"
@@ -289,7 +289,7 @@ async def turn_the_knob(sim: BoilerSimulator, setpoint: float) -> None:
 async def test_kubectl_get_gateways_shows_a_cut_link_and_the_backlog_draining(
     stack_factory: Any, sims: list[BoilerSimulator]
 ) -> None:
-    from cloud.gateway_status import GatewayTiming
+    from edgetwin.cloud.gateway_status import GatewayTiming
 
     stack = await stack_factory(relay={"gateway": GatewayTiming(interval_s=5.0)})
     sim_a, sim_b, _ = sims
@@ -331,7 +331,7 @@ async def cell_is(columns: Any, name: str, want: str) -> bool:
 
 
 async def test_deleting_a_ble_device_releases_its_connection(stack_factory: Any) -> None:
-    from mappers.ble.sim import sensor_manifests
+    from edgetwin.mappers.ble.sim import sensor_manifests
     from tests.test_ble_mapper import SimProcess
 
     sim = SimProcess(2, beacons=0)

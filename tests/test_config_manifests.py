@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deviceapi import ManifestError
-from deviceapi.types import parse_duration_ms
-from gateway.config import ConfigError, load_config, parse_config
-from gateway.manifests import load_manifests
+from edgetwin.deviceapi import ManifestError
+from edgetwin.deviceapi.types import parse_duration_ms
+from edgetwin.gateway.config import ConfigError, load_config, parse_config
+from edgetwin.gateway.manifests import load_manifests
 from tests.conftest import THERMO_PROPS, device_doc, model_doc, run_cli, write_manifests
 
 BASE = {"node": "edge-a", "store": {"path": "s.db"}, "mqtt": {"url": "mqtt://127.0.0.1:1883"}}

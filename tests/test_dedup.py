@@ -12,11 +12,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from edgetwin.demo import free_port
-from gateway.config import parse_config
-from gateway.dedup import MAX_ANSWER_BYTES, RecentUpdates
-from gateway.mqtt.bus import Inbound
-from gateway.service import Gateway
-from gateway.store.store import StoreWriter
+from edgetwin.gateway.config import parse_config
+from edgetwin.gateway.dedup import MAX_ANSWER_BYTES, RecentUpdates
+from edgetwin.gateway.mqtt.bus import Inbound
+from edgetwin.gateway.service import Gateway
+from edgetwin.gateway.store.store import StoreWriter
 from tests.conftest import THERMO_PROPS, device_doc, model_doc
 
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import yaml
 
-from deviceapi import AccessMode, PropertyType
-from gateway.config import parse_config
-from gateway.manifests import load_manifests
+from edgetwin.deviceapi import AccessMode, PropertyType
+from edgetwin.gateway.config import parse_config
+from edgetwin.gateway.manifests import load_manifests
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -50,7 +50,7 @@ def test_example_config_and_manifests_load(tmp_path: Path) -> None:
 
 
 def test_modbus_doc_example_loads_and_validates(tmp_path: Path) -> None:
-    from gateway.mapper_host import validate_devices
+    from edgetwin.gateway.mapper_host import validate_devices
 
     text = (ROOT / "docs" / "mappers" / "modbus.md").read_text()
     example = text.split("```yaml\n", 1)[1].split("```", 1)[0]  # the power meter
@@ -85,7 +85,7 @@ def test_relay_rbac_is_least_privilege_and_the_config_loads(tmp_path: Path) -> N
     deployment = next(d for d in relay if d["kind"] == "Deployment")
     assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == "edgetwin-relay"
     # The shipped relay config is valid once its TLS files exist.
-    from cloud.config import load_relay_config
+    from edgetwin.cloud.config import load_relay_config
     from edgetwin.stack import make_pki
 
     pki = make_pki(tmp_path / "pki", "edge-01")
@@ -175,9 +175,25 @@ def test_the_wheel_the_image_installs_runs_the_relay_and_gateway_commands(tmp_pa
         zf.extractall(site)
         names = zf.namelist()
     assert any(n.endswith("licenses/LICENSE") for n in names)
+    # One import namespace: nothing but edgetwin/ and its dist-info at the top level, so no
+    # generic "gateway" or "cloud" package collides with another distribution's.
+    assert {n.split("/")[0] for n in names} == {
+        "edgetwin",
+        wheel.name.split("-")[0] + "-" + wheel.name.split("-")[1] + ".dist-info",
+    }, sorted({n.split("/")[0] for n in names})
+    for sub in (
+        "gateway/service.py",
+        "mappers/sdk.py",
+        "cloud/relay.py",
+        "deviceapi/wire.py",
+        "deploy/crds/devices.edgetwin.io.yaml",
+    ):
+        assert f"edgetwin/{sub}" in names, sub
+    entry_points = next(n for n in names if n.endswith("entry_points.txt"))
+    assert "edgetwin.mappers.modbus.mapper:ModbusMapper" in zipfile.ZipFile(wheel).read(entry_points).decode()
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
     code = (
-        "import sys, edgetwin.cli as c, cloud.ops, gateway.service; "
+        "import sys, edgetwin.cli as c, edgetwin.cloud.ops, edgetwin.gateway.service; "
         "assert c.__file__.startswith(sys.argv[1]), c.__file__; "
         "sys.argv = ['edgetwin', *sys.argv[2:]]; c.main()"
     )
@@ -191,6 +207,20 @@ def test_the_wheel_the_image_installs_runs_the_relay_and_gateway_commands(tmp_pa
             cwd=tmp_path,
         )
         assert out.returncode == 0 and "--config" in out.stdout, out.stderr
+    # The CRDs come with the wheel: `edgetwin cloud crds | kubectl apply -f -` needs no checkout.
+    out = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", code, str(site), "cloud", "crds"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr
+    docs = list(yaml.safe_load_all(out.stdout))
+    assert sorted(d["metadata"]["name"] for d in docs) == sorted(
+        yaml.safe_load(p.read_text())["metadata"]["name"] for p in (DEPLOY / "crds").glob("*.yaml")
+    )
 
 
 def test_grafana_dashboard_queries_only_metrics_the_code_exports() -> None:

@@ -12,9 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from deviceapi import Device, DeviceModel
-from gateway.store.store import Store, snapshot
-from gateway.twin.engine import (
+from edgetwin.deviceapi import Device, DeviceModel
+from edgetwin.gateway.store.store import Store, snapshot
+from edgetwin.gateway.twin.engine import (
     EVENT_REPEAT_MS,
     MAX_REJECTED_LISTED,
     MAX_WRITE_ATTEMPTS,
@@ -24,8 +24,8 @@ from gateway.twin.engine import (
     WritePolicy,
     WriteState,
 )
-from gateway.twin.hlc import HybridClock, Stamp
-from gateway.twin.patch import apply_patch
+from edgetwin.gateway.twin.hlc import HybridClock, Stamp
+from edgetwin.gateway.twin.patch import apply_patch
 from tests.conftest import THERMO_PROPS, device_doc, model_doc
 
 MODEL = DeviceModel.model_validate(model_doc("thermostat", "plant", THERMO_PROPS))

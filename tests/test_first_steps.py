@@ -24,7 +24,7 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
 
 
 def test_version_prints_the_installed_release() -> None:
-    from deviceapi.version import __version__
+    from edgetwin.deviceapi.version import __version__
 
     out = cli("--version")
     assert out.returncode == 0 and out.stdout.strip() == f"edgetwin {__version__}"
@@ -64,7 +64,7 @@ def test_systemd_unit_gives_serial_and_bluetooth_access_and_a_watchdog() -> None
     assert {"dialout", "bluetooth"} <= set(keys["SupplementaryGroups"].split())
     assert keys["Type"] == "notify" and keys["NotifyAccess"] == "main"
     # The watchdog must outlast the default stuck_after, or a healthy pause would kill it.
-    from gateway.config import HealthConfig
+    from edgetwin.gateway.config import HealthConfig
 
     assert int(keys["WatchdogSec"]) * 1000 >= HealthConfig().stuck_after
 

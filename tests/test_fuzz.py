@@ -18,9 +18,10 @@ import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from cloud.status_merge import merge_edge_status
-from deviceapi import ManifestError
-from deviceapi.wire import (
+from edgetwin.cloud.status_merge import merge_edge_status
+from edgetwin.demo import free_port
+from edgetwin.deviceapi import ManifestError
+from edgetwin.deviceapi.wire import (
     EDGE_TO_CLOUD,
     ENCODING_MSGPACK,
     ENCODING_MSGPACK_ZSTREAM,
@@ -28,20 +29,19 @@ from deviceapi.wire import (
     FrameEncoder,
     WireError,
 )
-from edgetwin.demo import free_port
-from gateway.config import parse_config
-from gateway.manifests import parse_object
-from gateway.mqtt.bus import Inbound
-from gateway.mqtt.payloads import (
+from edgetwin.gateway.config import parse_config
+from edgetwin.gateway.manifests import parse_object
+from edgetwin.gateway.mqtt.bus import Inbound
+from edgetwin.gateway.mqtt.payloads import (
     PayloadError,
     event_id_of,
     parse_state_update,
     parse_twin_get,
     parse_twin_update,
 )
-from gateway.registry import Registry
-from gateway.service import Gateway
-from gateway.store.store import StoreWriter
+from edgetwin.gateway.registry import Registry
+from edgetwin.gateway.service import Gateway
+from edgetwin.gateway.store.store import StoreWriter
 from tests.conftest import THERMO_PROPS, device_doc, model_doc
 from tests.hostile import examples, json_values, k8s_objects, mqtt_payloads, msgpack_values, names
 
@@ -222,7 +222,7 @@ def test_manifest_documents_parse_or_name_the_problem(doc: Any) -> None:
 
 
 def test_a_manifest_file_of_garbage_names_the_file(tmp_path: Path) -> None:
-    from gateway.manifests import load_manifests
+    from edgetwin.gateway.manifests import load_manifests
 
     bad = tmp_path / "bad.yaml"
     bad.write_bytes(b"\xff\xfe\x00garbage: [\n")

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from lightkube import AsyncClient, KubeConfig
 
-from cloud.gateway_status import Gateway, GatewayReporter, GatewayState, GatewayTiming, iso
+from edgetwin.cloud.gateway_status import Gateway, GatewayReporter, GatewayState, GatewayTiming, iso
 from edgetwin.kube_emulator import Emulator, RunningEmulator
 from edgetwin.stack import CRDS, RELAY_USER, relay_rbac
 from edgetwin.stack import until as until_

@@ -21,14 +21,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 from lightkube import AsyncClient, KubeConfig
 
-from cloud.relay import RelaySettings, read_pki, serve
+from edgetwin.cloud.relay import RelaySettings, read_pki, serve
 from edgetwin.demo import free_port
+from edgetwin.gateway.config import HealthConfig
+from edgetwin.gateway.health import HealthMonitor, Loop
+from edgetwin.gateway.sd_notify import Notifier
+from edgetwin.gateway.service import Gateway
 from edgetwin.kube_emulator import Emulator, RunningEmulator
 from edgetwin.linksim import LinkSim
-from gateway.config import HealthConfig
-from gateway.health import HealthMonitor, Loop
-from gateway.sd_notify import Notifier
-from gateway.service import Gateway
 from tests.conftest import Mosquitto, publish, update_payload
 from tests.test_cloud_e2e import CRDS, DEV, EXAMPLE, gateway_config, kubectl, pki  # noqa: F401
 

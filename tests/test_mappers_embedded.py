@@ -12,12 +12,12 @@ from typing import Any, ClassVar
 import aiomqtt
 import pytest
 
-from gateway.config import parse_config
-from gateway.mapper_host import discover
-from gateway.service import Gateway
-from gateway.twin.engine import WriteState
-from mappers.sdk import DeviceBinding, MapperError, PollingMapper, Value
-from mappers.virtual import VirtualMapper
+from edgetwin.gateway.config import parse_config
+from edgetwin.gateway.mapper_host import discover
+from edgetwin.gateway.service import Gateway
+from edgetwin.gateway.twin.engine import WriteState
+from edgetwin.mappers.sdk import DeviceBinding, MapperError, PollingMapper, Value
+from edgetwin.mappers.virtual import VirtualMapper
 from tests.conftest import (
     THERMO_PROPS,
     device_doc,
@@ -67,7 +67,7 @@ class BuggyMapper(PollingMapper):
 async def gateway(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Gateway]:
     # The busy mapper stands in for an installed plugin; discovery itself is tested above.
     monkeypatch.setattr(
-        "gateway.mapper_host.discover",
+        "edgetwin.gateway.mapper_host.discover",
         lambda: {"virtual": VirtualMapper, "busy": BusyMapper, "buggy": BuggyMapper},
     )
     manifests = write_manifests(
@@ -229,7 +229,7 @@ def test_demo_cloud_lets_kubectl_follow_the_twins() -> None:
 
 
 async def test_the_cadence_skips_and_counts_only_slots_that_passed_without_a_start() -> None:
-    from mappers.sdk import Cadence
+    from edgetwin.mappers.sdk import Cadence
     from tests.conftest import RecordingHost
 
     now = [0.0]

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mappers.modbus.codec import CodecError, decode, encode, register_count
-from mappers.modbus.config import Visitor
+from edgetwin.mappers.modbus.codec import CodecError, decode, encode, register_count
+from edgetwin.mappers.modbus.config import Visitor
 
 ORDERS = [("big", "big"), ("big", "little"), ("little", "big"), ("little", "little")]
 

@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from mappers.modbus.config import ModbusConfigError, parse_connection, parse_visitor
-from mappers.sdk import PropertyBinding, PropertyType
+from edgetwin.mappers.modbus.config import ModbusConfigError, parse_connection, parse_visitor
+from edgetwin.mappers.sdk import PropertyBinding, PropertyType
 
 
 def prop(kind: PropertyType = PropertyType.INT, writable: bool = False, **visitor: Any) -> PropertyBinding:

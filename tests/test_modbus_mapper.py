@@ -22,10 +22,10 @@ from pymodbus.framer import FramerType
 from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
-from deviceapi import PropertyType
 from edgetwin.demo import free_port
-from mappers.modbus.mapper import ModbusMapper
-from mappers.sdk import DeviceBinding, PropertyBinding
+from edgetwin.deviceapi import PropertyType
+from edgetwin.mappers.modbus.mapper import ModbusMapper
+from edgetwin.mappers.sdk import DeviceBinding, PropertyBinding
 from tests.conftest import RecordingHost, eventually
 
 DT = ModbusClientMixin.DATATYPE

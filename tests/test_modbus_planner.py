@@ -7,7 +7,7 @@ from functools import cache
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mappers.modbus.planner import ReadRequest, Span, plan_reads
+from edgetwin.mappers.modbus.planner import ReadRequest, Span, plan_reads
 
 
 def test_three_register_blocks_and_forty_coils_take_four_requests() -> None:

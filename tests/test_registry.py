@@ -11,8 +11,8 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from deviceapi import Device, DeviceModel
-from gateway.registry import Decision, Registry
+from edgetwin.deviceapi import Device, DeviceModel
+from edgetwin.gateway.registry import Decision, Registry
 from tests.conftest import device_doc, model_doc
 
 NODE = "edge-01"

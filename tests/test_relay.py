@@ -16,10 +16,10 @@ import pytest
 from lightkube import AsyncClient, KubeConfig
 from lightkube.types import PatchType
 
-from cloud.relay import RelaySettings, read_pki, serve
-from cloud.status_writer import Device
-from deviceapi.proto.edgetwin.sync.v1 import sync_pb2, sync_pb2_grpc
-from deviceapi.wire import (
+from edgetwin.cloud.relay import RelaySettings, read_pki, serve
+from edgetwin.cloud.status_writer import Device
+from edgetwin.deviceapi.proto.edgetwin.sync.v1 import sync_pb2, sync_pb2_grpc
+from edgetwin.deviceapi.wire import (
     CAP_APPLIED_REVS,
     CLOUD_TO_EDGE,
     PROTOCOL_VERSION,

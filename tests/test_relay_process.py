@@ -102,7 +102,7 @@ async def test_the_relay_reads_a_kubeconfig_from_home_and_a_chosen_context(
         # It serves, against the emulator (the chosen context): a gateway's status lands.
         from lightkube import AsyncClient, KubeConfig
 
-        from cloud.status_writer import Device
+        from edgetwin.cloud.status_writer import Device
         from tests.test_relay import Gateway, status
 
         client = AsyncClient(config=KubeConfig.from_file(tmp_path / "kc"))

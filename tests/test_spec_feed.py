@@ -13,9 +13,9 @@ import pytest
 from lightkube import AsyncClient, KubeConfig
 from lightkube.types import PatchType
 
-from cloud.spec_feed import NodeFeed
-from cloud.status_writer import Device
-from deviceapi.wire import CLOUD_TO_EDGE, check_message
+from edgetwin.cloud.spec_feed import NodeFeed
+from edgetwin.cloud.status_writer import Device
+from edgetwin.deviceapi.wire import CLOUD_TO_EDGE, check_message
 from edgetwin.kube_emulator import Emulator, RunningEmulator
 
 ROOT = Path(__file__).resolve().parent.parent

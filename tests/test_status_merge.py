@@ -9,7 +9,7 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cloud.status_merge import merge_edge_status, summary
+from edgetwin.cloud.status_merge import merge_edge_status, summary
 
 PROPS = ("temperature", "setpoint", "humidity")
 

@@ -15,8 +15,8 @@ import pytest
 from lightkube import AsyncClient, KubeConfig
 from lightkube.types import PatchType
 
-from cloud.status_merge import merge_edge_status
-from cloud.status_writer import Device, Outcome, StatusWriter, merge_diff
+from edgetwin.cloud.status_merge import merge_edge_status
+from edgetwin.cloud.status_writer import Device, Outcome, StatusWriter, merge_diff
 from edgetwin.kube_emulator import Emulator, RunningEmulator
 
 ROOT = Path(__file__).resolve().parent.parent

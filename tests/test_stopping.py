@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from deviceapi.aio import cancel_tasks, wait_within
 from edgetwin.demo import free_port
-from gateway.config import parse_config
-from gateway.service import Gateway, now_ms
-from gateway.store.store import Store
+from edgetwin.deviceapi.aio import cancel_tasks, wait_within
+from edgetwin.gateway.config import parse_config
+from edgetwin.gateway.service import Gateway, now_ms
+from edgetwin.gateway.store.store import Store
 from tests.conftest import (
     EDGETWIN,
     THERMO_PROPS,
@@ -166,7 +166,7 @@ def test_a_store_that_cannot_be_written_at_start_is_one_clear_line(tmp_path: Pat
 
 HANGING_PLUGIN = '''
 import asyncio, contextlib
-from mappers.sdk import Mapper
+from edgetwin.mappers.sdk import Mapper
 
 class Hang(Mapper):
     """A third-party mapper whose stop() never returns and shrugs off cancellation."""

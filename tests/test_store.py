@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from deviceapi import DeviceModel
-from gateway.store.schema import SCHEMA_VERSION, SchemaTooNew
-from gateway.store.store import Store, StoreError, open_reader, read_twin, snapshot
-from gateway.twin.engine import Event, TwinEngine
+from edgetwin.deviceapi import DeviceModel
+from edgetwin.gateway.store.schema import SCHEMA_VERSION, SchemaTooNew
+from edgetwin.gateway.store.store import Store, StoreError, open_reader, read_twin, snapshot
+from edgetwin.gateway.twin.engine import Event, TwinEngine
 from tests.conftest import THERMO_PROPS, model_doc
 from tests.test_engine import MODEL, device
 
@@ -111,7 +111,7 @@ async def test_auto_commit_mode_moves_slow_fsyncs_off_the_loop(tmp_path: Path) -
     import threading
     import time as _time
 
-    from gateway.store.store import StoreWriter
+    from edgetwin.gateway.store.store import StoreWriter
 
     store = Store(tmp_path / "s.db")
     writer = StoreWriter(store, "auto")
@@ -141,7 +141,7 @@ async def test_auto_commit_mode_moves_slow_fsyncs_off_the_loop(tmp_path: Path) -
 
 
 def test_read_events_filters_and_orders(tmp_path: Path) -> None:
-    from gateway.store.store import read_events
+    from edgetwin.gateway.store.store import read_events
 
     store = Store(tmp_path / "s.db")
     e = TwinEngine()

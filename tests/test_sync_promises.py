@@ -16,8 +16,8 @@ from typing import Any
 import paho.mqtt.client as paho
 import pytest
 
+from edgetwin.gateway.mqtt import payloads, topics
 from edgetwin.stack import Stack, StackOptions, until
-from gateway.mqtt import payloads, topics
 from tests.conftest import Mosquitto, device_doc, model_doc, write_manifests
 
 NODE = "edge-01"
@@ -124,7 +124,7 @@ async def _keep_changing_specs(stack: Stack, count: int) -> None:
     """Spec changes (new generations) of the cluster's devices, one every 100 ms."""
     from lightkube.types import PatchType
 
-    from cloud.status_writer import Device
+    from edgetwin.cloud.status_writer import Device
 
     i = 0
     while True:
@@ -248,7 +248,7 @@ async def test_a_restart_never_reapplies_an_old_cloud_value_nor_invents_a_confli
     await until(lambda: prop.desired is not None and prop.desired.value == 70, within=10)
     await asyncio.sleep(2)  # whatever the new stream brings
     assert prop.desired is not None and (prop.desired.value, prop.desired.origin) == (70, "edge")
-    from gateway.store.store import open_reader, read_events
+    from edgetwin.gateway.store.store import open_reader, read_events
 
     conflicts = read_events(open_reader(gw.cfg.store.path), kind="conflict")
     assert conflicts == [], conflicts

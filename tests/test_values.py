@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from deviceapi.values import MAX_VALUE_BYTES, ValueRejected, coerce_value, value_to_text
+from edgetwin.deviceapi.values import MAX_VALUE_BYTES, ValueRejected, coerce_value, value_to_text
 
 
 @pytest.mark.parametrize(

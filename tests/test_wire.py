@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from deviceapi.wire import (
+from edgetwin.deviceapi.wire import (
     ACK_DELAY_S,
     ACK_EVERY,
     CLOUD_TO_EDGE,

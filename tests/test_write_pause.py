@@ -16,11 +16,11 @@ import pytest
 import yaml
 
 from edgetwin.demo import free_port
-from gateway.config import parse_config
-from gateway.mqtt import payloads, topics
-from gateway.service import Gateway
-from gateway.twin.engine import WriteState
-from mappers.modbus.sim import BoilerSimulator, boiler_manifests
+from edgetwin.gateway.config import parse_config
+from edgetwin.gateway.mqtt import payloads, topics
+from edgetwin.gateway.service import Gateway
+from edgetwin.gateway.twin.engine import WriteState
+from edgetwin.mappers.modbus.sim import BoilerSimulator, boiler_manifests
 from tests.conftest import THERMO_PROPS, Collector, Mosquitto, device_doc, eventually, model_doc
 
 NODE = "edge-w"

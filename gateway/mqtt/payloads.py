@@ -17,8 +17,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from deviceapi.values import value_to_text
-from gateway.twin.engine import DeviceTwin, PropertyTwin, Reported
+from edgetwin.deviceapi.values import value_to_text
+from edgetwin.gateway.twin.engine import DeviceTwin, PropertyTwin, Reported
 
 
 class PayloadError(ValueError):

@@ -28,8 +28,8 @@ from typing import Any, Literal
 
 import sqlite_utils
 
-from gateway.store.schema import NOISY_EVENT_KINDS, migrate
-from gateway.twin.engine import (
+from edgetwin.gateway.store.schema import NOISY_EVENT_KINDS, migrate
+from edgetwin.gateway.twin.engine import (
     Changes,
     Desired,
     PropertyTwin,
@@ -37,7 +37,7 @@ from gateway.twin.engine import (
     TwinEngine,
     WriteState,
 )
-from gateway.twin.hlc import Stamp
+from edgetwin.gateway.twin.hlc import Stamp
 
 log = logging.getLogger(__name__)
 

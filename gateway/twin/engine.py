@@ -31,10 +31,10 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Literal
 
-from deviceapi import Device, DeviceModel, PropertyType, Value, ValueRejected, coerce_value
-from deviceapi.values import value_to_text
-from gateway.twin.hlc import HybridClock, Stamp
-from gateway.twin.patch import compose_into
+from edgetwin.deviceapi import Device, DeviceModel, PropertyType, Value, ValueRejected, coerce_value
+from edgetwin.deviceapi.values import value_to_text
+from edgetwin.gateway.twin.hlc import HybridClock, Stamp
+from edgetwin.gateway.twin.patch import compose_into
 
 Origin = Literal["cloud", "edge"]
 ORIGINS: tuple[Origin, ...] = ("cloud", "edge")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mappers.ble.codec import BASE_UUID_SUFFIX, CodecError
+from edgetwin.mappers.ble.codec import BASE_UUID_SUFFIX, CodecError
 
 AD_INCOMPLETE_16 = 0x02
 AD_COMPLETE_16 = 0x03

@@ -35,8 +35,8 @@ from bumble.device import Advertisement, Connection, Device, Peer
 from bumble.hci import Address
 from bumble.transport import open_transport
 
-from deviceapi.aio import wait_within
-from mappers.ble.adverts import ParsedAdvert, parse_ad
+from edgetwin.deviceapi.aio import wait_within
+from edgetwin.mappers.ble.adverts import ParsedAdvert, parse_ad
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def _uuid128(uuid: Any) -> str:
 
 
 def _short(uuid: Any) -> str:
-    from mappers.ble.codec import normalize_uuid
+    from edgetwin.mappers.ble.codec import normalize_uuid
 
     return normalize_uuid(uuid.to_hex_str())
 
@@ -231,7 +231,7 @@ class BumbleScanner(BaseBleakScanner):
     ) -> None:
         super().__init__(detection_callback, service_uuids)
         if self._service_uuids is not None:  # "180F" matches as the 128-bit form adverts carry
-            from mappers.ble.codec import normalize_uuid
+            from edgetwin.mappers.ble.codec import normalize_uuid
 
             self._service_uuids = [normalize_uuid(u) for u in self._service_uuids]
         self._hci = hci

@@ -23,8 +23,8 @@ import struct
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from deviceapi import Value
-from deviceapi.values import shortest_float32
+from edgetwin.deviceapi import Value
+from edgetwin.deviceapi.values import shortest_float32
 
 ByteOrder = Literal["little", "big"]
 

@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from mappers.ble.codec import (
+from edgetwin.mappers.ble.codec import (
     DATA_TYPES,
     FLOAT_TYPES,
     INT_TYPES,
@@ -40,7 +40,7 @@ from mappers.ble.codec import (
     encode_sig,
     normalize_uuid,
 )
-from mappers.sdk import PropertyBinding, PropertyType, Value
+from edgetwin.mappers.sdk import PropertyBinding, PropertyType, Value
 
 ADDRESS_RE = re.compile(r"^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$")
 
@@ -50,7 +50,7 @@ class BleConfigError(ValueError):
 
 
 def _duration_ms(v: Any) -> int:
-    from deviceapi.types import parse_duration_ms
+    from edgetwin.deviceapi.types import parse_duration_ms
 
     return parse_duration_ms(v)
 
@@ -258,7 +258,7 @@ class Visitor(BaseModel):
 
 
 def _problem(exc: ValidationError) -> str:
-    from deviceapi.types import first_problem
+    from edgetwin.deviceapi.types import first_problem
 
     key, msg = first_problem(exc)
     return f".{key}: {msg}" if key else f": {msg}"

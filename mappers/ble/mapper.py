@@ -37,10 +37,10 @@ from bleak.backends.device import BLEDevice
 from bleak.backends.scanner import AdvertisementData
 from bleak.exc import BleakError, BleakGATTProtocolError
 
-from deviceapi.aio import wait_within
-from mappers.ble.codec import PRESENTATION_DESCRIPTOR, CodecError, PresentationFormat
-from mappers.ble.config import Connection, Visitor, parse_connection, parse_visitor
-from mappers.sdk import (
+from edgetwin.deviceapi.aio import wait_within
+from edgetwin.mappers.ble.codec import PRESENTATION_DESCRIPTOR, CodecError, PresentationFormat
+from edgetwin.mappers.ble.config import Connection, Visitor, parse_connection, parse_visitor
+from edgetwin.mappers.sdk import (
     DeviceBinding,
     DeviceUnavailable,
     Mapper,
@@ -264,7 +264,7 @@ class BleMapper(Mapper):
         if not isinstance(size, int) or isinstance(size, bool) or size < 1:
             raise MapperError(f"mappers.ble.maxConnections: a positive integer, not {size!r}")
         self.slots = Slots(size)
-        from deviceapi.types import parse_duration_ms
+        from edgetwin.deviceapi.types import parse_duration_ms
 
         try:
             self.retry_min_s = parse_duration_ms(self.options.get("reconnectMin", "500ms")) / 1000
@@ -282,14 +282,14 @@ class BleMapper(Mapper):
 
     def _backend_kwargs(self) -> dict[str, Any]:
         if self.hci:
-            from mappers.ble.bumble_backend import BumbleClient
+            from edgetwin.mappers.ble.bumble_backend import BumbleClient
 
             return {"backend": BumbleClient, "hci": self.hci}
         return {"bluez": {"adapter": self.adapter}} if self.adapter else {}
 
     def _scanner(self, callback: AdvertCallback) -> BleakScanner:
         if self.hci:
-            from mappers.ble.bumble_backend import BumbleScanner
+            from edgetwin.mappers.ble.bumble_backend import BumbleScanner
 
             return BleakScanner(callback, backend=BumbleScanner, hci=self.hci)
         return BleakScanner(callback, bluez={"adapter": self.adapter} if self.adapter else {})
@@ -331,7 +331,7 @@ class BleMapper(Mapper):
         self._by_device.clear()
         await self.discovery.close()
         if self.hci:
-            from mappers.ble.bumble_backend import close_adapters
+            from edgetwin.mappers.ble.bumble_backend import close_adapters
 
             await close_adapters()
 

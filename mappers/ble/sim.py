@@ -54,7 +54,7 @@ from bumble.host import Host
 from bumble.link import LocalLink
 from bumble.transport.common import AsyncPipeSink, StreamPacketSink, StreamPacketSource
 
-from mappers.ble.adverts import build_ad
+from edgetwin.mappers.ble.adverts import build_ad
 
 SIM_SERVICE = "E7C10000-5E4D-4B7F-9A3C-6D2F00000000"
 RELAY_UUID = "E7C10001-5E4D-4B7F-9A3C-6D2F00000000"

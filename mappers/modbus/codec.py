@@ -19,9 +19,9 @@ import math
 import struct
 from collections.abc import Sequence
 
-from deviceapi.values import shortest_float32
-from mappers.modbus.config import INTEGER_TYPES, Visitor
-from mappers.sdk import Value
+from edgetwin.deviceapi.values import shortest_float32
+from edgetwin.mappers.modbus.config import INTEGER_TYPES, Visitor
+from edgetwin.mappers.sdk import Value
 
 _WIDTH = {
     "int16": 1,

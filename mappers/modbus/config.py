@@ -27,7 +27,7 @@ from pydantic import (
     model_validator,
 )
 
-from mappers.sdk import PropertyBinding, PropertyType
+from edgetwin.mappers.sdk import PropertyBinding, PropertyType
 
 Table = Literal["coil", "discrete_input", "input_register", "holding_register"]
 DataType = Literal[
@@ -49,7 +49,7 @@ class ModbusConfigError(ValueError):
 
 
 def _duration_ms(v: Any) -> int:
-    from deviceapi.types import parse_duration_ms
+    from edgetwin.deviceapi.types import parse_duration_ms
 
     return parse_duration_ms(v)
 
@@ -162,7 +162,7 @@ class Visitor(BaseModel):
     @property
     def count(self) -> int:
         """Registers (or bits) the value occupies."""
-        from mappers.modbus.codec import register_count
+        from edgetwin.mappers.modbus.codec import register_count
 
         return register_count(self)
 
@@ -179,7 +179,7 @@ _MODEL_TYPES: dict[str, tuple[PropertyType, ...]] = {
 
 
 def _problem(exc: ValidationError) -> str:
-    from deviceapi.types import first_problem
+    from edgetwin.deviceapi.types import first_problem
 
     key, msg = first_problem(exc)
     return f"{key}: {msg}" if key else msg

@@ -28,11 +28,11 @@ from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusException
 from pymodbus.framer import FramerType
 
-from deviceapi.aio import wait_within
-from mappers.modbus.codec import CodecError, decode, encode, encode_bit
-from mappers.modbus.config import BIT_TABLES, Connection, Visitor, parse_connection, parse_visitor
-from mappers.modbus.planner import ReadRequest, Span, plan_reads
-from mappers.sdk import (
+from edgetwin.deviceapi.aio import wait_within
+from edgetwin.mappers.modbus.codec import CodecError, decode, encode, encode_bit
+from edgetwin.mappers.modbus.config import BIT_TABLES, Connection, Visitor, parse_connection, parse_visitor
+from edgetwin.mappers.modbus.planner import ReadRequest, Span, plan_reads
+from edgetwin.mappers.sdk import (
     Cadence,
     DeviceBinding,
     DeviceUnavailable,

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from mappers.modbus.config import BIT_TABLES, MAX_READ_BITS, MAX_READ_REGISTERS
+from edgetwin.mappers.modbus.config import BIT_TABLES, MAX_READ_BITS, MAX_READ_REGISTERS
 
 TABLE_ORDER = ("coil", "discrete_input", "holding_register", "input_register")
 

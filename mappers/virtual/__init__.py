@@ -16,7 +16,7 @@ import random
 import time
 from typing import Any, ClassVar
 
-from mappers.sdk import (
+from edgetwin.mappers.sdk import (
     DeviceBinding,
     MapperError,
     PollingMapper,

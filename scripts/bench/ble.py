@@ -32,11 +32,11 @@ import yaml
 from bleak import BleakClient, BleakScanner
 
 from edgetwin.demo import free_port
-from gateway.config import parse_config
-from gateway.service import Gateway
-from mappers.ble.bumble_backend import BumbleClient, BumbleScanner, close_adapters
-from mappers.ble.mapper import BleMapper
-from mappers.ble.sim import sensor_manifests
+from edgetwin.gateway.config import parse_config
+from edgetwin.gateway.service import Gateway
+from edgetwin.mappers.ble.bumble_backend import BumbleClient, BumbleScanner, close_adapters
+from edgetwin.mappers.ble.mapper import BleMapper
+from edgetwin.mappers.ble.sim import sensor_manifests
 
 sys.path.insert(0, str(Path(__file__).parent))
 from ingest import start_mosquitto

@@ -152,10 +152,10 @@ async def worker(spec: dict[str, Any]) -> None:
     Commands on stdin: "pause", "resume", "dump" (each device's last value, as JSON)."""
     import logging
 
-    from deviceapi import Device, DeviceModel
-    from gateway.config import UplinkConfig
-    from gateway.twin.engine import TwinEngine
-    from gateway.uplink import Uplink
+    from edgetwin.deviceapi import Device, DeviceModel
+    from edgetwin.gateway.config import UplinkConfig
+    from edgetwin.gateway.twin.engine import TwinEngine
+    from edgetwin.gateway.uplink import Uplink
 
     logging.basicConfig(level=logging.ERROR)
     pki = Path(spec["pki"])
@@ -552,7 +552,7 @@ async def main(args: argparse.Namespace) -> None:
             last = await workers.dump()
             client = AsyncClient(config=KubeConfig.from_file(kubeconfig))
             missing = 0
-            from cloud.status_writer import Device
+            from edgetwin.cloud.status_writer import Device
 
             async for obj in client.list(Device, namespace=NAMESPACE):
                 dev = f"{NAMESPACE}.{obj.metadata.name}"

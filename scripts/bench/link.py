@@ -40,13 +40,13 @@ import yaml
 from lightkube import AsyncClient, KubeConfig
 from lightkube.types import PatchType
 
-from cloud.relay import RelaySettings, read_pki, serve
-from cloud.status_writer import Device
+from edgetwin.cloud.relay import RelaySettings, read_pki, serve
+from edgetwin.cloud.status_writer import Device
+from edgetwin.gateway.config import parse_config
+from edgetwin.gateway.mqtt import topics
+from edgetwin.gateway.service import Gateway
 from edgetwin.kube_emulator import Emulator, RunningEmulator
 from edgetwin.linksim import LinkSim
-from gateway.config import parse_config
-from gateway.mqtt import topics
-from gateway.service import Gateway
 
 sys.path.insert(0, str(Path(__file__).parent))
 from ingest import start_mosquitto

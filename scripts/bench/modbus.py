@@ -38,8 +38,8 @@ import yaml
 from pymodbus.client import AsyncModbusTcpClient
 
 from edgetwin.demo import free_port
-from gateway.config import parse_config
-from gateway.service import Gateway
+from edgetwin.gateway.config import parse_config
+from edgetwin.gateway.service import Gateway
 
 sys.path.insert(0, str(Path(__file__).parent))
 from ingest import start_mosquitto, wait_port
