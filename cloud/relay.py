@@ -129,6 +129,10 @@ class _Session:
         self.wake = asyncio.Event()
         self.acks = AckTimer()
         self.echo_due = False
+        # rv messages (the resume point moves on) are not urgent: held, newest per kind,
+        # until a frame goes anyway or rv_every_s / 2 has passed (see _take_held_rv).
+        self.held_rv: dict[str, dict[str, Any]] = {}
+        self.held_since: float | None = None
         self.applied_revs = False  # the gateway offered appliedRevs
         self.last_rx = time.monotonic()
         self.bps = settings.down_bps
@@ -205,8 +209,35 @@ class _Session:
 
     async def _feed(self, feed: NodeFeed, resume: str, store: str) -> None:
         async for msg in feed.messages(resume, store):
+            if msg["t"] == "rv":
+                self.held_rv[msg["kind"]] = msg
+                if self.held_since is None:
+                    self.held_since = time.monotonic()
+                    self.wake.set()
+                continue
+            # Any later message of the kind carries its own resourceVersion: the held rv,
+            # older, would only move the gateway's resume point back.
+            self.held_rv.pop(msg["kind"], None)
             await self.feed_out.put(msg)
             self.wake.set()
+
+    def _rv_wait(self, now: float) -> float | None:
+        """Seconds until held rv messages go on their own (0: now), None if none held."""
+        if not self.held_rv or self.held_since is None:
+            return None
+        return max(0.0, self.held_since + self.settings.rv_every_s / 2 - now)
+
+    def _take_held_rv(self) -> list[dict[str, Any]]:
+        """The held rv messages, for a frame that goes anyway: a data frame, or the answer
+        to an echo (so in an idle stream they cost no frame of their own: the gateway's
+        heartbeat comes every 24 s, within the hold of 30 s). Only once everything queued
+        before them has gone, so a resume point never passes an unsent change."""
+        if not self.held_rv or not self.feed_out.empty():
+            return []
+        held = list(self.held_rv.values())
+        self.held_rv.clear()
+        self.held_since = None
+        return held
 
     def _answer(self, dev: str, rev: int, part: int | None, fut: asyncio.Future[Outcome]) -> None:
         if not fut.cancelled():
@@ -253,20 +284,24 @@ class _Session:
         while True:
             now = time.monotonic()
             tokens, last = min(float(self.bps), tokens + (now - last) * self.bps), now
-            data = bool(self.answers) or not self.feed_out.empty()
+            rv_wait = self._rv_wait(now)
+            data = bool(self.answers) or not self.feed_out.empty() or rv_wait == 0
             can_data = data and self.outgoing.can_send and tokens >= 0
             ack_wait = self.acks.wait(self.incoming.ack, now)
             if not (can_data or ack_wait == 0 or self.echo_due):
                 # Idle, or data held back by the window (an ack wakes us) or the budget,
-                # or an ack waiting for a data frame to ride on.
+                # or an ack or rv waiting for a frame to ride on.
                 self.wake.clear()
-                waits = [w for w in (-tokens / self.bps if data and tokens < 0 else None, ack_wait) if w]
+                token_wait = -tokens / self.bps if data and tokens < 0 else None
+                waits = [w for w in (token_wait, ack_wait, rv_wait) if w]
                 with contextlib.suppress(TimeoutError):
                     await wait_within(self.wake.wait(), min(waits) if waits else None)
                 continue
             if can_data and self.settings.flush_s:
                 await asyncio.sleep(self.settings.flush_s)  # let a burst gather
             batch = self._next_batch() if can_data else []
+            if self.outgoing.can_send:
+                batch += self._take_held_rv()
             ack = self.incoming.ack
             self.acks.carried(ack)
             self.echo_due = False

@@ -263,10 +263,11 @@ class AckTimer:
     sent: int = 0  # the last ack value sent (on any frame)
     due_at: float | None = None
 
-    def received(self, now: float) -> None:
-        """A frame with a seq arrived (new or a replay: both want an ack)."""
-        if self.due_at is None:
-            self.due_at = now + ACK_DELAY_S
+    def received(self, now: float, delay: float = ACK_DELAY_S) -> None:
+        """A frame with a seq arrived (new or a replay: both want an ack), whose ack may
+        wait ``delay`` seconds (longer for a frame nothing waits on)."""
+        due = now + delay
+        self.due_at = due if self.due_at is None else min(self.due_at, due)
 
     def carried(self, ack: int) -> None:
         """A frame carrying ``ack`` went out."""

@@ -43,6 +43,7 @@ import msgpack
 from edgetwin.deviceapi.aio import wait_within
 from edgetwin.deviceapi.proto.edgetwin.sync.v1 import sync_pb2, sync_pb2_grpc
 from edgetwin.deviceapi.wire import (
+    ACK_DELAY_S,
     CAP_APPLIED_REVS,
     CLOUD_TO_EDGE,
     MAX_FRAME_BYTES,
@@ -344,11 +345,17 @@ class _Stream:
                     self.up.frames_acked += 1
                 self.out.on_ack(frame.ack)  # the window opens; the answers say what was applied
                 self.up.wake.set()
+            lazy = False
             if frame.seq and self.inc.accept(frame.seq):
-                for msg in self.decoder.decode(frame.encoding, frame.payload, CLOUD_TO_EDGE):
+                messages = self.decoder.decode(frame.encoding, frame.payload, CLOUD_TO_EDGE)
+                for msg in messages:
                     self.up.handle(msg, self)
+                # Only resume points moved on: nothing waits for this ack, so it rides on
+                # the next heartbeat instead of costing a frame of its own.
+                lazy = bool(messages) and all(m["t"] == "rv" for m in messages)
             if frame.seq:
-                self.acks.received(time.monotonic())
+                delay = self.up.cfg.heartbeat_ms / 1000 if lazy else ACK_DELAY_S
+                self.acks.received(time.monotonic(), delay)
                 self.up.wake.set()
 
     def answered(self, msg: dict[str, Any]) -> None:
@@ -529,16 +536,17 @@ class _Stream:
             if up.connected.is_set() and self.out.can_send and (stats := self._stats(now)):
                 tokens -= await self._send([stats], [])
                 continue
-            ack_wait = self.acks.wait(self.inc.ack, now)
-            if ack_wait == 0:
-                self.acks.carried(self.inc.ack)
-                await self.call.write(sync_pb2.Frame(seq=0, ack=self.inc.ack))
-                continue
+            # The heartbeat first: it carries any ack owed (a lazy one falls due with it).
             silent = now - self.last_rx
             if silent >= cfg.heartbeat_ms / 1000 and now - self.last_echo >= cfg.heartbeat_ms / 1000:
                 self.last_echo = now
                 self.acks.carried(self.inc.ack)
                 await self.call.write(sync_pb2.Frame(seq=0, ack=self.inc.ack, echo=True))
+                continue
+            ack_wait = self.acks.wait(self.inc.ack, now)
+            if ack_wait == 0:
+                self.acks.carried(self.inc.ack)
+                await self.call.write(sync_pb2.Frame(seq=0, ack=self.inc.ack))
                 continue
             # Sleep until: a wake (outbox change, ack, frame to acknowledge), the end of
             # the gathering window, the budget refilling, a deferral ending, or the next

@@ -78,6 +78,7 @@ class Gateway:
         self.decoder = FrameDecoder()
         self.seq = 0
         self.acks: list[int] = []  # the ack of every frame the relay sent
+        self.frames: list[int] = []  # the seq of every frame the relay sent (0: bare)
         self.call = sync_pb2_grpc.SyncStub(self.channel).Link(self._frames())
         self.task = asyncio.create_task(self._read())
 
@@ -88,9 +89,13 @@ class Gateway:
     async def _read(self) -> None:
         async for frame in self.call:
             self.acks.append(frame.ack)
+            self.frames.append(frame.seq)
             if frame.seq and self.incoming.accept(frame.seq):
                 self.received += self.decoder.decode(frame.encoding, frame.payload, CLOUD_TO_EDGE)
                 self.send_q.put_nowait(sync_pb2.Frame(seq=0, ack=self.incoming.ack))
+
+    def echo(self) -> None:
+        self.send_q.put_nowait(sync_pb2.Frame(seq=0, ack=self.incoming.ack, echo=True))
 
     def send(self, *messages: dict[str, Any]) -> None:
         self.seq += 1
@@ -195,6 +200,60 @@ async def test_a_gateway_that_offers_applied_revs_gets_its_answers_compactly(
         assert a.acks[-1] == a.seq, a.acks[-5:]
     finally:
         await a.close()
+
+
+async def test_resume_points_ride_on_heartbeat_answers_and_never_wait_longer_than_half_rv_every(
+    tmp_path: Path, pki: Path
+) -> None:
+    """An idle stream in a busy cluster: the relay's rv messages (resume point moved on)
+    wait for the answer to the gateway's next heartbeat instead of costing frames of their
+    own, but no longer than rv_every_s / 2 when no heartbeat comes."""
+    async with RunningEmulator(Emulator.from_files(CRDS, bookmark_s=0.1)) as api:
+        client = AsyncClient(config=KubeConfig.from_file(api.kubeconfig(tmp_path / "kc", "plant")))
+        for name, node in (("a1", "edge-a"), ("b1", "edge-b")):
+            obj = Device(
+                metadata={"name": name, "namespace": "plant"},
+                spec={"nodeName": node, "deviceModelRef": {"name": "m"}},
+            )
+            await client.create(obj, namespace="plant")
+        server, _, port = await serve(
+            client, "127.0.0.1:0", *read_pki(pki), RelaySettings(rv_every_s=2.0, flush_s=0.01)
+        )
+        a = Gateway(pki, "edge-a", port)
+
+        async def churn() -> None:  # another node's Device changes: the API server moves on
+            i = 0
+            while True:
+                i += 1
+                patch = {"spec": {"properties": [{"name": "x", "desired": {"value": str(i)}}]}}
+                await client.patch(Device, "b1", patch, namespace="plant", patch_type=PatchType.MERGE)
+                await asyncio.sleep(0.1)
+
+        churning = asyncio.create_task(churn())
+        try:
+            a.send({"t": "hello", "proto": PROTOCOL_VERSION, "resume": {}})
+            await a.until(lambda r: sum(m["t"] == "synced" for m in r) == 2)
+            await asyncio.sleep(0.5)
+            # A silent gateway: rv still comes, on its own, once the hold (1 s) is over.
+            start = asyncio.get_running_loop().time()
+            await a.until(lambda r: any(m["t"] == "rv" for m in r), within=6)
+            assert asyncio.get_running_loop().time() - start <= 2 + 1 + 1
+            # Heartbeats every 0.4 s (within the hold): every frame the relay sends is the
+            # answer to one of them, and the resume points keep moving.
+            await asyncio.sleep(0.3)
+            rvs, frames = sum(m["t"] == "rv" for m in a.received), len(a.frames)
+            for _ in range(15):
+                a.echo()
+                await asyncio.sleep(0.4)
+            await asyncio.sleep(0.3)
+            assert len(a.frames) - frames == 15, a.frames[frames:]
+            assert sum(m["t"] == "rv" for m in a.received) >= rvs + 2
+            assert any(seq for seq in a.frames[frames:]), "no rv rode on a heartbeat answer"
+        finally:
+            churning.cancel()
+            await a.close()
+            await server.stop(None)
+            await client.close()
 
 
 async def test_a_new_stream_resumes_from_the_gateways_resource_version(
