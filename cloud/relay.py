@@ -258,11 +258,13 @@ class _Session:
         budget = max(2048, int(self.bps * self.settings.frame_s)) * 4  # raw; compresses ~4x or better
         batch: list[dict[str, Any]] = []
         revs: list[int] = []  # whole revisions applied, as one appliedRevs
+        at = 0  # where the first of them was, so answers keep their order
         size = 0
         while len(batch) + len(revs) < self.settings.batch_max and size < budget:
             if self.answers:
                 msg = self.answers.popleft()
                 if self.applied_revs and msg["t"] == "applied" and "part" not in msg:
+                    at = len(batch) if not revs else at
                     revs.append(msg["rev"])
                     size += 3
                     continue
@@ -273,7 +275,7 @@ class _Session:
             batch.append(msg)
             size += _estimate(msg)
         if revs:
-            batch.insert(0, {"t": "appliedRevs", "revs": encode_revs(revs)})
+            batch.insert(at, {"t": "appliedRevs", "revs": encode_revs(revs)})
         return batch
 
     async def write(self) -> None:

@@ -9,7 +9,6 @@ from pathlib import Path
 
 DEPLOY = Path(__file__).resolve().parent / "deploy"
 CRDS = DEPLOY / "crds"
-MAKE_TEST_PKI = DEPLOY / "pki" / "make-test-pki"
 
 
 def crd_files() -> list[Path]:
@@ -19,6 +18,5 @@ def crd_files() -> list[Path]:
 
 def crds_yaml() -> str:
     """Every CRD as one multi-document YAML stream, for ``kubectl apply -f -``."""
-    return "---\n".join(
-        p.read_text() if p.read_text().endswith("\n") else p.read_text() + "\n" for p in crd_files()
-    )
+    texts = [p.read_text() for p in crd_files()]
+    return "---\n".join(t if t.endswith("\n") else t + "\n" for t in texts)
