@@ -65,6 +65,15 @@ STATUS_FOLDED = Counter(
 API_REQUEST_CONNECTIONS = 16
 
 
+def _adapter(client: AsyncClient, what: str) -> Any:
+    """lightkube's adapter inside ``client``, whose ``_client`` is the httpx client it
+    sends with (a private layout: checked, so a lightkube that changes it fails loudly)."""
+    adapter = getattr(client, "_client", None)
+    if not isinstance(getattr(adapter, "_client", None), httpx.AsyncClient):
+        raise RuntimeError(f"cannot {what} (an unknown lightkube layout)")
+    return adapter
+
+
 def api_client(kube: Any, field_manager: str, watches: bool = False) -> AsyncClient:
     """A Kubernetes client (lightkube) for the kubeconfig context ``kube``: for requests
     (a pool of :data:`API_REQUEST_CONNECTIONS`; more wait for a free one), or with
@@ -80,9 +89,7 @@ def api_client(kube: Any, field_manager: str, watches: bool = False) -> AsyncCli
     from lightkube.config.client_adapter import ConnectionParams
 
     client = AsyncClient(config=kube, field_manager=field_manager)
-    adapter = getattr(client, "_client", None)
-    if not isinstance(getattr(adapter, "_client", None), httpx.AsyncClient):
-        raise RuntimeError("cannot size the Kubernetes client's pool (an unknown lightkube layout)")
+    adapter = _adapter(client, "size the Kubernetes client's pool")
     # lightkube's own connection settings (server, TLS, auth, timeout), with the pool
     # sized as above; lightkube takes no limits of its own.
     params = ConnectionParams().httpx_params(kube)
@@ -91,7 +98,7 @@ def api_client(kube: Any, field_manager: str, watches: bool = False) -> AsyncCli
         max_connections=None if watches else API_REQUEST_CONNECTIONS,
         max_keepalive_connections=None if watches else API_REQUEST_CONNECTIONS,
     )
-    adapter._client = httpx.AsyncClient(**params, limits=limits)  # type: ignore[union-attr]
+    adapter._client = httpx.AsyncClient(**params, limits=limits)
     return client
 
 
@@ -99,9 +106,7 @@ def instrument(client: AsyncClient, limit: ApiRateLimit | None = None) -> None:
     """Count and time every API request the client makes, and hold each to ``limit``
     (httpx event hooks on the client lightkube wraps; a request hook is awaited before
     the request is sent)."""
-    http = getattr(getattr(client, "_client", None), "_client", None)
-    if not isinstance(http, httpx.AsyncClient):  # another lightkube layout: no API metrics
-        raise RuntimeError("cannot instrument the Kubernetes client (an unknown lightkube layout)")
+    http: httpx.AsyncClient = _adapter(client, "instrument the Kubernetes client")._client
 
     async def on_request(request: httpx.Request) -> None:
         if limit is not None:

@@ -98,7 +98,8 @@ class StatusWriter:
         # would queue inside the HTTP client, whose pool scans its whole queue on every
         # request and response (quadratic: a relay with 100 gateways draining spent its
         # core there).
-        self._shared = shared or asyncio.Semaphore(max_concurrent)
+        # (None: this writer alone, bounded by _requests.)
+        self._shared: contextlib.AbstractAsyncContextManager[Any] = shared or contextlib.nullcontext()
 
     def submit(self, namespace: str, name: str, rev: int, patch: dict[str, Any]) -> asyncio.Future[Outcome]:
         """Queue one edge status message; the future says how it ended."""

@@ -6,6 +6,7 @@ second stream (as after a relay restart) resumes from the gateway's resourceVers
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -41,9 +42,12 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-@pytest.fixture
-async def relay(tmp_path: Path, pki: Path) -> AsyncIterator[tuple[RunningEmulator, AsyncClient, int]]:
-    async with RunningEmulator(Emulator.from_files(CRDS)) as api:
+@contextlib.asynccontextmanager
+async def running_relay(
+    tmp_path: Path, pki: Path, settings: RelaySettings, **emulator: Any
+) -> AsyncIterator[tuple[RunningEmulator, AsyncClient, int]]:
+    """The API emulator with Devices a1, a2 (node edge-a) and b1 (edge-b), and a relay."""
+    async with RunningEmulator(Emulator.from_files(CRDS, **emulator)) as api:
         client = AsyncClient(config=KubeConfig.from_file(api.kubeconfig(tmp_path / "kc", "plant")))
         for name, node in (("a1", "edge-a"), ("a2", "edge-a"), ("b1", "edge-b")):
             obj = Device(
@@ -51,15 +55,20 @@ async def relay(tmp_path: Path, pki: Path) -> AsyncIterator[tuple[RunningEmulato
                 spec={"nodeName": node, "deviceModelRef": {"name": "m"}},
             )
             await client.create(obj, namespace="plant")
-        server, _, port = await serve(
-            client,
-            "127.0.0.1:0",
-            *read_pki(pki),
-            RelaySettings(min_status_interval_s=0.2, flush_s=0.01),
-        )
-        yield api, client, port
-        await server.stop(None)
-        await client.close()
+        server, _, port = await serve(client, "127.0.0.1:0", *read_pki(pki), settings)
+        try:
+            yield api, client, port
+        finally:
+            await server.stop(None)
+            await client.close()
+
+
+@pytest.fixture
+async def relay(tmp_path: Path, pki: Path) -> AsyncIterator[tuple[RunningEmulator, AsyncClient, int]]:
+    async with running_relay(
+        tmp_path, pki, RelaySettings(min_status_interval_s=0.2, flush_s=0.01)
+    ) as running:
+        yield running
 
 
 class Gateway:
@@ -208,17 +217,8 @@ async def test_resume_points_ride_on_heartbeat_answers_and_never_wait_longer_tha
     """An idle stream in a busy cluster: the relay's rv messages (resume point moved on)
     wait for the answer to the gateway's next heartbeat instead of costing frames of their
     own, but no longer than rv_every_s / 2 when no heartbeat comes."""
-    async with RunningEmulator(Emulator.from_files(CRDS, bookmark_s=0.1)) as api:
-        client = AsyncClient(config=KubeConfig.from_file(api.kubeconfig(tmp_path / "kc", "plant")))
-        for name, node in (("a1", "edge-a"), ("b1", "edge-b")):
-            obj = Device(
-                metadata={"name": name, "namespace": "plant"},
-                spec={"nodeName": node, "deviceModelRef": {"name": "m"}},
-            )
-            await client.create(obj, namespace="plant")
-        server, _, port = await serve(
-            client, "127.0.0.1:0", *read_pki(pki), RelaySettings(rv_every_s=2.0, flush_s=0.01)
-        )
+    settings = RelaySettings(rv_every_s=2.0, flush_s=0.01)
+    async with running_relay(tmp_path, pki, settings, bookmark_s=0.1) as (_, client, port):
         a = Gateway(pki, "edge-a", port)
 
         async def churn() -> None:  # another node's Device changes: the API server moves on
@@ -252,8 +252,6 @@ async def test_resume_points_ride_on_heartbeat_answers_and_never_wait_longer_tha
         finally:
             churning.cancel()
             await a.close()
-            await server.stop(None)
-            await client.close()
 
 
 async def test_a_new_stream_resumes_from_the_gateways_resource_version(
