@@ -217,13 +217,14 @@ class _Session:
                 continue
             # Any later message of the kind carries its own resourceVersion: the held rv,
             # older, would only move the gateway's resume point back.
-            self.held_rv.pop(msg["kind"], None)
+            if self.held_rv.pop(msg["kind"], None) is not None and not self.held_rv:
+                self.held_since = None
             await self.feed_out.put(msg)
             self.wake.set()
 
     def _rv_wait(self, now: float) -> float | None:
         """Seconds until held rv messages go on their own (0: now), None if none held."""
-        if not self.held_rv or self.held_since is None:
+        if self.held_since is None:  # set exactly while rv messages are held
             return None
         return max(0.0, self.held_since + self.settings.rv_every_s / 2 - now)
 
