@@ -19,7 +19,7 @@ import math
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -455,9 +455,12 @@ class StoreWriter:
     :data:`INLINE_FSYNC_MS`, on the thread otherwise. paho's thread keeps reading the
     broker either way."""
 
-    def __init__(self, store: Store, mode: CommitMode = "auto") -> None:
+    def __init__(
+        self, store: Store, mode: CommitMode = "auto", clock: Callable[[], float] = time.perf_counter
+    ) -> None:
         self.store = store
         self.mode = mode
+        self._clock = clock  # injectable so a test can play slow or fast storage on any disk
         self.fsync_ms_avg = 0.0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer")
         self._checkpointer = Checkpointer(store.path)
@@ -468,12 +471,12 @@ class StoreWriter:
 
     async def commit(self, batch: Batch) -> None:
         self.store.stage(batch)
-        started = time.perf_counter()
+        started = self._clock()
         if self.inline:
             self.store.finish()
         else:
             await asyncio.get_running_loop().run_in_executor(self._executor, self.store.finish)
-        took_ms = (time.perf_counter() - started) * 1000
+        took_ms = (self._clock() - started) * 1000
         self.fsync_ms_avg = 0.8 * self.fsync_ms_avg + 0.2 * took_ms
 
     def close(self) -> None:
