@@ -288,8 +288,9 @@ class FrameEncoder:
     """One stream direction's compressor (encoding 3); frames must be sent in the order
     they were encoded."""
 
-    def __init__(self) -> None:
-        self._deflater = zlib.compressobj(6, zlib.DEFLATED, -_WBITS, _MEM_LEVEL, zdict=ZDICT)
+    def __init__(self, mem_level: int = _MEM_LEVEL) -> None:
+        # (mem_level sizes the match finder, not the window: the decoder needs no change.)
+        self._deflater = zlib.compressobj(6, zlib.DEFLATED, -_WBITS, mem_level, zdict=ZDICT)
 
     def encode(self, raw: bytes) -> tuple[int, bytes]:
         data = self._deflater.compress(raw) + self._deflater.flush(zlib.Z_SYNC_FLUSH)

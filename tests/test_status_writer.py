@@ -148,3 +148,31 @@ async def test_a_device_written_before_is_written_without_a_read_and_a_foreign_w
     assert twins["temperature"]["reported"]["value"] == "22.0"
     assert any(c["type"] == "Other" for c in after["status"]["conditions"])  # the other write kept
     await writer.close()
+
+
+async def test_a_device_gone_quiet_is_still_spaced_by_the_interval_and_odd_text_survives_being_kept(
+    cluster: tuple[RunningEmulator, AsyncClient],
+) -> None:
+    """Between writes the writer keeps little per device (the status packed, no task), yet
+    a device that reports again right after its write still waits out minStatusInterval,
+    and what was kept is the status exactly (non-ASCII, escapes, NUL)."""
+    api, client = cluster
+    interval = 0.6
+    writer = StatusWriter(client, "edge-a", min_interval_s=interval)
+    odd = 'é 漢 🌡 \\ " \x00 \u2028'
+    patch = reading(1, 20.0)
+    patch["twins"]["temperature"]["reported"]["value"] = odd
+    assert (await writer.submit("plant", "d1", 1, patch)).applied
+    first = time.monotonic()
+    await asyncio.sleep(0.05)  # the write's task has ended; the device is quiet
+    patch = reading(2, 21.0)
+    patch["twins"]["temperature"]["reported"]["value"] = odd + "2"
+    assert (await writer.submit("plant", "d1", 2, patch)).applied
+    assert time.monotonic() - first >= interval * 0.9
+    assert api.emulator.status_writes[("plant", "d1")] == 2
+    obj = await client.get(Device, "d1", namespace="plant")
+    twins = {t["propertyName"]: t for t in obj["status"]["twins"]}
+    assert twins["temperature"]["reported"]["value"] == odd + "2"
+    # Written from what was kept (no read) and equal to what the API server holds.
+    assert writer._known[("plant", "d1")].status == obj["status"]
+    await writer.close()
