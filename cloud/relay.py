@@ -188,11 +188,11 @@ class _Session:
             self.answers.append({"t": "welcome", "proto": PROTOCOL_VERSION})
             resume = msg["resume"]
             store = str(msg.get("store") or "")
+            devices = NodeFeed(self.watch_client, Device, "Device", self.node, self.settings.node_selector)
+            # The writer lists the node's Devices as the feed selects them.
+            self.writer.list_params = devices.selector
             feeds = [
-                (
-                    NodeFeed(self.watch_client, Device, "Device", self.node, self.settings.node_selector),
-                    "Device",
-                ),
+                (devices, "Device"),
                 (NodeFeed(self.watch_client, DeviceModel, "DeviceModel", None), "DeviceModel"),
             ]
             for feed, kind_name in feeds:

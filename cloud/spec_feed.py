@@ -48,6 +48,18 @@ RETRIED_CODES = frozenset({429, 500, 502, 503, 504})
 RETRY_MIN_S, RETRY_MAX_S = 0.5, 30.0
 
 
+async def list_objects(client: AsyncClient, res: Any, params: dict[str, str]) -> Any:
+    """One list request for ``res`` in every namespace through lightkube's client (its
+    config, auth and TLS); the JSON answer as a dict. Raises lightkube's ApiError, or
+    httpx's errors."""
+    inner: Any = client._client  # lightkube: its request builder, auth and TLS
+    br = inner.prepare_request("list", res=res, namespace="*", params=params)
+    resp = await inner.send(inner.build_adapter_request(br))
+    if resp.status_code >= 400:
+        raise ApiError(response=resp)
+    return resp.json()
+
+
 class FieldSelectorUnsupported(Exception):
     """The API server refused ``spec.nodeName`` as a field selector."""
 
@@ -87,6 +99,11 @@ class NodeFeed:
     @property
     def _by_field(self) -> bool:
         return self.node is not None and self.mode != "label"
+
+    def selector(self) -> dict[str, str]:
+        """The list parameters that select this feed's objects (as detected so far: the
+        field selector, or the label where the API server refused the field)."""
+        return self._params()
 
     def _params(self) -> dict[str, str]:
         if self.node is None:
@@ -178,14 +195,7 @@ class NodeFeed:
         yield {"t": "synced", "kind": self.kind, "names": names, "rv": self.rv}
 
     async def _request(self, params: dict[str, str]) -> Any:
-        """One list request through lightkube's client (its config, auth and TLS);
-        JSON as a dict. Raises lightkube's ApiError, or httpx's errors."""
-        inner: Any = self.client._client  # lightkube: its request builder, auth and TLS
-        br = inner.prepare_request("list", res=self.res, namespace="*", params=params)
-        resp = await inner.send(inner.build_adapter_request(br))
-        if resp.status_code >= 400:
-            raise ApiError(response=resp)
-        return resp.json()
+        return await list_objects(self.client, self.res, params)
 
     async def _watch(self) -> AsyncIterator[tuple[str, dict[str, Any]]]:
         """Watch events (type, object as a dict) from ``self.rv``, with bookmarks; ends

@@ -176,3 +176,52 @@ async def test_a_device_gone_quiet_is_still_spaced_by_the_interval_and_odd_text_
     # Written from what was kept (no read) and equal to what the API server holds.
     assert writer._known[("plant", "d1")].status == obj["status"]
     await writer.close()
+
+
+async def test_first_writes_of_a_stream_list_the_nodes_devices_once_instead_of_a_read_each(
+    cluster: tuple[RunningEmulator, AsyncClient],
+) -> None:
+    """After a relay restart every device's first write needs its status: one list of the
+    node's Devices instead of a read per device. Another node's device in the answer's
+    way is still refused, and a device created after the list is still read."""
+    api, client = cluster
+    writer = StatusWriter(client, "edge-a", min_interval_s=0)
+    writer.list_params = lambda: {"fieldSelector": "spec.nodeName=edge-a"}
+    stats = api.emulator.stats
+    before = dict(stats)
+    outcomes = await asyncio.gather(
+        *(
+            writer.submit("plant", name, rev, reading(rev, 20.0 + rev))
+            for rev, name in enumerate(["d1", "d2", "d3"], 1)
+        )
+    )
+    assert all(o.applied for o in outcomes)
+    lists = stats["GET /apis/edgetwin.io/v1alpha1/devices"] - before.get(
+        "GET /apis/edgetwin.io/v1alpha1/devices", 0
+    )
+    reads = stats["GET /apis/edgetwin.io/v1alpha1"] - before.get("GET /apis/edgetwin.io/v1alpha1", 0)
+    patches = stats["PATCH /apis/edgetwin.io/v1alpha1"] - before.get("PATCH /apis/edgetwin.io/v1alpha1", 0)
+    assert (lists, reads, patches) == (1, 0, 3)
+    assert writer.seeded == 3
+    for rev, name in enumerate(["d1", "d2", "d3"], 1):
+        obj = await client.get(Device, name, namespace="plant")
+        twins = {t["propertyName"]: t for t in obj["status"]["twins"]}
+        assert twins["temperature"]["reported"]["value"] == str(20.0 + rev)
+
+    refused = await writer.submit("plant", "other", 9, reading(9, 1.0))
+    assert not refused.applied and "belongs to node 'edge-b'" in refused.reason
+    await client.create(
+        Device(
+            metadata={"name": "d4", "namespace": "plant"},
+            spec={"nodeName": "edge-a", "deviceModelRef": {"name": "m"}},
+        ),
+        namespace="plant",
+    )
+    assert (await writer.submit("plant", "d4", 10, reading(10, 5.0))).applied
+    assert (
+        stats["GET /apis/edgetwin.io/v1alpha1/devices"]
+        - before.get("GET /apis/edgetwin.io/v1alpha1/devices", 0)
+        == 1
+    )
+    assert api.emulator.status_writes[("plant", "other")] == 0
+    await writer.close()

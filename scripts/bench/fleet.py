@@ -36,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -295,6 +296,20 @@ def proc_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def verbs(stats: Any) -> Counter[str]:
+    """The emulator's request counts by HTTP method and resource (GET includes lists and
+    watches; the emulator counts a namespaced request by the path before /namespaces/,
+    so a Device read or write in its namespace shows as ``namespaced``)."""
+    out: Counter[str] = Counter()
+    for key, n in stats.items():
+        method, _, path = key.partition(" ")
+        if not method.isupper() or not path.startswith("/apis/"):
+            continue
+        parts = path.strip("/").split("/")  # apis, group, version[, plural, ...]
+        out[f"{method} {parts[3] if len(parts) > 3 else 'namespaced'}"] += n
+    return out
+
+
 def proc_rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -492,6 +507,7 @@ async def main(args: argparse.Namespace) -> None:
             cpu0, at0 = proc_cpu_s(relay_a.pid), time.monotonic()
             writes0 = sum(emulator.status_writes.values())
             requests0 = len(emulator.request_times)
+            by_verb0 = verbs(emulator.stats)
             applied0 = workers.total("applied")
             await asyncio.sleep(args.steady)
             dt = time.monotonic() - at0
@@ -499,6 +515,8 @@ async def main(args: argparse.Namespace) -> None:
             rss = proc_rss_mb(relay_a.pid)
             writes = (sum(emulator.status_writes.values()) - writes0) / dt
             requests = (len(emulator.request_times) - requests0) / dt
+            by_verb = verbs(emulator.stats) - by_verb0
+            verb_rates = ", ".join(f"{verb} {n / dt:.0f}" for verb, n in sorted(by_verb.items()))
             messages = (workers.total("applied") - applied0) / dt
             per_gw_kb = (rss - idle_rss) * 1024 / len(nodes)
             print(
@@ -506,7 +524,7 @@ async def main(args: argparse.Namespace) -> None:
                 f"a change per device every {args.every:g} s = {changes_per_s:.0f} changes/s):\n"
                 f"  relay CPU {cores:.2f} cores ({cores / len(nodes) * 1e6:.0f} us/s per gateway); "
                 f"RSS {rss:.1f} MB = {per_gw_kb:.0f} KB per gateway (goal <= 200)\n"
-                f"  status messages applied {messages:.0f}/s; API requests {requests:.0f}/s, "
+                f"  status messages applied {messages:.0f}/s; API requests {requests:.0f}/s ({verb_rates}), "
                 f"status writes {writes:.0f}/s; baseline one write per change {changes_per_s:.0f}/s: "
                 f"ratio {writes / changes_per_s:.2f}",
                 flush=True,
