@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from edgetwin.deviceapi import Device, DeviceModel, value_to_text
 from edgetwin.deviceapi.aio import cancel_tasks, wait_within
 from edgetwin.deviceapi.version import __version__
-from edgetwin.gateway import logs
+from edgetwin.gateway import heap, logs
 from edgetwin.gateway.config import ConfigError, GatewayConfig
 from edgetwin.gateway.dedup import RecentUpdates
 from edgetwin.gateway.devices import Devices
@@ -202,6 +202,8 @@ class Gateway:
             self._spawn(self._write_scheduler(), "writes")
             self._spawn(self._metrics_publisher(), "metrics")
             self._spawn(self._health_watch(), "health")
+            if heap.available():
+                self._spawn(self._heap_trimmer(), "heap")
             if self.cfg.health.listen:
                 from edgetwin.deviceapi.ops_http import OpsServer, split_listen
                 from edgetwin.gateway.prom import GatewayMetrics
@@ -748,6 +750,12 @@ class Gateway:
             if interval is not None and not problems and time.monotonic() >= next_ping:
                 self.notifier.send("WATCHDOG=1")
                 next_ping = time.monotonic() + interval
+
+    async def _heap_trimmer(self) -> None:
+        """Give freed heap back to the OS now and then (see gateway.heap)."""
+        while True:
+            await asyncio.sleep(heap.TRIM_EVERY_S)
+            heap.trim()
 
     async def _metrics_publisher(self) -> None:
         while True:

@@ -24,11 +24,14 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
-
-import sqlite_utils
+from typing import TYPE_CHECKING, Any, Literal
 
 from edgetwin.gateway.store.schema import NOISY_EVENT_KINDS, migrate
+
+if TYPE_CHECKING:
+    # The readers (CLI, tests) use sqlite-utils; the gateway itself does not load it
+    # (about 4 MB of RSS with what it imports: click, pluggy, dateutil).
+    import sqlite_utils
 from edgetwin.gateway.twin.engine import (
     Changes,
     Desired,
@@ -186,7 +189,12 @@ class Store:
             self._event_rows = int(self.conn.execute("SELECT count(*) FROM events").fetchone()[0])
         except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"cannot open store {self.path}: {exc}") from exc
-        self.db = sqlite_utils.Database(self.conn)
+
+    def _rows(self, sql: str) -> Iterator[dict[str, Any]]:
+        cursor = self.conn.execute(sql)
+        names = [d[0] for d in cursor.description]
+        for row in cursor:
+            yield dict(zip(names, row, strict=True))
 
     def close(self) -> None:
         self.conn.close()
@@ -335,18 +343,18 @@ class Store:
         hlc = self.get_meta("hlc")
         if hlc:
             engine.clock.observe(Stamp.parse(hlc))
-        for row in self.db.query("SELECT * FROM twin_property"):
+        for row in self._rows("SELECT * FROM twin_property"):
             dev = engine.devices.get(row["device_id"])
             prop = dev.properties.get(row["property"]) if dev else None
             if prop is not None:
                 _restore_property(prop, row)
-        for row in self.db.query("SELECT * FROM device_state"):
+        for row in self._rows("SELECT * FROM device_state"):
             dev = engine.devices.get(row["device_id"])
             if dev is not None:
                 dev.state, dev.last_online_ms = row["state"], row["last_online_ms"]
                 dev.conditions = json.loads(row["conditions"])
                 dev.observed_generation = row["observed_generation"]
-        stored = {r["device_id"]: r for r in self.db.query("SELECT * FROM outbox")}
+        stored = {r["device_id"]: r for r in self._rows("SELECT * FROM outbox")}
         for dev_id in engine.devices:
             outbox_row = stored.get(dev_id)
             if outbox_row is None:
@@ -490,6 +498,8 @@ def open_reader(path: str | Path) -> sqlite_utils.Database:
     p = Path(path)
     if not p.exists():
         raise StoreError(f"no store at {p} (has the gateway run with this config?)")
+    import sqlite_utils
+
     conn = sqlite3.connect(f"file:{p}?mode=ro", uri=True)
     conn.execute("PRAGMA busy_timeout=5000")
     return sqlite_utils.Database(conn)
