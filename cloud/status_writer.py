@@ -179,8 +179,12 @@ class StatusWriter:
         storm of 1,000 gateways x 20 devices: 1,000 requests instead of 20,000). Devices
         the list does not hold (created since, another node's) are read one by one as
         before; a failed list only means they all are."""
+        # resourceVersion 0: any recent state will do (each write is conditional on the
+        # object's resourceVersion), so the API server answers from its watch cache
+        # instead of reading every Device from etcd to filter them by node.
+        params = {**params, "resourceVersion": "0", "limit": str(SEED_MAX)}
         try:
-            raw = await list_objects(self.client, Device, {**params, "limit": str(SEED_MAX)})
+            raw = await list_objects(self.client, Device, params)
         except Exception as exc:  # any failure: fall back to reads
             log.info(
                 "listing the node's Devices failed; reading each",
