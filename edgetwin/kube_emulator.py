@@ -365,6 +365,8 @@ class Emulator:
         self._watching: dict[tuple[str, str | None], set[asyncio.Queue[Event | None]]] = {}
         # Object keys by spec.nodeName (kept by _emit), so a node's list does not scan all.
         self._by_node: dict[str, set[tuple[str, str, str]]] = {}
+        # ...and by resource, so a list of 10 DeviceModels does not scan 20,000 Devices.
+        self._by_plural: dict[str, set[tuple[str, str, str]]] = {}
         # etcd compaction as kube-apiserver drives it: every compact_s, history up to
         # the resourceVersion of the previous round is forgotten (so 1-2 rounds are kept).
         self.compact_s, self.bookmark_s = compact_s, bookmark_s
@@ -405,6 +407,11 @@ class Emulator:
         self.events.append(event)
         meta = obj["metadata"]
         key = (res.plural, meta.get("namespace") or "", meta["name"])
+        of_plural = self._by_plural.setdefault(res.plural, set())
+        if kind == "DELETED":
+            of_plural.discard(key)
+        else:
+            of_plural.add(key)
         for o in (old,) if kind == "DELETED" else (old, obj):
             if o is None:
                 continue
@@ -609,7 +616,7 @@ class Emulator:
 
     def select(self, res: Resource, ns: str | None, sel: Selector) -> list[dict[str, Any]]:
         node = next((v for k, op, v in sel.fields if k == "spec.nodeName" and op == "="), None)
-        keys = self._by_node.get(node, set()) if node is not None else self.objects.keys()
+        keys = self._by_node.get(node, set()) if node is not None else self._by_plural.get(res.plural, set())
         return [
             self.objects[key]
             for key in sorted(keys)
