@@ -19,7 +19,7 @@ def test_heap_freed_in_the_middle_goes_back_to_the_os_on_a_trim() -> None:
     # threshold); keeping one in 64 and the last holds the heap's top, so free() alone
     # cannot shrink it: only a trim gives the free pages in between back.
     blocks = [bytes(2000) for _ in range(20_000)]  # ~40 MB
-    kept = blocks[::64] + [blocks[-1]]
+    kept = [*blocks[::64], blocks[-1]]
     del blocks
     before = rss_kb()
     assert heap.trim()

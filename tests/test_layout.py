@@ -61,3 +61,18 @@ def test_the_design_import_rules_hold(folder: str, forbidden: tuple[str, ...]) -
     """gateway/ and cloud/ never import each other; a mapper imports only the SDK side;
     the shared module imports neither; the twin engine imports no I/O library."""
     assert _offenders(_modules(folder), forbidden) == []
+
+
+def test_the_gateway_service_loads_neither_sqlite_utils_nor_the_clouds_libraries() -> None:
+    """What a gateway loads is resident for its whole life (scripts/bench/memory.py):
+    sqlite-utils is for the commands that read a store; lightkube and grpc come only with
+    the relay or an uplink."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, edgetwin.gateway.service\n"
+        "print(sorted(m for m in ('sqlite_utils', 'click', 'lightkube', 'grpc') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
