@@ -1,8 +1,10 @@
 """The relay's bound on its own Kubernetes API request rate: a token bucket, as
 client-go's ``QPS``/``Burst`` and kubectl's ``--qps``/``--burst``.
 
-Every request the relay's client makes (status reads and writes, Gateway writes, lists,
-the start of each watch, readiness probes) takes one token first; with none left it waits.
+Every request the relay's clients make (status reads and writes, Gateway writes, lists,
+the start of each watch) takes one token first; with none left it waits. The readiness
+probe alone does not (one request per ``apiProbeInterval``): it asks whether the API
+server answers, and waiting behind a storm's queue would make a busy replica not ready.
 Status for a device that arrives while its write waits is folded into that write
 (:mod:`cloud.status_writer`), so a reconnect storm of a thousand gateways slows down to
 the configured rate instead of piling up requests, and nothing is lost.

@@ -74,10 +74,12 @@ def _adapter(client: AsyncClient, what: str) -> Any:
     return adapter
 
 
-def api_client(kube: Any, field_manager: str, watches: bool = False) -> AsyncClient:
+def api_client(
+    kube: Any, field_manager: str, watches: bool = False, connections: int = API_REQUEST_CONNECTIONS
+) -> AsyncClient:
     """A Kubernetes client (lightkube) for the kubeconfig context ``kube``: for requests
-    (a pool of :data:`API_REQUEST_CONNECTIONS`; more wait for a free one), or with
-    ``watches`` for the feeds' watches (a pool without a fixed size).
+    (a pool of ``connections``; more wait for a free one), or with ``watches`` for the
+    feeds' watches (a pool without a fixed size).
 
     Every connected gateway holds two watches (its Devices, the DeviceModels), a
     connection each over HTTP/1.1, for as long as it is connected: they get a client of
@@ -95,8 +97,8 @@ def api_client(kube: Any, field_manager: str, watches: bool = False) -> AsyncCli
     params = ConnectionParams().httpx_params(kube)
     params.pop("transport", None)
     limits = httpx.Limits(
-        max_connections=None if watches else API_REQUEST_CONNECTIONS,
-        max_keepalive_connections=None if watches else API_REQUEST_CONNECTIONS,
+        max_connections=None if watches else connections,
+        max_keepalive_connections=None if watches else connections,
     )
     adapter._client = httpx.AsyncClient(**params, limits=limits)
     return client

@@ -457,12 +457,18 @@ def cmd_cloud_run(args: argparse.Namespace) -> int:
         limit = ApiRateLimit(cfg.apiQPS, cfg.apiBurst)  # one rate for both clients
         ops.instrument(client, limit)
         ops.instrument(watch_client, limit)
+        # The probe asks whether the API server answers, not whether the bucket has a
+        # token: behind a reconnect storm's queue it would time out and take a busy but
+        # healthy replica out of its Service. One request per interval, unthrottled.
+        probe_client = ops.api_client(kube, "edgetwin-relay", connections=1)
+        ops.instrument(probe_client)
         health = await ops.new_health()
-        probe = ops.ApiProbe(client, health, cfg.apiProbeInterval / 1000)
+        probe = ops.ApiProbe(probe_client, health, cfg.apiProbeInterval / 1000)
         probe_task = asyncio.create_task(probe.run(), name="api probe")
         async with contextlib.AsyncExitStack() as stack:
             stack.push_async_callback(client.close)
             stack.push_async_callback(watch_client.close)
+            stack.push_async_callback(probe_client.close)
             stack.push_async_callback(cancel_tasks, [probe_task])
             try:
                 server, _, port = await serve(

@@ -246,6 +246,59 @@ async def test_link_drops_are_logged_with_the_reason_and_without_asyncio_noise(
     assert relay_text.count("gateway connected") >= 4
 
 
+async def test_relay_stays_ready_while_its_api_request_bucket_is_empty(
+    tmp_path: Path, api: RunningEmulator
+) -> None:
+    """A replica throttled by its own apiQPS (a reconnect storm) still reaches the API
+    server: readiness must not fall, or kubelet takes a busy replica out of its Service
+    and its gateways pile onto the others. Here the bucket allows one request per 10 s
+    and the probe asks every second: a probe that waited for a token would time out."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    pki = make_pki(tmp_path / "pki", NODE)
+    hport = free_port()
+    config = relay_yaml(
+        tmp_path,
+        pki,
+        free_port(),
+        kubeconfig=str(tmp_path / "kc"),
+        healthListen=f"127.0.0.1:{hport}",
+        apiProbeInterval="1s",
+        apiQPS=0.1,
+        apiBurst=1,
+    )
+    proc = await start_relay(config, tmp_path, tmp_path / "relay.log")
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{hport}")
+    stub = health_pb2_grpc.HealthStub(channel)
+
+    async def status() -> int:
+        answer = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+        return int(answer.status)
+
+    try:
+        await asyncio.to_thread(wait_port, hport)
+        serving = health_pb2.HealthCheckResponse.SERVING
+        await until(lambda: _is(status, serving), within=10, what="SERVING")
+        seen = []
+        for _ in range(12):  # six probe intervals
+            await asyncio.sleep(0.5)
+            seen.append(await status())
+        assert seen == [serving] * len(seen), seen
+    finally:
+        await channel.close()
+        proc.terminate()
+        await proc.wait()
+    assert "not ready" not in (tmp_path / "relay.log").read_text()
+
+
+async def _is(read: Any, want: int) -> bool:
+    try:
+        return bool(await read() == want)
+    except Exception:
+        return False
+
+
 async def test_relay_readiness_follows_the_api_server_and_metrics_count_api_requests(
     tmp_path: Path, api: RunningEmulator
 ) -> None:
