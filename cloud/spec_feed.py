@@ -40,7 +40,10 @@ NODE_LABEL = "edgetwin.io/node"
 SelectorMode = Literal["auto", "field", "label"]
 # An ``rv`` message at most this often per kind (when the resume point moved).
 RV_EVERY_S = 60.0
-# The API server is asked to end each watch after this long (it is then resumed).
+# The API server is asked to end each watch after WATCH_S to 2 x WATCH_S (it is then
+# resumed), at random as client-go's reflectors do: a thousand gateways that connected
+# together would otherwise all start their watches again in the same few seconds every
+# WATCH_S, an apiQPS bucket's worth of requests that hold status writes back.
 WATCH_S = 290
 WATCH_SILENCE_S = 150.0
 # API server errors worth retrying (with backoff) rather than ending the stream.
@@ -205,7 +208,7 @@ class NodeFeed:
             **self._params(),
             "resourceVersion": self.rv,
             "allowWatchBookmarks": "true",
-            "timeoutSeconds": str(WATCH_S),
+            "timeoutSeconds": str(random.randrange(WATCH_S, 2 * WATCH_S)),
         }
         br = inner.prepare_request("list", res=self.res, namespace="*", watch=True, params=params)
         # Bookmarks arrive about once a minute: a watch silent for much longer is dead.

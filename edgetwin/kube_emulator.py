@@ -377,6 +377,7 @@ class Emulator:
         # When each of the last requests arrived (time.monotonic()), for rate checks.
         self.request_times: deque[float] = deque(maxlen=200_000)
         self.status_writes: Counter[tuple[str, str]] = Counter()  # (namespace, name)
+        self.watch_timeouts: deque[float | None] = deque(maxlen=10_000)  # each watch's timeoutSeconds
         # Fault injection for tests: the next N writes answer 409 Conflict, as when
         # someone else wrote the object between a client's read and its write; the next N
         # requests (watches aside) answer 500, or take slow_s longer.
@@ -684,14 +685,15 @@ class Emulator:
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        self.stats[f"{request.method} {request.path.split('/namespaces/')[0]}"] += 1
+        watch = request.query.get("watch") in ("1", "true")
+        self.stats[f"{'WATCH' if watch else request.method} {request.path.split('/namespaces/')[0]}"] += 1
         self.request_times.append(time.monotonic())
         try:
             self._authorize(request)
         except ApiError as exc:
             self.stats["forbidden"] += 1
             return web.json_response(exc.status(), status=exc.code)
-        if request.query.get("watch") not in ("1", "true"):
+        if not watch:
             if self.errors_to_inject > 0:
                 self.errors_to_inject -= 1
                 error = ApiError(500, "InternalError", "an injected API server failure")
@@ -962,6 +964,7 @@ class Emulator:
         DELETED, and bookmarks when asked for (``allowWatchBookmarks``)."""
         since = request.query.get("resourceVersion", "")
         timeout = float(request.query.get("timeoutSeconds", "0") or 0) or None
+        self.watch_timeouts.append(timeout)
         bookmarks = request.query.get("allowWatchBookmarks") in ("1", "true")
         queue: asyncio.Queue[Event | None] = asyncio.Queue()
         self.watchers.add(queue)

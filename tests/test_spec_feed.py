@@ -137,3 +137,30 @@ async def test_resume_sends_only_what_changed_and_relists_when_gone(
         assert feed.relists == 1 and got[2]["rv"] == str(api.emulator.rv)
     finally:
         await reader.stop()
+
+
+async def test_watches_end_at_spread_out_times(
+    cluster: tuple[RunningEmulator, AsyncClient], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each watch asks the API server to end it after WATCH_S to 2 x WATCH_S, at random:
+    gateways that connected together (after a relay restart) must not all start their
+    watches again in the same second, every WATCH_S, for as long as they stay connected."""
+    from edgetwin.cloud import spec_feed
+
+    api, client = cluster
+    monkeypatch.setattr(spec_feed, "WATCH_S", 100)
+    readers = [Reader(NodeFeed(client, Device, "Device", f"edge-{i}"), "") for i in range(30)]
+    try:
+        for reader in readers:
+            await reader.until(1)  # synced: the watch comes next
+        for _ in range(250):
+            if len(api.emulator.watch_timeouts) >= len(readers):
+                break
+            await asyncio.sleep(0.02)
+        timeouts = list(api.emulator.watch_timeouts)
+        assert len(timeouts) == len(readers)
+        assert all(t is not None and 100 <= t < 200 for t in timeouts), timeouts
+        assert len(set(timeouts)) >= 10, timeouts  # 30 draws from 100 values
+    finally:
+        for reader in readers:
+            await reader.stop()
