@@ -610,6 +610,9 @@ async def main(args: argparse.Namespace) -> None:
                     stdin=asyncio.subprocess.PIPE,
                     stdout=asyncio.subprocess.PIPE,
                     cwd=ROOT,
+                    # A dump of 5,000 devices' last values is one line of ~150 KB (the
+                    # default limit, 64 KiB, ended the reader and the failover waited forever).
+                    limit=2**24,
                 )
             )
         workers = Workers(procs)
