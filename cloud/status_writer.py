@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+import msgpack
 from lightkube import AsyncClient
 from lightkube.generic_resource import create_namespaced_resource
 from lightkube.types import PatchType
@@ -54,7 +55,10 @@ class Outcome:
 
 @dataclass
 class _Pending:
-    messages: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
+    # The newest revision's patches, packed (msgpack): under apiQPS every device of every
+    # gateway has one waiting here, and as Python objects a fleet device's took ~4.8 KB,
+    # packed a few hundred bytes (scripts/bench/fleet.py at 300 gateways, apiQPS 30).
+    messages: list[tuple[int, bytes]] = field(default_factory=list)
     waiters: list[asyncio.Future[Outcome]] = field(default_factory=list)
     last_write: float = float("-inf")
     task: asyncio.Task[None] | None = None
@@ -133,7 +137,7 @@ class StatusWriter:
             for old in p.waiters:
                 old.cancel()
             p.messages, p.waiters = [], []
-        p.messages.append((rev, patch))
+        p.messages.append((rev, msgpack.packb(patch, use_bin_type=True)))
         p.waiters.append(fut)
         if p.task is None or p.task.done():
             p.task = asyncio.create_task(self._flush_later(key, p), name=f"status {namespace}/{name}")
@@ -198,7 +202,7 @@ class StatusWriter:
                 self._known[key] = _Known.of_dict(obj)
                 self.seeded += 1
 
-    async def _write(self, key: tuple[str, str], messages: list[tuple[int, dict[str, Any]]]) -> Outcome:
+    async def _write(self, key: tuple[str, str], messages: list[tuple[int, bytes]]) -> Outcome:
         namespace, name = key
         for _ in range(MAX_CONFLICT_RETRIES):
             known = self._known.pop(key, None)
@@ -221,8 +225,8 @@ class StatusWriter:
                     False, f"device {namespace}/{name} belongs to node {known.node!r}, not {self.node!r}"
                 )
             before = status = known.status
-            for rev, patch in sorted(messages, key=lambda m: m[0]):
-                status = merge_edge_status(status, patch, rev)
+            for rev, packed in sorted(messages, key=lambda m: m[0]):
+                status = merge_edge_status(status, msgpack.unpackb(packed, raw=False), rev)
             if status == before:
                 self._known[key] = known
                 return Outcome(True)  # a replay: nothing new

@@ -622,7 +622,7 @@ async def main(args: argparse.Namespace) -> None:
             )
             print(f"connect: all {len(nodes)} gateways welcomed in {took:.1f} s", flush=True)
             await asyncio.sleep(args.warmup)
-            settled = await relists_done(emulator, 600)
+            settled = await relists_done(emulator, len(nodes), 600)
             print(
                 f"warm-up: every gateway's relist done {args.warmup + settled:.0f} s after the connect",
                 flush=True,
@@ -644,18 +644,19 @@ async def main(args: argparse.Namespace) -> None:
         emulator.stop()
 
 
-async def relists_done(emulator: EmulatorProcess, limit_s: float) -> float:
-    """Seconds until 5 s pass without a DeviceModel list: every gateway's connect relist
-    is done (at 1,000 gateways, at apiQPS 100, they take longer than any fixed warm-up),
-    so the steady window measures the steady state."""
+async def relists_done(emulator: EmulatorProcess, gateways: int, limit_s: float) -> float:
+    """Seconds until every gateway's connect relist is done and its watches started: 5 s
+    without a DeviceModel list, and as many DeviceModel watches started as gateways (at
+    1,000 gateways, at apiQPS 100, they take longer than any fixed warm-up), so the
+    steady window measures the steady state."""
     started = time.monotonic()
-    last = (await emulator.ask("stats"))["verbs"]["GET devicemodels"]
+    last = -1
     while time.monotonic() - started < limit_s:
-        await asyncio.sleep(5)
-        now = (await emulator.ask("stats"))["verbs"]["GET devicemodels"]
-        if now == last:
+        verbs = (await emulator.ask("stats"))["verbs"]
+        if verbs["GET devicemodels"] == last and verbs["WATCH devicemodels"] >= gateways:
             break
-        last = now
+        last = verbs["GET devicemodels"]
+        await asyncio.sleep(5)
     return time.monotonic() - started
 
 
