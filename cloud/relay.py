@@ -48,7 +48,7 @@ from edgetwin.cloud import ops
 from edgetwin.cloud.gateway_status import GatewayReporter, GatewayTiming
 from edgetwin.cloud.ops import API_REQUEST_CONNECTIONS
 from edgetwin.cloud.spec_feed import NodeFeed, SelectorMode
-from edgetwin.cloud.status_writer import Device, Outcome, StatusWriter
+from edgetwin.cloud.status_writer import Device, Outcome, StatusWriter, WriteSlots
 from edgetwin.deviceapi.aio import wait_within
 from edgetwin.deviceapi.proto.edgetwin.sync.v1 import sync_pb2, sync_pb2_grpc
 from edgetwin.deviceapi.types import split_device_id
@@ -118,7 +118,7 @@ class _Session:
         context: grpc.aio.ServicerContext[Any, Any],
         reporter: GatewayReporter,
         watch_client: AsyncClient | None = None,
-        requests: asyncio.Semaphore | None = None,
+        requests: WriteSlots | None = None,
     ) -> None:
         self.client, self.node, self.settings, self.context = client, node, settings, context
         self.watch_client = watch_client or client
@@ -381,7 +381,7 @@ class SyncService(sync_pb2_grpc.SyncServicer):
         # holding every watch's connection makes each request on it scan them all.
         self.watch_client = watch_client or client
         # Status requests in flight for all streams together: at most the request pool.
-        self.requests = asyncio.Semaphore(API_REQUEST_CONNECTIONS)
+        self.requests = WriteSlots(API_REQUEST_CONNECTIONS)
         self.settings = settings or RelaySettings()
         self.streams = 0
         self.active: dict[str, int] = {}  # node -> open streams

@@ -9,12 +9,18 @@ devices / ``min_interval``; a message at a newer revision supersedes older ones 
 waiting (see :meth:`StatusWriter.submit`). Each :meth:`StatusWriter.submit` resolves when
 its message is in the API server (``applied``), never will be (``refused``), or was
 superseded (cancelled: the gateway waits for the newer revision's answer only).
+
+Writes start only as :class:`WriteSlots` (the relay's request pool, shared by every
+node's writer) allows, the nodes taking turns; a device waiting for its write, which
+under ``apiQPS`` is every device for minutes, is a packed message and a place in line,
+not a task.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import sys
@@ -53,6 +59,44 @@ class Outcome:
     retry: bool = False
 
 
+class WriteSlots:
+    """At most ``size`` status writes in flight for all the writers sharing it (the
+    relay's request pool: more would queue inside the HTTP client, whose pool scans its
+    whole queue on every request and response, quadratic: a relay with 100 gateways
+    draining spent its core there). Writers waiting for a slot take turns, one write each
+    (round robin), so a node with a thousand devices ready does not hold up the others;
+    a device waiting for its write costs no task (under ``apiQPS`` every device of every
+    gateway waits, and a task each was ~1.5 KB a device, scripts/bench/fleet.py)."""
+
+    def __init__(self, size: int) -> None:
+        if size < 1:
+            raise ValueError(f"size must be >= 1 (got {size})")
+        self.free = size
+        self._waiting: dict[StatusWriter, None] = {}  # insertion-ordered: the line
+
+    def want(self, writer: StatusWriter) -> None:
+        """``writer`` has a write ready: it gets a slot now or in its turn."""
+        self._waiting.setdefault(writer, None)
+        self._grant()
+
+    def release(self) -> None:
+        """A write ended (however): its slot goes to the next in line."""
+        self.free += 1
+        self._grant()
+
+    def forget(self, writer: StatusWriter) -> None:
+        self._waiting.pop(writer, None)
+
+    def _grant(self) -> None:
+        while self.free > 0 and self._waiting:
+            writer = next(iter(self._waiting))
+            del self._waiting[writer]
+            if writer._start_one():
+                self.free -= 1
+                if writer._wants_slot():
+                    self._waiting[writer] = None  # to the back of the line
+
+
 @dataclass
 class _Pending:
     # The newest revision's patches, packed (msgpack): under apiQPS every device of every
@@ -61,7 +105,6 @@ class _Pending:
     messages: list[tuple[int, bytes]] = field(default_factory=list)
     waiters: list[asyncio.Future[Outcome]] = field(default_factory=list)
     last_write: float = float("-inf")
-    task: asyncio.Task[None] | None = None
 
 
 def merge_diff(old: Any, new: Any) -> Any:
@@ -89,7 +132,7 @@ class StatusWriter:
         min_interval_s: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
         max_concurrent: int = 16,
-        shared: asyncio.Semaphore | None = None,
+        shared: WriteSlots | None = None,
     ) -> None:
         self.client = client
         self.node = node
@@ -102,14 +145,16 @@ class StatusWriter:
         self.writes = 0
         self.conflicts = 0
         # At most this many API requests in flight for the node: bounds API server load
-        # and the client's connection pool when a thousand devices drain at once.
-        self._requests = asyncio.Semaphore(max_concurrent)
-        # ...and at most so many for all nodes together (the relay's request pool): more
-        # would queue inside the HTTP client, whose pool scans its whole queue on every
-        # request and response (quadratic: a relay with 100 gateways draining spent its
-        # core there).
-        # (None: this writer alone, bounded by _requests.)
-        self._shared: contextlib.AbstractAsyncContextManager[Any] = shared or contextlib.nullcontext()
+        # and the client's connection pool when a thousand devices drain at once...
+        self._cap = max_concurrent
+        # ...and at most so many for all nodes together (None: this writer alone).
+        self._slots = shared or WriteSlots(max_concurrent)
+        # Each device with messages is in exactly one of: waiting out min_interval (a
+        # timer), ready for a slot (in line), or being written (its task).
+        self._timers: dict[tuple[str, str], asyncio.TimerHandle] = {}
+        self._ready: dict[tuple[str, str], None] = {}  # insertion-ordered: the line
+        self._inflight: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._closed = False
         # The list parameters that select the node's Devices (set by the relay's session
         # from its Device feed). With them, the first write that needs a read lists the
         # node's Devices once instead (see _seed).
@@ -139,12 +184,17 @@ class StatusWriter:
             p.messages, p.waiters = [], []
         p.messages.append((rev, msgpack.packb(patch, use_bin_type=True)))
         p.waiters.append(fut)
-        if p.task is None or p.task.done():
-            p.task = asyncio.create_task(self._flush_later(key, p), name=f"status {namespace}/{name}")
+        self._schedule(key, p)
         return fut
 
     async def close(self) -> None:
-        tasks = [p.task for p in self._pending.values() if p.task is not None]
+        self._closed = True
+        self._slots.forget(self)
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+        self._ready.clear()
+        tasks = list(self._inflight.values())
         if self._seeding is not None:
             tasks.append(self._seeding)
         for task in tasks:
@@ -153,28 +203,63 @@ class StatusWriter:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    async def _flush_later(self, key: tuple[str, str], p: _Pending) -> None:
-        while p.messages:
-            wait = p.last_write + self.min_interval_s - self.clock()
-            if wait > 0:
-                await asyncio.sleep(wait)
-            messages, waiters = p.messages, p.waiters
-            p.messages, p.waiters = [], []
-            try:
-                async with self._requests, self._shared:
-                    outcome = await self._write(key, messages)
-            except Exception as exc:  # the API server is unreachable or broken: retry later
-                log.warning("status write failed", extra={"device": "/".join(key), "error": repr(exc)})
-                p.messages, p.waiters = messages + p.messages, waiters + p.waiters
-                p.last_write = self.clock()
-                continue
+    # ----------------------------------------------------------------- scheduling
+    def _schedule(self, key: tuple[str, str], p: _Pending) -> None:
+        """A device has messages: in line for a slot once min_interval has passed since
+        its last write (nothing to do if it is already waiting or being written: what
+        arrives meanwhile is folded into that write, or the next)."""
+        if self._closed or key in self._timers or key in self._ready or key in self._inflight:
+            return
+        wait = p.last_write + self.min_interval_s - self.clock()
+        if wait > 0:
+            self._timers[key] = asyncio.get_running_loop().call_later(wait, self._due, key)
+        else:
+            self._due(key)
+
+    def _due(self, key: tuple[str, str]) -> None:
+        self._timers.pop(key, None)
+        self._ready[key] = None
+        self._slots.want(self)
+
+    def _wants_slot(self) -> bool:
+        return bool(self._ready) and len(self._inflight) < self._cap and not self._closed
+
+    def _start_one(self) -> bool:
+        """Start the write of the next device in line (called by the slots)."""
+        if not self._wants_slot():
+            return False
+        key = next(iter(self._ready))
+        del self._ready[key]
+        task = asyncio.create_task(self._flush(key, self._pending[key]), name=f"status {key[0]}/{key[1]}")
+        self._inflight[key] = task
+        task.add_done_callback(functools.partial(self._finished, key))
+        return True
+
+    def _finished(self, key: tuple[str, str], _task: asyncio.Task[None]) -> None:
+        del self._inflight[key]
+        self._slots.release()
+        if self._closed:
+            return
+        p = self._pending[key]
+        if p.messages:  # arrived during the write, or the write failed: the next one
+            self._schedule(key, p)
+        if self._ready:  # below the node's cap again
+            self._slots.want(self)
+
+    async def _flush(self, key: tuple[str, str], p: _Pending) -> None:
+        messages, waiters = p.messages, p.waiters
+        p.messages, p.waiters = [], []
+        try:
+            outcome = await self._write(key, messages)
+        except Exception as exc:  # the API server is unreachable or broken: retry later
+            log.warning("status write failed", extra={"device": "/".join(key), "error": repr(exc)})
+            p.messages, p.waiters = messages + p.messages, waiters + p.waiters
             p.last_write = self.clock()
-            for fut in waiters:
-                if not fut.done():
-                    fut.set_result(outcome)
-        # Done: let go of this task (a finished task keeps its coroutine); the entry
-        # stays for last_write, which spaces the next write.
-        p.task = None
+            return
+        p.last_write = self.clock()
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(outcome)
 
     async def _seed(self, params: dict[str, str]) -> None:
         """Read the node's Devices with one list, once per stream: after a relay restart

@@ -253,31 +253,15 @@ async def test_relay_stays_ready_while_its_api_request_bucket_is_empty(
     server: readiness must not fall, or kubelet takes a busy replica out of its Service
     and its gateways pile onto the others. Here the bucket allows one request per 10 s
     and the probe asks every second: a probe that waited for a token would time out."""
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_health.v1 import health_pb2
 
-    pki = make_pki(tmp_path / "pki", NODE)
-    hport = free_port()
-    config = relay_yaml(
-        tmp_path,
-        pki,
-        free_port(),
-        kubeconfig=str(tmp_path / "kc"),
-        healthListen=f"127.0.0.1:{hport}",
-        apiProbeInterval="1s",
-        apiQPS=0.1,
-        apiBurst=1,
-    )
-    proc = await start_relay(config, tmp_path, tmp_path / "relay.log")
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{hport}")
-    stub = health_pb2_grpc.HealthStub(channel)
+    proc, channel, stub = await relay_with_health(tmp_path, apiQPS=0.1, apiBurst=1)
 
     async def status() -> int:
         answer = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
         return int(answer.status)
 
     try:
-        await asyncio.to_thread(wait_port, hport)
         serving = health_pb2.HealthCheckResponse.SERVING
         await until(lambda: _is(status, serving), within=10, what="SERVING")
         seen = []
@@ -290,6 +274,34 @@ async def test_relay_stays_ready_while_its_api_request_bucket_is_empty(
         proc.terminate()
         await proc.wait()
     assert "not ready" not in (tmp_path / "relay.log").read_text()
+
+
+async def relay_with_health(tmp_path: Path, **extra: Any) -> tuple[Any, Any, Any]:
+    """A relay process probing the API every second, its plaintext health port up: the
+    process, a channel to the health port and a grpc.health.v1 stub on it."""
+    import grpc
+    from grpc_health.v1 import health_pb2_grpc
+
+    pki = make_pki(tmp_path / "pki", NODE)
+    hport = free_port()
+    config = relay_yaml(
+        tmp_path,
+        pki,
+        free_port(),
+        kubeconfig=str(tmp_path / "kc"),
+        healthListen=f"127.0.0.1:{hport}",
+        apiProbeInterval="1s",
+        **extra,
+    )
+    proc = await start_relay(config, tmp_path, tmp_path / "relay.log")
+    try:
+        await asyncio.to_thread(wait_port, hport)
+    except BaseException:
+        proc.terminate()
+        await proc.wait()
+        raise
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{hport}")
+    return proc, channel, health_pb2_grpc.HealthStub(channel)
 
 
 async def _is(read: Any, want: int) -> bool:
@@ -307,22 +319,10 @@ async def test_relay_readiness_follows_the_api_server_and_metrics_count_api_requ
     code."""
     import grpc
     import httpx
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_health.v1 import health_pb2
 
-    pki = make_pki(tmp_path / "pki", NODE)
-    hport, mport = free_port(), free_port()
-    config = relay_yaml(
-        tmp_path,
-        pki,
-        free_port(),
-        kubeconfig=str(tmp_path / "kc"),
-        healthListen=f"127.0.0.1:{hport}",
-        metricsListen=f"127.0.0.1:{mport}",
-        apiProbeInterval="1s",
-    )
-    proc = await start_relay(config, tmp_path, tmp_path / "relay.log")
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{hport}")
-    stub = health_pb2_grpc.HealthStub(channel)
+    mport = free_port()
+    proc, channel, stub = await relay_with_health(tmp_path, metricsListen=f"127.0.0.1:{mport}")
     web = httpx.AsyncClient(base_url=f"http://127.0.0.1:{mport}")
 
     async def serving(service: str = "") -> bool:
@@ -337,7 +337,6 @@ async def test_relay_readiness_follows_the_api_server_and_metrics_count_api_requ
         return bool(answer.status == health_pb2.HealthCheckResponse.NOT_SERVING)
 
     try:
-        await asyncio.to_thread(wait_port, hport)
         await until(serving, within=10, what="SERVING")
         assert await serving("edgetwin.sync.v1.Sync")
         assert (await web.get("/healthz")).status_code == 200
