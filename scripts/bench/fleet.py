@@ -334,6 +334,16 @@ class Balancer:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, backlog=4096)
         self.port = self._server.sockets[0].getsockname()[1]
 
+    async def close(self) -> None:
+        """Stop accepting and cut every connection, so each pipe ends before the loop
+        does (cancelled at the loop's end, they print tracebacks)."""
+        if self._server is not None:
+            self._server.close()
+        for backend in list(self._conns):
+            for w in self._conns.pop(backend):
+                w.transport.abort()
+        await asyncio.sleep(0.1)
+
     def drop(self, backend: int) -> None:
         """The backend died: cut its connections (as the kernel resets them)."""
         self.backends.remove(backend)
@@ -638,6 +648,7 @@ async def main(args: argparse.Namespace) -> None:
                 await failover(args, workers, balancer, relay_a, relay_b, kubeconfig_path, len(nodes))
         finally:
             await workers.stop()
+            await balancer.close()
     finally:
         for relay in relays:
             if relay.proc is not None and relay.proc.poll() is None:
