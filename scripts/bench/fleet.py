@@ -632,7 +632,7 @@ async def main(args: argparse.Namespace) -> None:
             )
             print(f"connect: all {len(nodes)} gateways welcomed in {took:.1f} s", flush=True)
             await asyncio.sleep(args.warmup)
-            settled = await relists_done(emulator, len(nodes), 600)
+            settled = await connects_settled(emulator, len(nodes), 600)
             print(
                 f"warm-up: every gateway's relists, watches and first list of its Devices done "
                 f"{args.warmup + settled:.0f} s after the connect",
@@ -656,7 +656,7 @@ async def main(args: argparse.Namespace) -> None:
         emulator.stop()
 
 
-async def relists_done(emulator: EmulatorProcess, gateways: int, limit_s: float) -> float:
+async def connects_settled(emulator: EmulatorProcess, gateways: int, limit_s: float) -> float:
     """Seconds until every gateway's connect is done: its relists, its watches started
     and the first list of its Devices for its status writes (at 1,000 gateways, at apiQPS
     100, they take longer than any fixed warm-up): 5 s without a list of Devices or
