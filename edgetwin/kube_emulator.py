@@ -665,8 +665,7 @@ class Emulator:
         resource = info["plural"] + ("/status" if info.get("sub") else "")
         verb = {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}.get(request.method)
         if verb is None:
-            watch = request.query.get("watch") in ("1", "true")
-            verb = "get" if "name" in info else "watch" if watch else "list"
+            verb = "get" if "name" in info else "watch" if self._is_watch(request) else "list"
         for rule in rules:
             if (
                 info["group"] in rule.get("apiGroups", ())
@@ -685,7 +684,7 @@ class Emulator:
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        watch = request.query.get("watch") in ("1", "true")
+        watch = self._is_watch(request)
         self.stats[f"{'WATCH' if watch else request.method} {request.path.split('/namespaces/')[0]}"] += 1
         self.request_times.append(time.monotonic())
         try:
@@ -934,6 +933,10 @@ class Emulator:
         }
 
     @staticmethod
+    def _is_watch(request: web.Request) -> bool:
+        return request.query.get("watch") in ("1", "true")
+
+    @staticmethod
     def _wants_table(request: web.Request) -> bool:
         return "as=Table" in request.headers.get("Accept", "")
 
@@ -942,7 +945,7 @@ class Emulator:
         ns = request.match_info.get("ns") if res.namespaced else None
         q = request.query
         sel = Selector.parse(res, q.get("labelSelector", ""), q.get("fieldSelector", ""))
-        if q.get("watch") in ("1", "true"):
+        if self._is_watch(request):
             return await self._watch(request, res, ns, sel)
         objs = self.select(res, ns, sel)
         if self._wants_table(request):
