@@ -7,10 +7,9 @@ Simulated gateways run the real uplink (gateway.uplink.Uplink over gRPC with mut
 one client certificate per node) on the real twin engine, a few hundred per worker
 process; each device reports a new value every --every seconds. The relay is
 `edgetwin cloud run` (a process, as deployed) against the Kubernetes API emulator
-(edgetwin.kube_emulator, a process of its own: at 1,000 gateways, sharing a process with
-the balancer slowed it until the relay's requests timed out), reached through a TCP
-balancer in this process, as gateways reach a Service. --phases picks which of the
-three phases below run (default all). Printed:
+(edgetwin.kube_emulator, a process of its own, so it shares no event loop with the
+balancer), reached through a TCP balancer in this process, as gateways reach a Service.
+--phases picks which of the three phases below run (default all). Printed:
 
   * connect: seconds until every gateway is welcomed;
   * steady state: relay CPU (cores) and RSS per connected gateway (RSS with the fleet
@@ -452,26 +451,30 @@ class Relay:
     async def metrics(self) -> str:
         """A summary of the relay's /metrics: streams, status writes, API requests by
         verb and code, ended streams by reason ("" when it does not answer)."""
+        import httpx
+        from prometheus_client.parser import text_string_to_metric_families
+
         try:
-            r, w = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", self.metrics_port), 5)
-            w.write(b"GET /metrics HTTP/1.0\r\nHost: relay\r\n\r\n")
-            text = (await asyncio.wait_for(r.read(), 10)).decode(errors="replace")
-            w.close()
-        except (OSError, TimeoutError):
+            async with httpx.AsyncClient(timeout=10) as http:
+                text = (await http.get(f"http://127.0.0.1:{self.metrics_port}/metrics")).text
+        except httpx.HTTPError:
             return ""
-        wanted = (
-            "edgetwin_relay_streams ",
-            "edgetwin_relay_status_writes_total ",
-            "edgetwin_relay_api_requests_total{",
-            "edgetwin_relay_stream_ends_total{",
-            "edgetwin_relay_api_throttled_seconds_total ",
-        )
+        wanted = {
+            "streams",
+            "status_writes_total",
+            "api_requests_total",
+            "stream_ends_total",
+            "api_throttled_seconds_total",
+        }
         parts = []
-        for line in text.splitlines():
-            if line.startswith(wanted):
-                name, _, value = line.rpartition(" ")
-                short = name.removeprefix("edgetwin_relay_").replace('"', "")
-                parts.append(f"{short}={float(value):.0f}")
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                short = sample.name.removeprefix("edgetwin_relay_")
+                if short in wanted:
+                    labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+                    parts.append(
+                        f"{short}{{{labels}}}={sample.value:.0f}" if labels else f"{short}={sample.value:.0f}"
+                    )
         return " ".join(parts)
 
     def kill(self) -> None:
