@@ -253,22 +253,14 @@ async def test_relay_stays_ready_while_its_api_request_bucket_is_empty(
     server: readiness must not fall, or kubelet takes a busy replica out of its Service
     and its gateways pile onto the others. Here the bucket allows one request per 10 s
     and the probe asks every second: a probe that waited for a token would time out."""
-    from grpc_health.v1 import health_pb2
-
     proc, channel, stub = await relay_with_health(tmp_path, apiQPS=0.1, apiBurst=1)
-
-    async def status() -> int:
-        answer = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
-        return int(answer.status)
-
     try:
-        serving = health_pb2.HealthCheckResponse.SERVING
-        await until(lambda: _is(status, serving), within=10, what="SERVING")
+        await until(lambda: serving(stub), within=10, what="SERVING")
         seen = []
         for _ in range(12):  # six probe intervals
             await asyncio.sleep(0.5)
-            seen.append(await status())
-        assert seen == [serving] * len(seen), seen
+            seen.append(await serving(stub))
+        assert all(seen), seen
     finally:
         await channel.close()
         proc.terminate()
@@ -304,11 +296,16 @@ async def relay_with_health(tmp_path: Path, **extra: Any) -> tuple[Any, Any, Any
     return proc, channel, health_pb2_grpc.HealthStub(channel)
 
 
-async def _is(read: Any, want: int) -> bool:
+async def serving(stub: Any, service: str = "") -> bool:
+    """Whether the health port answers SERVING for ``service`` (False if it does not answer)."""
+    import grpc
+    from grpc_health.v1 import health_pb2
+
     try:
-        return bool(await read() == want)
-    except Exception:
+        answer = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1)
+    except grpc.aio.AioRpcError:
         return False
+    return bool(answer.status == health_pb2.HealthCheckResponse.SERVING)
 
 
 async def test_relay_readiness_follows_the_api_server_and_metrics_count_api_requests(
@@ -317,7 +314,6 @@ async def test_relay_readiness_follows_the_api_server_and_metrics_count_api_requ
     """kubelet's view: the plaintext grpc.health.v1 port says SERVING only while the
     API server answers; /healthz says why not; /metrics counts API requests by verb and
     code."""
-    import grpc
     import httpx
     from grpc_health.v1 import health_pb2
 
@@ -325,20 +321,13 @@ async def test_relay_readiness_follows_the_api_server_and_metrics_count_api_requ
     proc, channel, stub = await relay_with_health(tmp_path, metricsListen=f"127.0.0.1:{mport}")
     web = httpx.AsyncClient(base_url=f"http://127.0.0.1:{mport}")
 
-    async def serving(service: str = "") -> bool:
-        try:
-            answer = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1)
-        except grpc.aio.AioRpcError:
-            return False
-        return bool(answer.status == health_pb2.HealthCheckResponse.SERVING)
-
     async def not_serving() -> bool:
         answer = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
         return bool(answer.status == health_pb2.HealthCheckResponse.NOT_SERVING)
 
     try:
-        await until(serving, within=10, what="SERVING")
-        assert await serving("edgetwin.sync.v1.Sync")
+        await until(lambda: serving(stub), within=10, what="SERVING")
+        assert await serving(stub, "edgetwin.sync.v1.Sync")
         assert (await web.get("/healthz")).status_code == 200
         metrics = (await web.get("/metrics")).text
         # The probe's own GET of a Gateway that does not exist: a 404 is an answer.
@@ -355,7 +344,7 @@ async def test_relay_readiness_follows_the_api_server_and_metrics_count_api_requ
         back = RunningEmulator(api.emulator, port=api.port)
         await back.start()
         try:
-            await until(serving, within=5, what="SERVING again")
+            await until(lambda: serving(stub), within=5, what="SERVING again")
         finally:
             await back.stop()
     finally:
