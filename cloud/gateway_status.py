@@ -40,8 +40,8 @@ from lightkube import ApiError, AsyncClient
 from lightkube.generic_resource import create_global_resource
 from lightkube.types import PatchType
 
-from edgetwin.deviceapi.aio import wait_within
-from edgetwin.deviceapi.log_limit import RateLimit
+from edgetwin.runtime.aio import wait_within
+from edgetwin.runtime.logs import RateLimit
 
 log = logging.getLogger(__name__)
 

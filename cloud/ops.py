@@ -21,7 +21,7 @@ from lightkube import AsyncClient
 from prometheus_client import Counter, Gauge, Histogram
 
 from edgetwin.cloud.api_rate import ApiRateLimit
-from edgetwin.deviceapi.aio import wait_within
+from edgetwin.runtime.aio import wait_within
 
 log = logging.getLogger(__name__)
 

@@ -49,10 +49,10 @@ from edgetwin.cloud.gateway_status import GatewayReporter, GatewayTiming
 from edgetwin.cloud.ops import API_REQUEST_CONNECTIONS
 from edgetwin.cloud.spec_feed import NodeFeed, SelectorMode
 from edgetwin.cloud.status_writer import Device, Outcome, StatusWriter, WriteSlots
-from edgetwin.deviceapi.aio import wait_within
-from edgetwin.deviceapi.proto.edgetwin.sync.v1 import sync_pb2, sync_pb2_grpc
 from edgetwin.deviceapi.types import split_device_id
-from edgetwin.deviceapi.wire import (
+from edgetwin.runtime.aio import wait_within
+from edgetwin.sync.v1 import sync_pb2, sync_pb2_grpc
+from edgetwin.sync.wire import (
     CAP_APPLIED_REVS,
     EDGE_TO_CLOUD,
     MAX_FRAME_BYTES,

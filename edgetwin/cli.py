@@ -21,12 +21,12 @@ from typing import Any
 
 from edgetwin.deviceapi import ManifestError
 from edgetwin.deviceapi.types import split_device_id
-from edgetwin.deviceapi.version import __version__
 from edgetwin.gateway.config import ConfigError, GatewayConfig, load_config
 from edgetwin.gateway.mapper_host import MapperLoadError
 from edgetwin.gateway.mqtt.broker import BrokerStartError
 from edgetwin.gateway.store.schema import SchemaTooNew
 from edgetwin.gateway.store.store import StoreError
+from edgetwin.runtime.version import __version__
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -48,7 +48,7 @@ def _device_arg(text: str) -> str:
 # --------------------------------------------------------------------- gateway run
 def cmd_gateway_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
-    from edgetwin.gateway import logs
+    from edgetwin.runtime import logs
 
     logs.setup(args.log_level or cfg.log.level, cfg.log.format)
     return asyncio.run(_run_gateway(cfg))
@@ -364,7 +364,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------- demo
 def cmd_demo(args: argparse.Namespace) -> int:
-    from edgetwin.demo import run_demo
+    from edgetwin.simulators.demo import run_demo
 
     _run_until_signalled(
         run_demo(
@@ -405,13 +405,13 @@ def _serve_until_interrupted(main: Coroutine[Any, Any, None], host: str, port: i
 
 
 def cmd_sim_modbus(args: argparse.Namespace) -> int:
-    from edgetwin.mappers.modbus.sim import serve
+    from edgetwin.simulators.modbus import serve
 
     return _serve_until_interrupted(serve(args.host, args.port, args.unit), args.host, args.port)
 
 
 def cmd_sim_ble(args: argparse.Namespace) -> int:
-    from edgetwin.mappers.ble.sim import serve
+    from edgetwin.simulators.ble import serve
 
     return _serve_until_interrupted(
         serve(args.host, args.port, args.count, args.beacons, args.prefix, args.notify_interval),
@@ -426,8 +426,8 @@ def cmd_cloud_run(args: argparse.Namespace) -> int:
     from edgetwin.cloud.config import RelayConfigError, kube_config, load_relay_config
     from edgetwin.cloud.gateway_status import GatewayTiming
     from edgetwin.cloud.relay import RelaySettings, serve
-    from edgetwin.deviceapi.aio import cancel_tasks
-    from edgetwin.deviceapi.ops_http import OpsServer, split_listen
+    from edgetwin.runtime.aio import cancel_tasks
+    from edgetwin.runtime.ops_http import OpsServer, split_listen
 
     try:
         cfg = load_relay_config(args.config)
@@ -435,7 +435,7 @@ def cmd_cloud_run(args: argparse.Namespace) -> int:
     except RelayConfigError as exc:
         print(f"edgetwin: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    from edgetwin.gateway import logs
+    from edgetwin.runtime import logs
 
     logs.setup(args.log_level or cfg.log.level, cfg.log.format)  # the gateway's structured lines
 
@@ -513,15 +513,15 @@ def cmd_cloud_run(args: argparse.Namespace) -> int:
 
 
 def cmd_cloud_crds(args: argparse.Namespace) -> int:
-    from edgetwin.shipped import crds_yaml
+    from edgetwin.deploy import crds_yaml
 
     sys.stdout.write(crds_yaml())
     return 0
 
 
 def cmd_kube_emulator(args: argparse.Namespace) -> int:
-    from edgetwin.kube_emulator import BANNER, Emulator, RunningEmulator
-    from edgetwin.shipped import CRDS
+    from edgetwin.deploy import CRDS
+    from edgetwin.simulators.kube.emulator import BANNER, Emulator, RunningEmulator
 
     where = Path(args.crds) if args.crds else CRDS
     crds = sorted(where.glob("*.yaml")) if where.is_dir() else [where]

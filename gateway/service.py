@@ -26,21 +26,17 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from edgetwin.deviceapi import Device, DeviceModel, value_to_text
-from edgetwin.deviceapi.aio import cancel_tasks, wait_within
-from edgetwin.deviceapi.version import __version__
-from edgetwin.gateway import heap, logs
 from edgetwin.gateway.config import ConfigError, GatewayConfig
 from edgetwin.gateway.dedup import RecentUpdates
 from edgetwin.gateway.devices import Devices
-from edgetwin.gateway.health import HealthMonitor, Loop
 from edgetwin.gateway.manifests import load_manifests
 from edgetwin.gateway.mapper_host import MapperSet
-from edgetwin.gateway.metrics import Metrics
 from edgetwin.gateway.mqtt import payloads, topics
 from edgetwin.gateway.mqtt.broker import EmbeddedBroker
 from edgetwin.gateway.mqtt.bus import Inbound, MqttBus
 from edgetwin.gateway.mqtt.payloads import PayloadError
-from edgetwin.gateway.sd_notify import Notifier
+from edgetwin.gateway.ops.health import HealthMonitor, Loop
+from edgetwin.gateway.ops.metrics import Metrics
 from edgetwin.gateway.store.store import Store, StoreError, StoreWriter, snapshot
 from edgetwin.gateway.twin.engine import (
     DesiredRejected,
@@ -52,9 +48,13 @@ from edgetwin.gateway.twin.engine import (
     clip,
 )
 from edgetwin.mappers.sdk import DeviceUnavailable, MapperError, ReportResult
+from edgetwin.runtime import heap, logs
+from edgetwin.runtime.aio import cancel_tasks, wait_within
+from edgetwin.runtime.sd_notify import Notifier
+from edgetwin.runtime.version import __version__
 
 if TYPE_CHECKING:
-    from edgetwin.gateway.prom import GatewayMetrics
+    from edgetwin.gateway.ops.prom import GatewayMetrics
 
 log = logging.getLogger(__name__)
 
@@ -205,8 +205,8 @@ class Gateway:
             if heap.available():
                 self._spawn(self._heap_trimmer(), "heap")
             if self.cfg.health.listen:
-                from edgetwin.deviceapi.ops_http import OpsServer, split_listen
-                from edgetwin.gateway.prom import GatewayMetrics
+                from edgetwin.gateway.ops.prom import GatewayMetrics
+                from edgetwin.runtime.ops_http import OpsServer, split_listen
 
                 self.prom = GatewayMetrics(self)
                 ops = OpsServer(self.health.problems, self.prom.registry)

@@ -40,9 +40,12 @@ from typing import Any
 import grpc
 import msgpack
 
-from edgetwin.deviceapi.aio import wait_within
-from edgetwin.deviceapi.proto.edgetwin.sync.v1 import sync_pb2, sync_pb2_grpc
-from edgetwin.deviceapi.wire import (
+from edgetwin.gateway.config import UplinkConfig
+from edgetwin.gateway.twin.engine import OutboxEntry, TwinEngine
+from edgetwin.runtime.aio import wait_within
+from edgetwin.runtime.logs import RateLimit
+from edgetwin.sync.v1 import sync_pb2, sync_pb2_grpc
+from edgetwin.sync.wire import (
     ACK_DELAY_S,
     CAP_APPLIED_REVS,
     CLOUD_TO_EDGE,
@@ -57,9 +60,6 @@ from edgetwin.deviceapi.wire import (
     decode_revs,
     pack_batch,
 )
-from edgetwin.gateway.config import UplinkConfig
-from edgetwin.gateway.logs import RateLimit
-from edgetwin.gateway.twin.engine import OutboxEntry, TwinEngine
 
 log = logging.getLogger(__name__)
 

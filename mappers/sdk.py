@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 from edgetwin.deviceapi import PropertyType, Value
-from edgetwin.deviceapi.aio import cancel_tasks as _cancel_tasks
+from edgetwin.runtime.aio import cancel_tasks as _cancel_tasks
 
 __all__ = [
     "Cadence",

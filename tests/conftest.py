@@ -3,15 +3,11 @@ small MQTT helpers. Nothing here depends on the broker that may run on :1883."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -23,8 +19,8 @@ import pytest
 import yaml
 from hypothesis import settings
 
-from edgetwin.demo import free_port
 from edgetwin.mappers.sdk import ReportResult
+from tests.harness.processes import Mosquitto
 
 # Properties are judged on behaviour, never on how long one example took on a busy CI
 # machine; print_blob lets a failure be replayed exactly.
@@ -33,61 +29,6 @@ settings.load_profile("edgetwin")
 
 BIN = Path(sys.executable).parent
 EDGETWIN = str(BIN / "edgetwin")
-
-
-def wait_port(port: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listening on 127.0.0.1:{port}")
-
-
-def _mosquitto_binary() -> str:
-    found = shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin:/usr/local/sbin")
-    if not found:
-        raise RuntimeError("mosquitto is not installed; scripts/test installs it")
-    return found
-
-
-class Mosquitto:
-    """A private mosquitto on a free loopback port."""
-
-    def __init__(self, workdir: Path, extra: str = "") -> None:
-        self.port = free_port()
-        self.workdir = workdir
-        self.conf = workdir / "mosquitto.conf"
-        self.conf.write_text(
-            textwrap.dedent(
-                f"""
-                listener {self.port} 127.0.0.1
-                allow_anonymous true
-                set_tcp_nodelay true
-                persistence false
-                max_queued_messages 200000
-                max_inflight_messages 1000
-                log_dest file {workdir / "mosquitto.log"}
-                """
-            )
-            + extra
-        )
-        self.start()
-
-    def start(self) -> None:
-        """(Re)start the broker on the same port and config."""
-        self.proc = subprocess.Popen(
-            [_mosquitto_binary(), "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        wait_port(self.port)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from lightkube import AsyncClient, KubeConfig
 from edgetwin.cloud import ops
 from edgetwin.cloud.api_rate import ApiRateLimit
 from edgetwin.cloud.status_writer import Device, StatusWriter
-from edgetwin.kube_emulator import Emulator, RunningEmulator
+from edgetwin.simulators.kube.emulator import Emulator, RunningEmulator
 
 ROOT = Path(__file__).resolve().parent.parent
 CRDS = sorted((ROOT / "deploy" / "crds").glob("*.yaml"))
@@ -148,7 +148,7 @@ async def test_the_relays_client_serves_requests_while_many_gateways_hold_watche
     The watches' client has no fixed pool; requests go on a client of their own."""
     from lightkube import KubeConfig as KC
 
-    from edgetwin.deviceapi.aio import cancel_tasks, wait_within
+    from edgetwin.runtime.aio import cancel_tasks, wait_within
 
     async with RunningEmulator(Emulator.from_files(CRDS)) as api:
         kube = KC.from_file(api.kubeconfig(tmp_path / "kc", "plant")).get()

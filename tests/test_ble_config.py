@@ -12,8 +12,8 @@ import yaml
 from edgetwin.deviceapi import PropertyType
 from edgetwin.mappers.ble.config import BleConfigError, parse_connection, parse_visitor
 from edgetwin.mappers.ble.mapper import BleMapper
-from edgetwin.mappers.ble.sim import sensor_manifests
 from edgetwin.mappers.sdk import DeviceBinding, MapperError, PropertyBinding
+from edgetwin.simulators.ble import sensor_manifests
 from tests.conftest import RecordingHost, run_cli
 
 

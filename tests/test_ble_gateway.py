@@ -14,7 +14,6 @@ import aiomqtt
 import pytest
 import yaml
 
-from edgetwin.demo import free_port
 from edgetwin.gateway.config import parse_config
 from edgetwin.gateway.mapper_host import discover
 from edgetwin.gateway.mqtt import payloads, topics
@@ -22,8 +21,9 @@ from edgetwin.gateway.service import Gateway
 from edgetwin.gateway.store.store import open_reader, read_twin
 from edgetwin.gateway.twin.engine import WriteState
 from edgetwin.mappers.ble.mapper import BleMapper
-from edgetwin.mappers.ble.sim import sensor_manifests
+from edgetwin.simulators.ble import sensor_manifests
 from tests.conftest import eventually
+from tests.harness.processes import free_port
 from tests.test_ble_mapper import SimProcess
 
 NODE = "edge-ble"

@@ -17,15 +17,15 @@ from typing import Any
 import pytest
 from bleak import BleakClient, BleakScanner
 
-from edgetwin.demo import free_port
 from edgetwin.gateway.manifests import parse_object
 from edgetwin.gateway.mapper_host import binding
 from edgetwin.mappers.ble.bumble_backend import BumbleClient, BumbleScanner, close_adapters
 from edgetwin.mappers.ble.codec import decode_sig
 from edgetwin.mappers.ble.mapper import BleMapper
-from edgetwin.mappers.ble.sim import FLOW_UUID, RELAY_UUID, sensor_manifests
 from edgetwin.mappers.sdk import DeviceBinding
+from edgetwin.simulators.ble import FLOW_UUID, RELAY_UUID, sensor_manifests
 from tests.conftest import EDGETWIN, RecordingHost, eventually
+from tests.harness.processes import free_port
 
 SENSORS = 20
 

@@ -20,17 +20,8 @@ import pytest
 import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edgetwin.demo import free_port
-from tests.conftest import (
-    Collector,
-    GatewayProcess,
-    Mosquitto,
-    _mosquitto_binary,
-    device_doc,
-    model_doc,
-    wait_port,
-    write_manifests,
-)
+from tests.conftest import Collector, GatewayProcess, device_doc, model_doc, write_manifests
+from tests.harness.processes import Mosquitto, free_port, mosquitto_binary, wait_port
 
 ROOT = Path(__file__).resolve().parent.parent
 NODE = "edge-broker"
@@ -140,7 +131,7 @@ def test_the_documented_mosquitto_settings_keep_a_gateway_outage_without_a_drop(
     for i, (user, password) in enumerate((gw_auth, mapper_auth)):
         flags = ["-c"] if i == 0 else []
         subprocess.run(["mosquitto_passwd", *flags, "-b", str(passwd), user, password], check=True)
-    broker = subprocess.Popen([_mosquitto_binary(), "-c", str(conf)], stderr=subprocess.PIPE)
+    broker = subprocess.Popen([mosquitto_binary(), "-c", str(conf)], stderr=subprocess.PIPE)
     gw = GatewayProcess(gateway_config(tmp_path, port, gw_auth), port, NODE, tmp_path / "gw.log", gw_auth)
     try:
         wait_port(port)

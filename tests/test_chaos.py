@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edgetwin.chaos import run
+from tests.harness.chaos import run
 
 
 async def test_a_short_chaos_run_keeps_every_invariant(tmp_path: Path) -> None:

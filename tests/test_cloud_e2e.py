@@ -20,9 +20,10 @@ from edgetwin.cloud.relay import RelaySettings, read_pki, serve
 from edgetwin.gateway.config import GatewayConfig, parse_config
 from edgetwin.gateway.mqtt import topics
 from edgetwin.gateway.service import Gateway
-from edgetwin.kube_emulator import Emulator, RunningEmulator
-from edgetwin.linksim import LinkSim
-from tests.conftest import BIN, Collector, Mosquitto, publish, update_payload
+from edgetwin.simulators.kube.emulator import Emulator, RunningEmulator
+from edgetwin.simulators.link import LinkSim
+from tests.conftest import BIN, Collector, publish, update_payload
+from tests.harness.processes import Mosquitto
 
 ROOT = Path(__file__).resolve().parent.parent
 CRDS = sorted((ROOT / "deploy" / "crds").glob("*.yaml"))
@@ -218,8 +219,8 @@ async def test_an_outage_with_edits_on_both_sides_reconciles_exactly_across_a_re
     edited at the edge and, later, in the cloud; the relay is killed and restarted in
     the middle of the drain. Afterwards cloud status equals the edge twin for every
     property, the conflict is resolved by the rule and visible in status."""
-    from edgetwin.demo import free_port
     from edgetwin.gateway.mqtt import payloads
+    from tests.harness.processes import free_port
 
     async with RunningEmulator(Emulator.from_files(CRDS)) as api:
         api.kubeconfig(tmp_path / "kc", "plant")

@@ -19,10 +19,9 @@ from typing import Any
 
 import pytest
 
-from edgetwin.demo import free_port
-from edgetwin.mappers.modbus.sim import BoilerSimulator, boiler_manifests
-from edgetwin.stack import Stack, StackOptions, until
-from tests.conftest import Mosquitto
+from edgetwin.simulators.modbus import BoilerSimulator, boiler_manifests
+from edgetwin.simulators.stack import Stack, StackOptions, until
+from tests.harness.processes import Mosquitto, free_port
 
 NODE = "edge-01"
 
@@ -331,7 +330,7 @@ async def cell_is(columns: Any, name: str, want: str) -> bool:
 
 
 async def test_deleting_a_ble_device_releases_its_connection(stack_factory: Any) -> None:
-    from edgetwin.mappers.ble.sim import sensor_manifests
+    from edgetwin.simulators.ble import sensor_manifests
     from tests.test_ble_mapper import SimProcess
 
     sim = SimProcess(2, beacons=0)

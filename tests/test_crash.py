@@ -20,13 +20,13 @@ import paho.mqtt.client as paho
 from tests.conftest import (
     Collector,
     GatewayProcess,
-    Mosquitto,
     device_doc,
     model_doc,
     run_cli,
     write_config,
     write_manifests,
 )
+from tests.harness.processes import Mosquitto
 
 NODE = "edge-crash"
 DEVICES = [f"sensor-{i}" for i in range(10)]

@@ -11,13 +11,13 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
-from edgetwin.demo import free_port
 from edgetwin.gateway.config import parse_config
 from edgetwin.gateway.dedup import MAX_ANSWER_BYTES, RecentUpdates
 from edgetwin.gateway.mqtt.bus import Inbound
 from edgetwin.gateway.service import Gateway
 from edgetwin.gateway.store.store import StoreWriter
 from tests.conftest import THERMO_PROPS, device_doc, model_doc
+from tests.harness.processes import free_port
 
 
 def test_the_rule() -> None:

@@ -86,7 +86,7 @@ def test_relay_rbac_is_least_privilege_and_the_config_loads(tmp_path: Path) -> N
     assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == "edgetwin-relay"
     # The shipped relay config is valid once its TLS files exist.
     from edgetwin.cloud.config import load_relay_config
-    from edgetwin.stack import make_pki
+    from edgetwin.simulators.stack import make_pki
 
     pki = make_pki(tmp_path / "pki", "edge-01")
     cfg = yaml.safe_load(config_map["data"]["relay.yaml"])
@@ -185,7 +185,8 @@ def test_the_wheel_the_image_installs_runs_the_relay_and_gateway_commands(tmp_pa
         "gateway/service.py",
         "mappers/sdk.py",
         "cloud/relay.py",
-        "deviceapi/wire.py",
+        "sync/wire.py",
+        "sync/v1/sync_pb2.py",
         "deploy/crds/devices.edgetwin.io.yaml",
     ):
         assert f"edgetwin/{sub}" in names, sub
@@ -232,7 +233,7 @@ def test_grafana_dashboard_queries_only_metrics_the_code_exports() -> None:
     assert len(exprs) >= 10
     sources = "".join(
         (ROOT / f).read_text()
-        for f in ("cloud/ops.py", "gateway/prom.py", "gateway/service.py", "gateway/mqtt/bus.py")
+        for f in ("cloud/ops.py", "gateway/ops/prom.py", "gateway/service.py", "gateway/mqtt/bus.py")
     )
     counters = set(re.findall(r'metrics\.inc\(\s*f?"([a-z_{}]+)"', sources))
     for expr in exprs:

@@ -24,7 +24,7 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
 
 
 def test_version_prints_the_installed_release() -> None:
-    from edgetwin.deviceapi.version import __version__
+    from edgetwin.runtime.version import __version__
 
     out = cli("--version")
     assert out.returncode == 0 and out.stdout.strip() == f"edgetwin {__version__}"
@@ -70,7 +70,6 @@ def test_systemd_unit_gives_serial_and_bluetooth_access_and_a_watchdog() -> None
 
 
 def test_status_shows_health_devices_outbox_and_errors_in_one_screen(mosquitto: Any, tmp_path: Path) -> None:
-    from edgetwin.demo import free_port
     from tests.conftest import (
         THERMO_PROPS,
         GatewayProcess,
@@ -81,6 +80,7 @@ def test_status_shows_health_devices_outbox_and_errors_in_one_screen(mosquitto: 
         write_config,
         write_manifests,
     )
+    from tests.harness.processes import free_port
 
     node = "edge-status"
     manifests = write_manifests(

@@ -19,16 +19,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from edgetwin.cloud.status_merge import merge_edge_status
-from edgetwin.demo import free_port
 from edgetwin.deviceapi import ManifestError
-from edgetwin.deviceapi.wire import (
-    EDGE_TO_CLOUD,
-    ENCODING_MSGPACK,
-    ENCODING_MSGPACK_ZSTREAM,
-    FrameDecoder,
-    FrameEncoder,
-    WireError,
-)
 from edgetwin.gateway.config import parse_config
 from edgetwin.gateway.manifests import parse_object
 from edgetwin.gateway.mqtt.bus import Inbound
@@ -42,7 +33,16 @@ from edgetwin.gateway.mqtt.payloads import (
 from edgetwin.gateway.registry import Registry
 from edgetwin.gateway.service import Gateway
 from edgetwin.gateway.store.store import StoreWriter
+from edgetwin.sync.wire import (
+    EDGE_TO_CLOUD,
+    ENCODING_MSGPACK,
+    ENCODING_MSGPACK_ZSTREAM,
+    FrameDecoder,
+    FrameEncoder,
+    WireError,
+)
 from tests.conftest import THERMO_PROPS, device_doc, model_doc
+from tests.harness.processes import free_port
 from tests.hostile import examples, json_values, k8s_objects, mqtt_payloads, msgpack_values, names
 
 SLOW = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example]

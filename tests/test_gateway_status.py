@@ -14,9 +14,9 @@ import pytest
 from lightkube import AsyncClient, KubeConfig
 
 from edgetwin.cloud.gateway_status import Gateway, GatewayReporter, GatewayState, GatewayTiming, iso
-from edgetwin.kube_emulator import Emulator, RunningEmulator
-from edgetwin.stack import CRDS, RELAY_USER, relay_rbac
-from edgetwin.stack import until as until_
+from edgetwin.simulators.kube.emulator import Emulator, RunningEmulator
+from edgetwin.simulators.stack import CRDS, RELAY_USER, relay_rbac
+from edgetwin.simulators.stack import until as until_
 
 
 def test_when_a_write_is_due() -> None:

@@ -22,14 +22,14 @@ from hypothesis import strategies as st
 from lightkube import AsyncClient, KubeConfig
 
 from edgetwin.cloud.relay import RelaySettings, read_pki, serve
-from edgetwin.demo import free_port
 from edgetwin.gateway.config import HealthConfig
-from edgetwin.gateway.health import HealthMonitor, Loop
-from edgetwin.gateway.sd_notify import Notifier
+from edgetwin.gateway.ops.health import HealthMonitor, Loop
 from edgetwin.gateway.service import Gateway
-from edgetwin.kube_emulator import Emulator, RunningEmulator
-from edgetwin.linksim import LinkSim
-from tests.conftest import Mosquitto, publish, update_payload
+from edgetwin.runtime.sd_notify import Notifier
+from edgetwin.simulators.kube.emulator import Emulator, RunningEmulator
+from edgetwin.simulators.link import LinkSim
+from tests.conftest import publish, update_payload
+from tests.harness.processes import Mosquitto, free_port
 from tests.test_cloud_e2e import CRDS, DEV, EXAMPLE, gateway_config, kubectl, pki  # noqa: F401
 
 STUCK_S = 2.0

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edgetwin.gateway import heap
+from edgetwin.runtime import heap
 
 
 def rss_kb() -> int:

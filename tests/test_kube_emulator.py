@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 import yaml
 
-from edgetwin.kube_emulator import Emulator, RunningEmulator, human_age
+from edgetwin.simulators.kube.emulator import Emulator, RunningEmulator, human_age
 from tests.conftest import BIN
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -404,7 +404,7 @@ def test_jsonpath_of_printer_columns() -> None:
 def test_a_crd_whose_cel_rule_the_api_server_would_refuse_is_refused() -> None:
     """cel-go refuses an unknown escape such as \\s in a string literal; cel-python
     would take it, so the emulator checks (a CRD that loads here loads in Kubernetes)."""
-    from edgetwin.kube_schema import SchemaError
+    from edgetwin.simulators.kube.schema import SchemaError
 
     for doc in yaml.safe_load_all(EXAMPLE.read_text()):
         assert doc  # the example parses
@@ -432,8 +432,8 @@ def test_ages_read_like_kubectl() -> None:
 
 
 def test_the_emulator_runs_as_a_command_for_kubectl(tmp_path: Path) -> None:
-    from edgetwin.demo import free_port
     from tests.conftest import EDGETWIN, wait_port
+    from tests.harness.processes import free_port
 
     port = free_port()
     kubeconfig = tmp_path / "kubeconfig"

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from edgetwin.linksim import LinkSim
+from edgetwin.simulators.link import LinkSim
 
 
 @pytest.fixture

@@ -18,15 +18,8 @@ from edgetwin.gateway.service import Gateway
 from edgetwin.gateway.twin.engine import WriteState
 from edgetwin.mappers.sdk import DeviceBinding, MapperError, PollingMapper, Value
 from edgetwin.mappers.virtual import VirtualMapper
-from tests.conftest import (
-    THERMO_PROPS,
-    device_doc,
-    eventually,
-    free_port,
-    model_doc,
-    run_cli,
-    write_manifests,
-)
+from tests.conftest import THERMO_PROPS, device_doc, eventually, model_doc, run_cli, write_manifests
+from tests.harness.processes import free_port
 
 NODE = "edge-m"
 

@@ -13,7 +13,6 @@ import aiomqtt
 import pytest
 import yaml
 
-from edgetwin.demo import free_port
 from edgetwin.gateway.config import parse_config
 from edgetwin.gateway.mapper_host import discover
 from edgetwin.gateway.mqtt import payloads, topics
@@ -21,8 +20,9 @@ from edgetwin.gateway.service import Gateway
 from edgetwin.gateway.store.store import open_reader, read_twin
 from edgetwin.gateway.twin.engine import WriteState
 from edgetwin.mappers.modbus.mapper import ModbusMapper
-from edgetwin.mappers.modbus.sim import BoilerSimulator, boiler_manifests
+from edgetwin.simulators.modbus import BoilerSimulator, boiler_manifests
 from tests.conftest import eventually
+from tests.harness.processes import free_port
 
 NODE = "edge-mb"
 

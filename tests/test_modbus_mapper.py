@@ -22,11 +22,11 @@ from pymodbus.framer import FramerType
 from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
-from edgetwin.demo import free_port
 from edgetwin.deviceapi import PropertyType
 from edgetwin.mappers.modbus.mapper import ModbusMapper
 from edgetwin.mappers.sdk import DeviceBinding, PropertyBinding
 from tests.conftest import RecordingHost, eventually
+from tests.harness.processes import free_port
 
 DT = ModbusClientMixin.DATATYPE
 

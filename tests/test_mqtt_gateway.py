@@ -15,7 +15,6 @@ from tests.conftest import (
     THERMO_PROPS,
     Collector,
     GatewayProcess,
-    Mosquitto,
     device_doc,
     model_doc,
     publish,
@@ -24,6 +23,7 @@ from tests.conftest import (
     write_config,
     write_manifests,
 )
+from tests.harness.processes import Mosquitto
 
 NODE = "edge-a"
 DEV = "plant.thermo-1"

@@ -14,16 +14,8 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import (
-    EDGETWIN,
-    THERMO_PROPS,
-    GatewayProcess,
-    Mosquitto,
-    device_doc,
-    free_port,
-    model_doc,
-    write_manifests,
-)
+from tests.conftest import EDGETWIN, THERMO_PROPS, GatewayProcess, device_doc, model_doc, write_manifests
+from tests.harness.processes import Mosquitto, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 NODE = "edge-tls"

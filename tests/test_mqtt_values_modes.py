@@ -14,7 +14,6 @@ from tests.conftest import (
     THERMO_PROPS,
     Collector,
     GatewayProcess,
-    Mosquitto,
     device_doc,
     model_doc,
     publish,
@@ -22,6 +21,7 @@ from tests.conftest import (
     write_config,
     write_manifests,
 )
+from tests.harness.processes import Mosquitto
 
 TOPIC_UPDATE = "$hw/events/device/plant.thermo-1/twin/update"
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from edgetwin.demo import free_port
-from edgetwin.deviceapi.proto.edgetwin.sync.v1 import sync_pb2, sync_pb2_grpc
+from edgetwin.sync.v1 import sync_pb2, sync_pb2_grpc
+from tests.harness.processes import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "deploy" / "pki" / "make-test-pki"

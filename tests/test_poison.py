@@ -18,13 +18,13 @@ from tests.conftest import (
     THERMO_PROPS,
     Collector,
     GatewayProcess,
-    Mosquitto,
     device_doc,
     model_doc,
     update_payload,
     write_config,
     write_manifests,
 )
+from tests.harness.processes import Mosquitto
 
 NODE = "edge-p"
 DEV = "plant.thermo-1"

@@ -19,8 +19,9 @@ from lightkube.types import PatchType
 
 from edgetwin.cloud.relay import RelaySettings, read_pki, serve
 from edgetwin.cloud.status_writer import Device
-from edgetwin.deviceapi.proto.edgetwin.sync.v1 import sync_pb2, sync_pb2_grpc
-from edgetwin.deviceapi.wire import (
+from edgetwin.simulators.kube.emulator import Emulator, RunningEmulator
+from edgetwin.sync.v1 import sync_pb2, sync_pb2_grpc
+from edgetwin.sync.wire import (
     CAP_APPLIED_REVS,
     CLOUD_TO_EDGE,
     PROTOCOL_VERSION,
@@ -29,7 +30,6 @@ from edgetwin.deviceapi.wire import (
     decode_revs,
     encode_batch,
 )
-from edgetwin.kube_emulator import Emulator, RunningEmulator
 
 ROOT = Path(__file__).resolve().parent.parent
 CRDS = sorted((ROOT / "deploy" / "crds").glob("*.yaml"))
@@ -293,8 +293,8 @@ async def test_a_client_without_a_certificate_is_refused(
 async def test_edgetwin_cloud_run_serves_the_relay(tmp_path: Path, pki: Path) -> None:
     import yaml
 
-    from edgetwin.demo import free_port
     from tests.conftest import EDGETWIN, wait_port
+    from tests.harness.processes import free_port
 
     async with RunningEmulator(Emulator.from_files(CRDS)) as api:
         client = AsyncClient(config=KubeConfig.from_file(api.kubeconfig(tmp_path / "kc", "plant")))

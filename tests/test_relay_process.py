@@ -14,19 +14,11 @@ from typing import Any
 import pytest
 import yaml
 
-from edgetwin.demo import free_port
-from edgetwin.kube_emulator import Emulator, RunningEmulator
-from edgetwin.linksim import LinkSim
-from edgetwin.stack import CRDS, make_pki, until
-from tests.conftest import (
-    EDGETWIN,
-    GatewayProcess,
-    Mosquitto,
-    device_doc,
-    model_doc,
-    wait_port,
-    write_manifests,
-)
+from edgetwin.simulators.kube.emulator import Emulator, RunningEmulator
+from edgetwin.simulators.link import LinkSim
+from edgetwin.simulators.stack import CRDS, make_pki, until
+from tests.conftest import EDGETWIN, GatewayProcess, device_doc, model_doc, write_manifests
+from tests.harness.processes import Mosquitto, free_port, wait_port
 
 NODE = "edge-01"
 

@@ -19,21 +19,20 @@ from pathlib import Path
 
 import pytest
 
-from edgetwin.demo import free_port
-from edgetwin.deviceapi.aio import cancel_tasks, wait_within
 from edgetwin.gateway.config import parse_config
 from edgetwin.gateway.service import Gateway, now_ms
 from edgetwin.gateway.store.store import Store
+from edgetwin.runtime.aio import cancel_tasks, wait_within
 from tests.conftest import (
     EDGETWIN,
     THERMO_PROPS,
     GatewayProcess,
-    Mosquitto,
     device_doc,
     model_doc,
     write_config,
     write_manifests,
 )
+from tests.harness.processes import Mosquitto, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 PRODUCT = ("gateway", "mappers", "cloud", "deviceapi", "edgetwin")

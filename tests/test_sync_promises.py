@@ -17,8 +17,9 @@ import paho.mqtt.client as paho
 import pytest
 
 from edgetwin.gateway.mqtt import payloads, topics
-from edgetwin.stack import Stack, StackOptions, until
-from tests.conftest import Mosquitto, device_doc, model_doc, write_manifests
+from edgetwin.simulators.stack import Stack, StackOptions, until
+from tests.conftest import device_doc, model_doc, write_manifests
+from tests.harness.processes import Mosquitto
 
 NODE = "edge-01"
 

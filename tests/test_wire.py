@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from edgetwin.deviceapi.wire import (
+from edgetwin.sync.wire import (
     ACK_DELAY_S,
     ACK_EVERY,
     CLOUD_TO_EDGE,
@@ -162,13 +162,14 @@ def test_a_restarted_receiver_starts_from_the_first_frame_it_sees() -> None:
 
 
 def test_generated_grpc_code_is_not_stale(tmp_path: Path) -> None:
+    """Generated modules sit where protoc puts them (protos/edgetwin/X -> edgetwin/X)."""
     subprocess.run([str(ROOT / "scripts" / "gen-protos"), str(tmp_path)], check=True)
-    committed = ROOT / "deviceapi" / "proto"
     fresh = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
-    assert fresh == sorted(
-        p.relative_to(committed) for p in committed.rglob("*") if p.is_file() and "__pycache__" not in p.parts
+    committed = sorted(
+        p.relative_to(ROOT) for p in (ROOT / "edgetwin").rglob("*_pb2*") if "__pycache__" not in p.parts
     )
-    stale = [str(p) for p in fresh if not filecmp.cmp(tmp_path / p, committed / p, shallow=False)]
+    assert fresh and fresh == committed
+    stale = [str(p) for p in fresh if not filecmp.cmp(tmp_path / p, ROOT / p, shallow=False)]
     assert not stale, f"protos/ changed; run scripts/gen-protos ({stale})"
 
 

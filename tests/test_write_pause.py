@@ -15,13 +15,13 @@ import aiomqtt
 import pytest
 import yaml
 
-from edgetwin.demo import free_port
 from edgetwin.gateway.config import parse_config
 from edgetwin.gateway.mqtt import payloads, topics
 from edgetwin.gateway.service import Gateway
 from edgetwin.gateway.twin.engine import WriteState
-from edgetwin.mappers.modbus.sim import BoilerSimulator, boiler_manifests
-from tests.conftest import THERMO_PROPS, Collector, Mosquitto, device_doc, eventually, model_doc
+from edgetwin.simulators.modbus import BoilerSimulator, boiler_manifests
+from tests.conftest import THERMO_PROPS, Collector, device_doc, eventually, model_doc
+from tests.harness.processes import Mosquitto, free_port
 
 NODE = "edge-w"
 FAST_WRITES = {"attempts": 4, "retry_min": "50ms", "retry_max": "200ms"}

@@ -37,9 +37,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edgetwin.deviceapi.aio import wait_within
 from edgetwin.gateway.config import MqttConfig
-from edgetwin.gateway.metrics import Metrics
+from edgetwin.gateway.ops.metrics import Metrics
+from edgetwin.runtime.aio import wait_within
 
 log = logging.getLogger(__name__)
 

@@ -35,8 +35,8 @@ from bumble.device import Advertisement, Connection, Device, Peer
 from bumble.hci import Address
 from bumble.transport import open_transport
 
-from edgetwin.deviceapi.aio import wait_within
 from edgetwin.mappers.ble.adverts import ParsedAdvert, parse_ad
+from edgetwin.runtime.aio import wait_within
 
 log = logging.getLogger(__name__)
 

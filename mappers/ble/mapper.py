@@ -37,7 +37,6 @@ from bleak.backends.device import BLEDevice
 from bleak.backends.scanner import AdvertisementData
 from bleak.exc import BleakError, BleakGATTProtocolError
 
-from edgetwin.deviceapi.aio import wait_within
 from edgetwin.mappers.ble.codec import PRESENTATION_DESCRIPTOR, CodecError, PresentationFormat
 from edgetwin.mappers.ble.config import Connection, Visitor, parse_connection, parse_visitor
 from edgetwin.mappers.sdk import (
@@ -51,6 +50,7 @@ from edgetwin.mappers.sdk import (
     Value,
     cancel_tasks,
 )
+from edgetwin.runtime.aio import wait_within
 
 log = logging.getLogger(__name__)
 

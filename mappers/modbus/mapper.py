@@ -28,7 +28,6 @@ from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusException
 from pymodbus.framer import FramerType
 
-from edgetwin.deviceapi.aio import wait_within
 from edgetwin.mappers.modbus.codec import CodecError, decode, encode, encode_bit
 from edgetwin.mappers.modbus.config import BIT_TABLES, Connection, Visitor, parse_connection, parse_visitor
 from edgetwin.mappers.modbus.planner import ReadRequest, Span, plan_reads
@@ -43,6 +42,7 @@ from edgetwin.mappers.sdk import (
     Value,
     cancel_tasks,
 )
+from edgetwin.runtime.aio import wait_within
 
 log = logging.getLogger(__name__)
 

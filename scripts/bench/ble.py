@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """BLE benchmark: notifications from emulated sensors into durable twins.
 
-    .venv/bin/python scripts/bench/ble.py [--sensors 10] [--seconds 10]
+    .venv/bin/python -m scripts.bench.ble [--sensors 10] [--seconds 10]
 
 `edgetwin sim ble` runs in its own process (Bumble peripherals on a virtual link,
 notifying temperature and humidity every 2 ms each); this process is the central, over
@@ -31,15 +31,13 @@ from pathlib import Path
 import yaml
 from bleak import BleakClient, BleakScanner
 
-from edgetwin.demo import free_port
 from edgetwin.gateway.config import parse_config
 from edgetwin.gateway.service import Gateway
 from edgetwin.mappers.ble.bumble_backend import BumbleClient, BumbleScanner, close_adapters
 from edgetwin.mappers.ble.mapper import BleMapper
-from edgetwin.mappers.ble.sim import sensor_manifests
-
-sys.path.insert(0, str(Path(__file__).parent))
-from ingest import start_mosquitto
+from edgetwin.simulators.ble import sensor_manifests
+from scripts.bench.ingest import start_mosquitto
+from tests.harness.processes import free_port
 
 NOTIFIED = ("2A6E", "2A6F")  # temperature, humidity
 
@@ -153,7 +151,8 @@ async def main() -> None:
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="edgetwin-bench-ble-"))
     sim, hci = start_sim(args.sensors, args.interval)
-    broker, mqtt_port = start_mosquitto(tmp)
+    broker = start_mosquitto(tmp)
+    mqtt_port = broker.port
     try:
         raw_rate, raw_cpu = await baseline(hci, args.sensors, args.seconds)
         print(f"baseline bleak-over-Bumble: {raw_rate:,.0f} notifications/s, {raw_cpu:.3f} CPU s per 1,000")
@@ -164,8 +163,7 @@ async def main() -> None:
             f"{cpu:.3f} CPU s per 1,000 notifications; ratio to baseline {rate / raw_rate:.2f}"
         )
     finally:
-        broker.terminate()
-        broker.wait(10)
+        broker.stop()
         sim.terminate()
         sim.wait(10)
         shutil.rmtree(tmp, ignore_errors=True)

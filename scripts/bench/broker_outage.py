@@ -2,7 +2,7 @@
 """Broker outage benchmark: the mosquitto settings of docs/mqtt.md, as written, through a
 gateway outage of --minutes at --rate QoS 1 updates/s.
 
-    .venv/bin/python scripts/bench/broker_outage.py [--minutes 10] [--rate 1000]
+    .venv/bin/python -m scripts.bench.broker_outage [--minutes 10] [--rate 1000]
 
 Prints what the publisher had acknowledged, what the gateway applied after it came back,
 mosquitto's own drop counter, mosquitto's memory with the queue at its fullest, and how
@@ -17,17 +17,13 @@ from __future__ import annotations
 import argparse
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-
-from edgetwin.demo import free_port  # noqa: E402
-from tests.conftest import Collector, GatewayProcess, _mosquitto_binary, wait_port  # noqa: E402
-from tests.test_broker_settings import (  # noqa: E402
+from tests.conftest import Collector, GatewayProcess
+from tests.harness.processes import free_port, mosquitto_binary, rss_mb, wait_port
+from tests.test_broker_settings import (
     NODE,
     documented_mosquitto_conf,
     gateway_config,
@@ -37,13 +33,6 @@ from tests.test_broker_settings import (  # noqa: E402
 )
 
 SYS_DROPPED = "$SYS/broker/publish/messages/dropped"
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def run(conf_text: str, minutes: float, rate: int, label: str) -> dict[str, float]:
@@ -60,7 +49,7 @@ def run(conf_text: str, minutes: float, rate: int, label: str) -> dict[str, floa
     for i, (user, password) in enumerate((gw_auth, mapper_auth)):
         flags = ["-c"] if i == 0 else []
         subprocess.run(["mosquitto_passwd", *flags, "-b", str(folder / "passwd"), user, password], check=True)
-    broker = subprocess.Popen([_mosquitto_binary(), "-c", str(conf)], stderr=subprocess.DEVNULL)
+    broker = subprocess.Popen([mosquitto_binary(), "-c", str(conf)], stderr=subprocess.DEVNULL)
     try:
         wait_port(port)
         gw = GatewayProcess(gateway_config(folder, port, gw_auth), port, NODE, folder / "gw.log", gw_auth)

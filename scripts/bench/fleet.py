@@ -1,13 +1,13 @@
 #!/usr/bin/env python3
 """Fleet benchmark: what one relay replica carries.
 
-    .venv/bin/python scripts/bench/fleet.py [--gateways 1000] [--devices 20] [--every 10]
+    .venv/bin/python -m scripts.bench.fleet [--gateways 1000] [--devices 20] [--every 10]
 
 Simulated gateways run the real uplink (gateway.uplink.Uplink over gRPC with mutual TLS,
 one client certificate per node) on the real twin engine, a few hundred per worker
 process; each device reports a new value every --every seconds. The relay is
 `edgetwin cloud run` (a process, as deployed) against the Kubernetes API emulator
-(edgetwin.kube_emulator, a process of its own, so it shares no event loop with the
+(edgetwin.simulators.kube.emulator, a process of its own, so it shares no event loop with the
 balancer), reached through a TCP balancer in this process, as gateways reach a Service.
 --phases picks which of the three phases below run (default all). Printed:
 
@@ -43,9 +43,10 @@ from typing import Any
 
 import yaml
 
+from edgetwin.deploy import crd_files
+from tests.harness.processes import free_port, rss_mb
+
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-from edgetwin.demo import free_port  # noqa: E402
 
 NAMESPACE = "fleet"
 PROPS = ("temperature", "humidity", "state")
@@ -252,9 +253,9 @@ def emulator_process(conn: Any, kubeconfig: Path, gateways: int, devices: int) -
 
 
 async def _serve_emulator(conn: Any, kubeconfig: Path, gateways: int, devices: int) -> None:
-    from edgetwin.kube_emulator import Emulator, RunningEmulator
+    from edgetwin.simulators.kube.emulator import Emulator, RunningEmulator
 
-    emulator = Emulator.from_files(sorted((ROOT / "deploy" / "crds").glob("*.yaml")), compact_s=300)
+    emulator = Emulator.from_files(crd_files(), compact_s=300)
     devices_res = emulator.resources[("edgetwin.io", "v1alpha1", "devices")]
     models_res = emulator.resources[("edgetwin.io", "v1alpha1", "devicemodels")]
     emulator.create(models_res, NAMESPACE, json.loads(json.dumps(MODEL)))
@@ -394,13 +395,6 @@ def verbs(stats: Any) -> Counter[str]:
         parts = path.strip("/").split("/")  # apis, group, version[, plural, ...]
         out[f"{method} {parts[3] if len(parts) > 3 else 'namespaced'}"] += n
     return out
-
-
-def proc_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 class Relay:
@@ -601,7 +595,7 @@ async def main(args: argparse.Namespace) -> None:
         await relay_a.ready()
         balancer.backends.append(relay_a.port)
         await asyncio.sleep(3)
-        idle_rss = proc_rss_mb(relay_a.pid)
+        idle_rss = rss_mb(relay_a.pid)
         print(f"relay idle: RSS {idle_rss:.1f} MB", flush=True)
 
         per = -(-len(nodes) // args.workers)
@@ -617,7 +611,8 @@ async def main(args: argparse.Namespace) -> None:
             procs.append(
                 await asyncio.create_subprocess_exec(
                     sys.executable,
-                    __file__,
+                    "-m",
+                    "scripts.bench.fleet",
                     "--worker",
                     json.dumps(spec),
                     stdin=asyncio.subprocess.PIPE,
@@ -693,7 +688,7 @@ async def steady(
     await asyncio.sleep(args.steady)
     dt = time.monotonic() - at0
     cores = (proc_cpu_s(relay.pid) - cpu0) / dt
-    rss = proc_rss_mb(relay.pid)
+    rss = rss_mb(relay.pid)
     after = await emulator.ask("stats")
     writes = (after["writes"] - before["writes"]) / dt
     requests = (after["requests"] - before["requests"]) / dt

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Ingest benchmark: reported updates through MQTT -> twin -> durable store.
 
-    .venv/bin/python scripts/bench/ingest.py [--updates 30000] [--rate 2000]
+    .venv/bin/python -m scripts.bench.ingest [--updates 30000] [--rate 2000]
 
 For 10 devices x 10 properties and 1,000 devices x 10 properties it prints:
   * sustained updates/s: a publisher process sends one-property QoS 1 updates as fast as
@@ -23,7 +23,6 @@ import argparse
 import multiprocessing as mp
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,35 +35,16 @@ from typing import Any
 import paho.mqtt.client as paho
 import yaml
 
-from edgetwin.demo import free_port
+from tests.harness.processes import Mosquitto, rss_mb
 
-ROOT = Path(__file__).resolve().parents[2]
 EDGETWIN = str(Path(sys.executable).parent / "edgetwin")
 NODE = "bench"
 LATENCY_S = 10  # seconds of fixed-rate traffic for the latency figures
 
 
-def wait_port(port: int) -> None:
-    for _ in range(200):
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(port)
-
-
-def start_mosquitto(tmp: Path) -> tuple[subprocess.Popen[bytes], int]:
-    port = free_port()
-    conf = tmp / "mosquitto.conf"
-    conf.write_text(
-        f"listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\n"
-        "persistence false\nmax_queued_messages 1000000\nmax_inflight_messages 1000\nsys_interval 1\n"
-    )
-    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_port(port)
-    return proc, port
+def start_mosquitto(tmp: Path) -> Mosquitto:
+    """The benches' broker: the tests' private mosquitto, with room for a flood and $SYS each second."""
+    return Mosquitto(tmp, extra="sys_interval 1\n", max_queued=1_000_000)
 
 
 def start_gateway(tmp: Path, port: int, devices: int, props: int) -> subprocess.Popen[bytes]:
@@ -109,13 +89,6 @@ def start_gateway(tmp: Path, port: int, devices: int, props: int) -> subprocess.
     c.loop_stop()
     c.disconnect()
     return proc
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 # --------------------------------------------------------------------- publisher
@@ -260,15 +233,15 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=2_000)
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="edgetwin-bench-"))
-    broker, port = start_mosquitto(tmp)
+    broker = start_mosquitto(tmp)
+    port = broker.port
     try:
         print(f"edgetwin ingest benchmark: {os.cpu_count()} cores, gateway pinned to one, store on {tmp}")
         for devices in (10, 1000):
             bench_shape(tmp, port, devices, args.updates, args.rate)
         idle_rss(tmp, port)
     finally:
-        broker.terminate()
-        broker.wait()
+        broker.stop()
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -2,9 +2,9 @@
 """Link benchmark: what edgetwin puts on a narrowband link, next to a baseline that
 sends each change straight to the API server.
 
-    .venv/bin/python scripts/bench/link.py [--devices 1000] [--props 10]
+    .venv/bin/python -m scripts.bench.link [--devices 1000] [--props 10]
 
-One run, everything through the link simulator (edgetwin.linksim) on loopback:
+One run, everything through the link simulator (edgetwin.simulators.link) on loopback:
   * steady state: bytes on the wire (both directions, TLS and gRPC framing included)
     per property update, devices reporting once a second;
   * a day offline: the link is cut while every property of every device changes; a day
@@ -20,7 +20,7 @@ One run, everything through the link simulator (edgetwin.linksim) on loopback:
     the gateway notices (goal 30);
   * a reconnect after --reconnect-after seconds of a healthy stream while the API server
     compacts its history every --compact-s: relist or not, and bytes.
-The gateway talks to a private mosquitto; the API is the emulator (edgetwin.kube_emulator).
+The gateway talks to a private mosquitto; the API is the emulator (edgetwin.simulators.kube.emulator).
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ import asyncio
 import json
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -42,16 +41,14 @@ from lightkube.types import PatchType
 
 from edgetwin.cloud.relay import RelaySettings, read_pki, serve
 from edgetwin.cloud.status_writer import Device
+from edgetwin.deploy import DEPLOY, crd_files
 from edgetwin.gateway.config import parse_config
 from edgetwin.gateway.mqtt import topics
 from edgetwin.gateway.service import Gateway
-from edgetwin.kube_emulator import Emulator, RunningEmulator
-from edgetwin.linksim import LinkSim
+from edgetwin.simulators.kube.emulator import Emulator, RunningEmulator
+from edgetwin.simulators.link import LinkSim
+from scripts.bench.ingest import start_mosquitto
 
-sys.path.insert(0, str(Path(__file__).parent))
-from ingest import start_mosquitto
-
-ROOT = Path(__file__).resolve().parents[2]
 NODE = "edge-bench"
 DAY = 86_400
 RATE = 8_000  # bytes/s = 64 kbit/s
@@ -95,9 +92,7 @@ def publish_all(port: int, updates: list[tuple[str, dict]]) -> None:
 
 def make_pki(tmp: Path) -> Path:
     pki = tmp / "pki"
-    subprocess.run(
-        [str(ROOT / "deploy" / "pki" / "make-test-pki"), str(pki), NODE], check=True, capture_output=True
-    )
+    subprocess.run([str(DEPLOY / "pki" / "make-test-pki"), str(pki), NODE], check=True, capture_output=True)
     return pki
 
 
@@ -122,13 +117,12 @@ async def main() -> None:
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="edgetwin-bench-link-"))
     pki = await asyncio.to_thread(make_pki, tmp)
-    broker, mqtt_port = start_mosquitto(tmp)
+    broker = start_mosquitto(tmp)
+    mqtt_port = broker.port
     docs = manifests(args.devices, args.props)
     (tmp / "m.yaml").write_text(yaml.safe_dump_all(docs))
     try:
-        async with RunningEmulator(
-            Emulator.from_files(sorted((ROOT / "deploy" / "crds").glob("*.yaml")), compact_s=args.compact_s)
-        ) as api:
+        async with RunningEmulator(Emulator.from_files(crd_files(), compact_s=args.compact_s)) as api:
             kc = api.kubeconfig(tmp / "kc", "plant")
             kc_text = kc.read_text()
             client = AsyncClient(config=KubeConfig.from_file(kc))
@@ -324,8 +318,7 @@ async def main() -> None:
             await link.stop()
             await client.close()
     finally:
-        broker.terminate()
-        broker.wait(10)
+        broker.stop()
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -2,7 +2,7 @@
 """Memory benchmark: the gateway's resident memory with many devices, every property
 holding a value.
 
-    .venv/bin/python scripts/bench/memory.py [--devices 1000] [--props 10]
+    .venv/bin/python -m scripts.bench.memory [--devices 1000] [--props 10]
 
 Starts `edgetwin gateway run` (a process, as deployed) on a private mosquitto, reports a
 value for every property of every device (one update per device, QoS 1, each answered
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import tempfile
 import threading
 import time
@@ -25,10 +24,9 @@ from pathlib import Path
 
 import paho.mqtt.client as paho
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ingest import NODE, rss_mb, start_gateway, start_mosquitto
-
-from edgetwin.gateway.heap import TRIM_EVERY_S
+from edgetwin.runtime.heap import TRIM_EVERY_S
+from scripts.bench.ingest import NODE, start_gateway, start_mosquitto
+from tests.harness.processes import rss_mb
 
 
 def fill(port: int, devices: int, props: int) -> float:
@@ -82,7 +80,8 @@ def main() -> None:
     ap.add_argument("--props", type=int, default=10)
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="edgetwin-bench-memory-"))
-    broker, port = start_mosquitto(tmp)
+    broker = start_mosquitto(tmp)
+    port = broker.port
     try:
         _, base, _ = measure(tmp, port, 0, args.props)
         right_after, rss, took = measure(tmp, port, args.devices, args.props)
@@ -96,8 +95,7 @@ def main() -> None:
             f"the fill, before the heap was trimmed"
         )
     finally:
-        broker.terminate()
-        broker.wait()
+        broker.stop()
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -2,7 +2,7 @@
 """Modbus benchmark, end to end: 50 devices x 40 holding registers on a pymodbus TCP
 server in its own process, every register changing on every read.
 
-    .venv/bin/python scripts/bench/modbus.py [--seconds 10] [--values per_property]
+    .venv/bin/python -m scripts.bench.modbus [--seconds 10] [--values per_property]
 
 Prints, in one run (CPU is this process's, so the server and mosquitto are not in it):
   * raw pymodbus: sequential reads of 40 registers per device, no decoding, no twin:
@@ -37,12 +37,10 @@ from typing import Any
 import yaml
 from pymodbus.client import AsyncModbusTcpClient
 
-from edgetwin.demo import free_port
 from edgetwin.gateway.config import parse_config
 from edgetwin.gateway.service import Gateway
-
-sys.path.insert(0, str(Path(__file__).parent))
-from ingest import start_mosquitto, wait_port
+from scripts.bench.ingest import start_mosquitto
+from tests.harness.processes import free_port, wait_port
 
 DEVICES, REGISTERS = 50, 40
 
@@ -234,7 +232,8 @@ async def main(seconds: float, values_mode: str) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="edgetwin-bench-modbus-"))
     port = free_port()
     server = start_server(port)
-    broker, mqtt_port = start_mosquitto(tmp)
+    broker = start_mosquitto(tmp)
+    mqtt_port = broker.port
     try:
         print(
             f"edgetwin Modbus benchmark: {DEVICES} devices x {REGISTERS} registers (all changing), "
@@ -264,8 +263,7 @@ async def main(seconds: float, values_mode: str) -> None:
     finally:
         server.terminate()
         server.wait()
-        broker.terminate()
-        broker.wait()
+        broker.stop()
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import json
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -23,20 +22,15 @@ from typing import Any
 
 import yaml
 
+from edgetwin.deploy import DEPLOY
 from edgetwin.gateway.config import parse_config
 from edgetwin.gateway.service import Gateway
 from edgetwin.gateway.twin.engine import TwinEngine
-from edgetwin.mappers.ble.sim import BleSimulator, sensor_manifests
-from edgetwin.mappers.modbus.sim import BoilerSimulator, boiler_manifests
-from edgetwin.shipped import DEPLOY
+from edgetwin.simulators.ble import BleSimulator, sensor_manifests
+from edgetwin.simulators.modbus import BoilerSimulator, boiler_manifests
+from edgetwin.simulators.stack import free_port
 
 SETPOINTS = (55.0, 70.0, 62.5, 80.0)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def render(engine: TwinEngine, started: float) -> str:
@@ -95,7 +89,7 @@ class CloudStandIn:
         from lightkube.generic_resource import create_namespaced_resource
 
         from edgetwin.cloud.relay import RelaySettings, read_pki, serve
-        from edgetwin.kube_emulator import BANNER, Emulator, RunningEmulator
+        from edgetwin.simulators.kube.emulator import BANNER, Emulator, RunningEmulator
 
         pki = self.tmp / "pki"
         await asyncio.to_thread(

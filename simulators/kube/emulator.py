@@ -20,8 +20,8 @@ It serves the CRDs it is given (``deploy/crds/*.yaml``) with the semantics the r
   lists (``sendInitialEvents``, as ``kubectl wait`` asks) end their initial events with
   the ``k8s.io/initial-events-end`` bookmark;
 * Table output (``Accept: ...;as=Table;...``) from the CRD's printer columns (JSONPath
-  with filters, first result only, dates as ages: ``edgetwin.jsonpath``);
-* the CRD's structural schema (``edgetwin.kube_schema``): unknown fields pruned (refused
+  with filters, first result only, dates as ages: ``edgetwin.simulators.kube.jsonpath``);
+* the CRD's structural schema (``edgetwin.simulators.kube.schema``): unknown fields pruned (refused
   with ``fieldValidation=Strict``, as kubectl asks; a ``Warning`` header otherwise),
   defaults applied, types, required fields, enums, patterns, bounds, list-map keys and
   ``x-kubernetes-validations`` CEL rules checked (422 Invalid, naming each field);
@@ -51,9 +51,9 @@ from typing import Any
 import yaml
 from aiohttp import web
 
-from edgetwin import jsonpath
-from edgetwin.deviceapi.aio import wait_within
-from edgetwin.kube_schema import FieldError, Schema, error_message
+from edgetwin.runtime.aio import wait_within
+from edgetwin.simulators.kube import jsonpath
+from edgetwin.simulators.kube.schema import FieldError, Schema, error_message
 
 BANNER = "edgetwin Kubernetes API emulator: a development stand-in, not for production"
 DEFAULT_HISTORY = 10_000

@@ -1,13 +1,12 @@
-"""The files edgetwin ships beside its code: ``deploy/`` (CRDs, relay manifests, the
-systemd unit, example configs, the test PKI script). In the repository ``edgetwin/deploy``
-links to the top-level ``deploy/``; the wheel carries a copy at the same place, so an
-installed edgetwin finds them without a checkout (``edgetwin cloud crds``)."""
+"""The files edgetwin ships beside its code, importable as ``edgetwin.deploy``: CRDs,
+relay manifests, the systemd unit, example configs and the test PKI script. A source
+checkout and an installed wheel find them the same way (``edgetwin cloud crds``)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-DEPLOY = Path(__file__).resolve().parent / "deploy"
+DEPLOY = Path(__file__).resolve().parent
 CRDS = DEPLOY / "crds"
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -23,18 +24,24 @@ from typing import Any
 
 import yaml
 
-from edgetwin.demo import free_port
-from edgetwin.deviceapi.aio import wait_within
+from edgetwin.deploy import DEPLOY, crd_files
+from edgetwin.runtime.aio import wait_within
 
-ROOT = Path(__file__).resolve().parent.parent
-CRDS = sorted((ROOT / "deploy" / "crds").glob("*.yaml"))
+CRDS = crd_files()
 # The relay talks to the API emulator as its service account, with the rights the
 # shipped ClusterRole (deploy/relay/rbac.yaml) grants: a relay needing more fails here.
 RELAY_USER = "system:serviceaccount:edgetwin-system:edgetwin-relay"
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def relay_rbac() -> list[dict[str, Any]]:
-    docs = yaml.safe_load_all((ROOT / "deploy" / "relay" / "rbac.yaml").read_text())
+    docs = yaml.safe_load_all((DEPLOY / "relay" / "rbac.yaml").read_text())
     role = next(d for d in docs if d and d.get("kind") == "ClusterRole")
     return list(role["rules"])
 
@@ -43,7 +50,7 @@ def make_pki(out: Path, *nodes: str) -> Path:
     """A test PKI (deploy/pki/make-test-pki): CA, relay certificate, one per node."""
     if not (out / "ca.pem").exists():
         subprocess.run(
-            [str(ROOT / "deploy" / "pki" / "make-test-pki"), str(out), *nodes],
+            [str(DEPLOY / "pki" / "make-test-pki"), str(out), *nodes],
             check=True,
             capture_output=True,
         )
@@ -94,7 +101,7 @@ class Stack:
     async def start(self) -> None:
         from lightkube import AsyncClient, KubeConfig
 
-        from edgetwin.kube_emulator import Emulator, RunningEmulator
+        from edgetwin.simulators.kube.emulator import Emulator, RunningEmulator
 
         options = {"rbac": {RELAY_USER: relay_rbac()}, **self.opt.emulator}
         self.api = RunningEmulator(Emulator.from_files(CRDS, **options))
@@ -106,7 +113,7 @@ class Stack:
         )
         await self.start_relay()
         if self.opt.use_link:
-            from edgetwin.linksim import LinkSim
+            from edgetwin.simulators.link import LinkSim
 
             self.link = LinkSim(
                 "127.0.0.1",

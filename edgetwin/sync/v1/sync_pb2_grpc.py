@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from edgetwin.deviceapi.proto.edgetwin.sync.v1 import sync_pb2 as edgetwin_dot_sync_dot_v1_dot_sync__pb2
+from edgetwin.sync.v1 import sync_pb2 as edgetwin_dot_sync_dot_v1_dot_sync__pb2
 
 GRPC_GENERATED_VERSION = '1.81.1'
 GRPC_VERSION = grpc.__version__

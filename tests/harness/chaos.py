@@ -29,10 +29,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -47,8 +45,8 @@ import paho.mqtt.client as paho
 import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edgetwin.demo import free_port
-from edgetwin.stack import CRDS, make_pki
+from edgetwin.simulators.stack import CRDS, make_pki
+from tests.harness.processes import Proc, free_port, mosquitto_binary, rss_mb, wait_port
 
 NODE = "edge-chaos"
 EDGETWIN = str(Path(sys.executable).parent / "edgetwin")
@@ -121,73 +119,11 @@ class Report:
 
 
 # --------------------------------------------------------------------- processes
-class Proc:
-    """A subprocess the harness starts, kills and restarts."""
-
-    def __init__(self, args: list[str], log: Path, stdin: bool = False) -> None:
-        self.args, self.log, self.stdin = args, log, stdin
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            self.args,
-            stdout=self.log.open("ab"),
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.PIPE if self.stdin else subprocess.DEVNULL,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def kill(self) -> None:
-        if self.running:
-            assert self.proc is not None
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
-
-    def stop(self, timeout: float = 20) -> None:
-        if self.running:
-            assert self.proc is not None
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def send(self, line: str) -> None:
-        if self.running and self.proc is not None and self.proc.stdin is not None:
-            with contextlib.suppress(OSError):
-                self.proc.stdin.write(line.encode() + b"\n")
-                self.proc.stdin.flush()
-
-
-def _wait_port(port: int, timeout: float = 20) -> None:
-    import socket
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listening on 127.0.0.1:{port}")
-
-
 def _fill(path: Path) -> None:
     """Write zeros until the file system is full."""
     with contextlib.suppress(OSError), path.open("wb") as f:
         while True:
             f.write(b"\0" * (1 << 20))
-
-
-def _rss_mb(pid: int) -> float:
-    with contextlib.suppress(OSError):
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
 
 
 # --------------------------------------------------------------------- the publisher
@@ -314,16 +250,14 @@ class Harness:
             f"persistence true\npersistence_location {mq}/\nautosave_interval 5\n"
             "max_inflight_messages 1000\nmax_queued_messages 1000000\nmax_queued_bytes 0\nsys_interval 2\n"
         )
-        binary = shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin:/usr/local/sbin")
-        assert binary, "mosquitto is not installed (scripts/test installs it)"
-        self.broker = Proc([binary, "-c", str(conf)], self.dir / "mosquitto.out")
+        self.broker = Proc([mosquitto_binary(), "-c", str(conf)], self.dir / "mosquitto.out")
         self.broker.start()
-        _wait_port(self.mqtt_port)
+        wait_port(self.mqtt_port)
 
     async def _api(self) -> None:
         from lightkube import AsyncClient, KubeConfig
 
-        from edgetwin.kube_emulator import Emulator, RunningEmulator
+        from edgetwin.simulators.kube.emulator import Emulator, RunningEmulator
 
         self.api = RunningEmulator(Emulator.from_files(CRDS, compact_s=30, bookmark_s=5))
         await self.api.start()
@@ -348,14 +282,14 @@ class Harness:
             [EDGETWIN, "cloud", "run", "--config", str(self.dir / "relay.yaml")], self.dir / "relay.log"
         )
         self.relay.start()
-        _wait_port(self.relay_port)
+        wait_port(self.relay_port)
 
     async def _devices(self) -> None:
         from lightkube.generic_resource import create_namespaced_resource
 
         from edgetwin.cloud.status_writer import Device
-        from edgetwin.mappers.ble.sim import sensor_manifests
-        from edgetwin.mappers.modbus.sim import BoilerSimulator, boiler_manifests
+        from edgetwin.simulators.ble import sensor_manifests
+        from edgetwin.simulators.modbus import BoilerSimulator, boiler_manifests
 
         self.boiler = BoilerSimulator("127.0.0.1", free_port())
         await self.boiler.start()
@@ -366,7 +300,7 @@ class Harness:
             stdin=True,
         )
         self.ble.start()
-        _wait_port(ble_port)
+        wait_port(ble_port)
         self.ble_hci = f"tcp-client:127.0.0.1:{ble_port}"
         model = create_namespaced_resource("edgetwin.io", "v1alpha1", "DeviceModel", "devicemodels")
         cluster = boiler_manifests(NODE, "127.0.0.1", self.boiler.port) + sensor_manifests(
@@ -436,7 +370,7 @@ class Harness:
                     self.report.gateway_restarts += 1
                 await asyncio.to_thread(self.gateway.start)
             if self.gateway.running and self.gateway.proc is not None:
-                self.report.max_rss_mb = max(self.report.max_rss_mb, _rss_mb(self.gateway.proc.pid))
+                self.report.max_rss_mb = max(self.report.max_rss_mb, rss_mb(self.gateway.proc.pid))
             await asyncio.sleep(1.0)
 
     def _watch_metrics(self) -> None:
@@ -453,7 +387,7 @@ class Harness:
         self.metrics.loop_start()
 
     async def start(self) -> None:
-        from edgetwin.linksim import LinkSim
+        from edgetwin.simulators.link import LinkSim
 
         self.dir.mkdir(parents=True, exist_ok=True)
         self.store = self._mount_store()

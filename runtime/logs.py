@@ -1,4 +1,5 @@
-"""Structured logging: ``key=value`` text or one JSON object per line, quiet at INFO.
+"""Structured logging for the gateway and the relay: ``key=value`` text or one JSON
+object per line, quiet at INFO.
 
 Fields go in ``extra={...}``. A noisy source (a mapper publishing garbage) is limited by
 :class:`RateLimit` so that one bad client cannot flood the journal.
@@ -8,11 +9,31 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from typing import Any
 
-from edgetwin.deviceapi.log_limit import RateLimit
-
 __all__ = ["RateLimit", "setup"]
+
+
+class RateLimit:
+    """Allows ``burst`` events per key every ``per_s`` seconds, counting the rest."""
+
+    def __init__(self, burst: int = 10, per_s: float = 60.0) -> None:
+        self.burst, self.per_s = burst, per_s
+        self._windows: dict[str, tuple[float, int]] = {}
+        self.suppressed = 0
+
+    def allow(self, key: str) -> bool:
+        now = time.monotonic()
+        start, count = self._windows.get(key, (now, 0))
+        if now - start >= self.per_s:
+            start, count = now, 0
+        self._windows[key] = (start, count + 1)
+        if count < self.burst:
+            return True
+        self.suppressed += 1
+        return False
+
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 

@@ -1,0 +1,1 @@
+"""The gateway's own operations: counters, Prometheus metrics and the health monitor."""

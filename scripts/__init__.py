@@ -1,0 +1,1 @@
+"""Scripts of the repository (run from its root); never in the wheel."""
