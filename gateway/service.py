@@ -37,7 +37,9 @@ from edgetwin.gateway.mqtt.bus import Inbound, MqttBus
 from edgetwin.gateway.mqtt.payloads import PayloadError
 from edgetwin.gateway.ops.health import HealthMonitor, Loop
 from edgetwin.gateway.ops.metrics import Metrics
-from edgetwin.gateway.store.store import Store, StoreError, StoreWriter, snapshot
+from edgetwin.gateway.store.batch import snapshot
+from edgetwin.gateway.store.schema import StoreError
+from edgetwin.gateway.store.writer import Store, StoreWriter
 from edgetwin.gateway.twin.engine import (
     DesiredRejected,
     ReportOutcome,

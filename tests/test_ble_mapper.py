@@ -383,7 +383,7 @@ def controllers_app(tmp_path: Any) -> Iterator[str]:
     Bumble peripheral on one port; yields the HCI spec of the other, for the central."""
     import sys
 
-    from tests.conftest import wait_port
+    from tests.harness.processes import wait_port
 
     central, peripheral = free_port(), free_port()
     app = [sys.executable, "-m", "bumble.apps.controllers"]

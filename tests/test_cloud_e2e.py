@@ -321,7 +321,7 @@ async def test_the_last_seen_resource_version_is_kept_in_the_store(
     system: tuple[Gateway, RunningEmulator],
 ) -> None:
     from edgetwin.gateway.service import UPLINK_RESUME_KEY
-    from edgetwin.gateway.store.store import open_reader
+    from edgetwin.gateway.store.reader import open_reader
 
     gw, api = system
     await asyncio.wait_for(gw.uplink.connected.wait(), 10)

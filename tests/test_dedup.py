@@ -15,7 +15,7 @@ from edgetwin.gateway.config import parse_config
 from edgetwin.gateway.dedup import MAX_ANSWER_BYTES, RecentUpdates
 from edgetwin.gateway.mqtt.bus import Inbound
 from edgetwin.gateway.service import Gateway
-from edgetwin.gateway.store.store import StoreWriter
+from edgetwin.gateway.store.writer import StoreWriter
 from tests.conftest import THERMO_PROPS, device_doc, model_doc
 from tests.harness.processes import free_port
 

@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from edgetwin.deviceapi import Device, DeviceModel
-from edgetwin.gateway.store.store import Store, snapshot
+from edgetwin.gateway.store.batch import snapshot
+from edgetwin.gateway.store.writer import Store
 from edgetwin.gateway.twin.engine import (
     EVENT_REPEAT_MS,
     MAX_REJECTED_LISTED,

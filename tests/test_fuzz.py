@@ -32,7 +32,7 @@ from edgetwin.gateway.mqtt.payloads import (
 )
 from edgetwin.gateway.registry import Registry
 from edgetwin.gateway.service import Gateway
-from edgetwin.gateway.store.store import StoreWriter
+from edgetwin.gateway.store.writer import StoreWriter
 from edgetwin.sync.wire import (
     EDGE_TO_CLOUD,
     ENCODING_MSGPACK,

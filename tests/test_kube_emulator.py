@@ -432,8 +432,8 @@ def test_ages_read_like_kubectl() -> None:
 
 
 def test_the_emulator_runs_as_a_command_for_kubectl(tmp_path: Path) -> None:
-    from tests.conftest import EDGETWIN, wait_port
-    from tests.harness.processes import free_port
+    from tests.conftest import EDGETWIN
+    from tests.harness.processes import free_port, wait_port
 
     port = free_port()
     kubeconfig = tmp_path / "kubeconfig"

@@ -17,7 +17,7 @@ from edgetwin.gateway.config import parse_config
 from edgetwin.gateway.mapper_host import discover
 from edgetwin.gateway.mqtt import payloads, topics
 from edgetwin.gateway.service import Gateway
-from edgetwin.gateway.store.store import open_reader, read_twin
+from edgetwin.gateway.store.reader import open_reader, read_twin
 from edgetwin.gateway.twin.engine import WriteState
 from edgetwin.mappers.modbus.mapper import ModbusMapper
 from edgetwin.simulators.modbus import BoilerSimulator, boiler_manifests
@@ -121,7 +121,7 @@ async def test_a_register_value_the_model_cannot_hold_is_a_read_error_not_an_eve
     from pymodbus.server import ModbusTcpServer
     from pymodbus.simulator import DataType, SimData, SimDevice
 
-    from edgetwin.gateway.store.store import read_events
+    from edgetwin.gateway.store.reader import read_events
 
     port = free_port()
     big = [0xFFFF, 0xFFFF, 0xFFFF, 0xFFF0]  # 2^64 - 16, big-endian words
@@ -212,7 +212,7 @@ async def test_cycles_a_slow_device_cannot_keep_are_counted_warned_and_logged(
     from pymodbus.server import ModbusTcpServer
     from pymodbus.simulator import DataType, SimData, SimDevice
 
-    from edgetwin.gateway.store.store import read_events
+    from edgetwin.gateway.store.reader import read_events
 
     async def slow(*_args: Any) -> None:
         await asyncio.sleep(0.25)

@@ -293,8 +293,8 @@ async def test_a_client_without_a_certificate_is_refused(
 async def test_edgetwin_cloud_run_serves_the_relay(tmp_path: Path, pki: Path) -> None:
     import yaml
 
-    from tests.conftest import EDGETWIN, wait_port
-    from tests.harness.processes import free_port
+    from tests.conftest import EDGETWIN
+    from tests.harness.processes import free_port, wait_port
 
     async with RunningEmulator(Emulator.from_files(CRDS)) as api:
         client = AsyncClient(config=KubeConfig.from_file(api.kubeconfig(tmp_path / "kc", "plant")))

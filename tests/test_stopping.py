@@ -21,7 +21,7 @@ import pytest
 
 from edgetwin.gateway.config import parse_config
 from edgetwin.gateway.service import Gateway, now_ms
-from edgetwin.gateway.store.store import Store
+from edgetwin.gateway.store.writer import Store
 from edgetwin.runtime.aio import cancel_tasks, wait_within
 from tests.conftest import (
     EDGETWIN,

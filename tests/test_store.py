@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 
 from edgetwin.deviceapi import DeviceModel
-from edgetwin.gateway.store.schema import SCHEMA_VERSION, SchemaTooNew
-from edgetwin.gateway.store.store import Store, StoreError, open_reader, read_twin, snapshot
+from edgetwin.gateway.store.batch import snapshot
+from edgetwin.gateway.store.reader import open_reader, read_twin
+from edgetwin.gateway.store.schema import SCHEMA_VERSION, SchemaTooNew, StoreError
+from edgetwin.gateway.store.writer import Store
 from edgetwin.gateway.twin.engine import Event, TwinEngine
 from tests.conftest import THERMO_PROPS, model_doc
 from tests.test_engine import MODEL, device
@@ -110,7 +112,7 @@ def test_reader_reports_missing_store(tmp_path: Path) -> None:
 async def test_auto_commit_mode_moves_slow_fsyncs_off_the_loop(tmp_path: Path) -> None:
     import threading
 
-    from edgetwin.gateway.store.store import StoreWriter
+    from edgetwin.gateway.store.writer import StoreWriter
 
     # The commit's duration comes from a clock the test drives, so the real disk's speed
     # (CI's can take 10 ms and more per fsync) does not decide the mode.
@@ -143,7 +145,7 @@ async def test_auto_commit_mode_moves_slow_fsyncs_off_the_loop(tmp_path: Path) -
 
 
 def test_read_events_filters_and_orders(tmp_path: Path) -> None:
-    from edgetwin.gateway.store.store import read_events
+    from edgetwin.gateway.store.reader import read_events
 
     store = Store(tmp_path / "s.db")
     e = TwinEngine()

@@ -249,7 +249,7 @@ async def test_a_restart_never_reapplies_an_old_cloud_value_nor_invents_a_confli
     await until(lambda: prop.desired is not None and prop.desired.value == 70, within=10)
     await asyncio.sleep(2)  # whatever the new stream brings
     assert prop.desired is not None and (prop.desired.value, prop.desired.origin) == (70, "edge")
-    from edgetwin.gateway.store.store import open_reader, read_events
+    from edgetwin.gateway.store.reader import open_reader, read_events
 
     conflicts = read_events(open_reader(gw.cfg.store.path), kind="conflict")
     assert conflicts == [], conflicts

@@ -119,6 +119,10 @@ NOISY_EVENT_KINDS = frozenset({"rejected", "read_error", "state", "cycles_skippe
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
+class StoreError(RuntimeError):
+    """The store could not be opened or written; carries the path."""
+
+
 class SchemaTooNew(RuntimeError):
     """The store was written by a newer edgetwin; refusing to touch it."""
 

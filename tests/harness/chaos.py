@@ -558,7 +558,7 @@ class Harness:
 
     # ----------------------------------------------------------------- checks
     def _twins(self) -> dict[str, dict[str, Any]]:
-        from edgetwin.gateway.store.store import open_reader, read_twin
+        from edgetwin.gateway.store.reader import open_reader, read_twin
 
         db = open_reader(self.store / "store.db")
         try:
@@ -572,7 +572,7 @@ class Harness:
             db.conn.close()
 
     def _pending(self) -> list[str]:
-        from edgetwin.gateway.store.store import list_devices, open_reader
+        from edgetwin.gateway.store.reader import list_devices, open_reader
 
         db = open_reader(self.store / "store.db")
         try:

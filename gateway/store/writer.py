@@ -1,9 +1,10 @@
-"""The gateway store: twins, outbox, event log and loaded objects in one SQLite file.
+"""The gateway store's writer: twins, outbox, event log and loaded objects in one SQLite file.
 
 Durability: WAL with ``synchronous=FULL``, so a committed transaction survives SIGKILL
 and power loss. Throughput comes from group commit: the service hands over everything
 that changed while the previous commit was running as one :class:`Batch`, written in one
 transaction on one writer thread, and acknowledges the inputs only after it returns.
+What a commit holds is composed in ``batch``; other processes read with ``reader``.
 
 Bounds: twin rows and outbox rows are bounded by the devices and properties defined;
 the event log keeps the newest ``events_max`` rows and drops the oldest beyond that.
@@ -15,20 +16,18 @@ import asyncio
 import contextlib
 import json
 import logging
-import math
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
-from edgetwin.gateway.store.schema import NOISY_EVENT_KINDS, migrate
+from edgetwin.gateway.store.batch import Batch
+from edgetwin.gateway.store.schema import StoreError, migrate
 from edgetwin.gateway.twin.engine import (
-    Changes,
     Desired,
     PropertyTwin,
     Reported,
@@ -37,131 +36,9 @@ from edgetwin.gateway.twin.engine import (
 )
 from edgetwin.gateway.twin.hlc import Stamp
 
-if TYPE_CHECKING:
-    # The readers (CLI, tests) use sqlite-utils; the gateway itself does not load it
-    # (about 3 MB of RSS with what it imports: click, pluggy, sqlite-fts4).
-    import sqlite_utils
-
 log = logging.getLogger(__name__)
 
 DEFAULT_EVENTS_MAX = 10_000
-
-
-class StoreError(RuntimeError):
-    """The store could not be opened or written; carries the path."""
-
-
-@dataclass(slots=True)
-class Batch:
-    """Rows to write in one transaction, snapshotted from the engine on the loop thread."""
-
-    properties: list[tuple[Any, ...]] = field(default_factory=list)
-    devices: list[tuple[Any, ...]] = field(default_factory=list)
-    outbox_upserts: list[tuple[Any, ...]] = field(default_factory=list)
-    outbox_deletes: list[tuple[str]] = field(default_factory=list)
-    property_deletes: list[tuple[str, str]] = field(default_factory=list)
-    removed: list[tuple[str]] = field(default_factory=list)
-    events: list[tuple[Any, ...]] = field(default_factory=list)
-    meta: list[tuple[str, str]] = field(default_factory=list)
-    # Recently applied twin/updates (gateway/dedup.py), and the seq below which the
-    # stored ones are no longer needed.
-    recent: list[tuple[int, str, str, int, int, bytes]] = field(default_factory=list)
-    recent_floor: int = 0
-    # Cluster objects (kind, namespace, name, resourceVersion, body) to keep, and ones
-    # deleted (kind, namespace, name); what each device is served with
-    # (device, source, generation, resourceVersion, device JSON, model JSON), and devices
-    # no longer served.
-    objects: list[tuple[str, str, str, str, str]] = field(default_factory=list)
-    objects_deleted: list[tuple[str, str, str]] = field(default_factory=list)
-    served: list[tuple[str, str, int, str, str, str]] = field(default_factory=list)
-    unserved: list[tuple[str]] = field(default_factory=list)
-
-    def __bool__(self) -> bool:
-        return bool(
-            self.recent
-            or self.objects
-            or self.objects_deleted
-            or self.served
-            or self.unserved
-            or self.properties
-            or self.property_deletes
-            or self.devices
-            or self.outbox_upserts
-            or self.outbox_deletes
-            or self.removed
-            or self.events
-            or self.meta
-        )
-
-
-def _dump(value: Any) -> str | None:
-    kind = type(value)
-    # Numbers, the common case, written as json.dumps writes them at a tenth of the cost.
-    if kind is int:
-        return int.__repr__(value)
-    if kind is float and math.isfinite(value):
-        return float.__repr__(value)
-    return None if value is None else json.dumps(value, separators=(",", ":"))
-
-
-def property_row(device_id: str, p: PropertyTwin) -> tuple[Any, ...]:
-    r, d = p.reported, p.desired
-    return (
-        device_id,
-        p.name,
-        _dump(r.value) if r else None,
-        r.timestamp if r else None,
-        r.version if r else None,
-        p.last_version,
-        _dump(d.value) if d else None,
-        d.origin if d else None,
-        str(d.stamp) if d else None,
-        int(d.acked) if d else 1,
-        d.outbox_revision if d else 0,
-        p.spec_desired,
-        p.write_state.value,
-        p.write_reason,
-        p.write_attempts,
-        p.next_write_ms,
-        p.outbox_rev,
-        p.read_error,
-        p.outbox_fields,
-    )
-
-
-def snapshot(engine: TwinEngine, changes: Changes) -> Batch:
-    """Turn what the engine changed into rows. Must run on the thread that owns the
-    engine, so the writer thread never reads state that is still changing."""
-    batch = Batch()
-    devices = engine.devices
-    for dev_id, name in changes.properties:
-        dev = devices.get(dev_id)
-        if dev is not None and name in dev.properties:
-            batch.properties.append(property_row(dev_id, dev.properties[name]))
-        elif dev is not None:  # no longer in the device's model
-            batch.property_deletes.append((dev_id, name))
-    for dev_id in changes.devices:
-        dev = devices.get(dev_id)
-        if dev is not None:
-            batch.devices.append(
-                (dev_id, dev.state, dev.last_online_ms, _dump(dev.conditions), dev.observed_generation)
-            )
-    for dev_id in changes.outbox:
-        entry = engine.outbox.get(dev_id)
-        if entry is None:
-            batch.outbox_deletes.append((dev_id,))
-        else:
-            device_part = entry.device
-            if entry.removed:  # properties gone from the model: not in twin_property any more
-                device_part = {**device_part, "twins": dict.fromkeys(sorted(entry.removed))}
-            batch.outbox_upserts.append((dev_id, _dump(device_part), entry.revision, entry.since_ms))
-    batch.removed = [(dev_id,) for dev_id in changes.removed]
-    batch.events = [
-        (e.ts_ms, e.device_id, e.property, e.kind, _dump(e.detail), int(e.kind not in NOISY_EVENT_KINDS))
-        for e in changes.events
-    ]
-    batch.meta.append(("hlc", str(engine.clock.last)))
-    return batch
 
 
 _UPSERT_PROPERTY = "INSERT OR REPLACE INTO twin_property VALUES (" + ",".join("?" * 19) + ")"
@@ -490,141 +367,3 @@ class StoreWriter:
     def close(self) -> None:
         self._executor.shutdown(wait=True)
         self._checkpointer.close()
-
-
-# --------------------------------------------------------------------- reading
-def open_reader(path: str | Path) -> sqlite_utils.Database:
-    """A read-only view of a store, safe while the gateway writes to it (WAL)."""
-    p = Path(path)
-    if not p.exists():
-        raise StoreError(f"no store at {p} (has the gateway run with this config?)")
-    import sqlite_utils
-
-    conn = sqlite3.connect(f"file:{p}?mode=ro", uri=True)
-    conn.execute("PRAGMA busy_timeout=5000")
-    return sqlite_utils.Database(conn)
-
-
-def read_events(
-    db: sqlite_utils.Database, device_id: str | None = None, kind: str | None = None, limit: int = 50
-) -> list[dict[str, Any]]:
-    """The newest ``limit`` events, oldest first, optionally of one device and kind."""
-    where, params = [], []
-    if device_id is not None:
-        where.append("device_id = ?")
-        params.append(device_id)
-    if kind is not None:
-        where.append("kind = ?")
-        params.append(kind)
-    sql = "SELECT * FROM events" + (" WHERE " + " AND ".join(where) if where else "")
-    rows = list(db.query(sql + " ORDER BY id DESC LIMIT ?", [*params, max(0, limit)]))
-    return [
-        {
-            "id": r["id"],
-            "ts_ms": r["ts_ms"],
-            "device": r["device_id"],
-            "property": r["property"],
-            "kind": r["kind"],
-            "detail": json.loads(r["detail"]),
-        }
-        for r in reversed(rows)
-    ]
-
-
-def read_twin(db: sqlite_utils.Database, device_id: str) -> dict[str, Any] | None:
-    """The stored twin of one device as a JSON-ready dict, or None if unknown."""
-    props = list(db.query("SELECT * FROM twin_property WHERE device_id = ? ORDER BY property", [device_id]))
-    if not props:
-        return None
-    state = next(iter(db.query("SELECT * FROM device_state WHERE device_id = ?", [device_id])), None)
-    twin: dict[str, Any] = {}
-    for row in props:
-        entry: dict[str, Any] = {}
-        if row["reported_value"] is not None:
-            entry["reported"] = {
-                "value": json.loads(row["reported_value"]),
-                "timestamp": row["reported_ts"],
-                "version": row["reported_version"],
-            }
-        if row["desired_value"] is not None:
-            entry["desired"] = {
-                "value": json.loads(row["desired_value"]),
-                "origin": row["desired_origin"],
-                "stamp": row["desired_stamp"],
-                "writeState": row["write_state"],
-                "writeReason": row["write_reason"],
-            }
-        if row["read_error"]:
-            entry["readError"] = row["read_error"]
-        twin[row["property"]] = entry
-    return {
-        "device": device_id,
-        "state": state["state"] if state else "unknown",
-        "lastOnlineMs": state["last_online_ms"] if state else None,
-        "twin": twin,
-    }
-
-
-def list_devices(db: sqlite_utils.Database) -> list[dict[str, Any]]:
-    """Every device of a store: where its definition comes from, readiness, state, how
-    many properties, and whether status is waiting to go to the cloud (an outbox row,
-    or properties whose latest values the cloud has not acknowledged)."""
-    served = {r["device_id"]: r["source"] for r in db.query("SELECT device_id, source FROM served")}
-    states = {r["device_id"]: r for r in db.query("SELECT * FROM device_state")}
-    counts = {
-        r["device_id"]: (r["n"], r["pending"])
-        for r in db.query(
-            "SELECT device_id, count(*) AS n, count(outbox_rev) AS pending "
-            "FROM twin_property GROUP BY device_id"
-        )
-    }
-    outbox = {r["device_id"] for r in db.query("SELECT device_id FROM outbox")}
-    out = []
-    for dev_id in sorted(set(states) | set(counts) | set(served)):
-        row = states.get(dev_id)
-        conditions = json.loads(row["conditions"]) if row else {}
-        ready = conditions.get("Ready") or {}
-        n, pending = counts.get(dev_id, (0, 0))
-        out.append(
-            {
-                "device": dev_id,
-                "source": served.get(dev_id, "cluster" if dev_id not in counts else "manifest"),
-                "ready": {"True": True, "False": False}.get(ready.get("status", "")),
-                "reason": ready.get("message", ""),
-                "state": row["state"] if row else "unknown",
-                "properties": n,
-                "outbox": dev_id in outbox or pending > 0,
-            }
-        )
-    return out
-
-
-def gateway_summary(db: sqlite_utils.Database, now_ms: int) -> dict[str, Any]:
-    """What ``edgetwin status`` shows from the store: devices (served, online, not
-    ready), the outbox (devices waiting and the age of the oldest entry) and the event
-    log's last hour by kind."""
-    devices = list_devices(db)
-    not_ready = [d for d in devices if d["ready"] is False]
-    oldest = next(iter(db.query("SELECT min(since_ms) AS t, count(*) AS n FROM outbox")), {"t": None, "n": 0})
-    pending = {d["device"] for d in devices if d["outbox"]}
-    events = {
-        r["kind"]: r["n"]
-        for r in db.query(
-            "SELECT kind, count(*) AS n FROM events WHERE ts_ms >= ? AND kind != 'state' GROUP BY kind",
-            [now_ms - 3_600_000],
-        )
-    }
-    return {
-        "devices": {
-            "served": next(iter(db.query("SELECT count(*) AS n FROM served")))["n"],
-            "online": sum(1 for d in devices if d["state"] == "online"),
-            "offline": sum(1 for d in devices if d["state"] == "offline"),
-            "not_ready": len(not_ready),
-            "not_ready_examples": [(d["device"], d["reason"]) for d in not_ready[:3]],
-        },
-        "outbox": {
-            "devices": max(len(pending), int(oldest["n"] or 0)),
-            "oldest_age_s": (now_ms - oldest["t"]) / 1000 if oldest["t"] is not None else None,
-        },
-        "events_last_hour": events,
-    }
