@@ -40,15 +40,9 @@ from edgetwin.gateway.ops.metrics import Metrics
 from edgetwin.gateway.store.batch import snapshot
 from edgetwin.gateway.store.schema import StoreError
 from edgetwin.gateway.store.writer import Store, StoreWriter
-from edgetwin.gateway.twin.engine import (
-    DesiredRejected,
-    ReportOutcome,
-    TwinEngine,
-    TwinError,
-    UnknownDevice,
-    WritePolicy,
-    clip,
-)
+from edgetwin.gateway.twin.engine import TwinEngine
+from edgetwin.gateway.twin.model import DesiredRejected, ReportOutcome, TwinError, UnknownDevice, clip
+from edgetwin.gateway.twin.writes import WritePolicy
 from edgetwin.mappers.sdk import DeviceUnavailable, MapperError, ReportResult
 from edgetwin.runtime import heap, logs
 from edgetwin.runtime.aio import cancel_tasks, wait_within

@@ -41,7 +41,8 @@ import grpc
 import msgpack
 
 from edgetwin.gateway.config import UplinkConfig
-from edgetwin.gateway.twin.engine import OutboxEntry, TwinEngine
+from edgetwin.gateway.twin.engine import TwinEngine
+from edgetwin.gateway.twin.outbox import OutboxEntry
 from edgetwin.runtime.aio import wait_within
 from edgetwin.runtime.logs import RateLimit
 from edgetwin.sync.v1 import sync_pb2, sync_pb2_grpc

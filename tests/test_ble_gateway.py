@@ -19,7 +19,7 @@ from edgetwin.gateway.mapper_host import discover
 from edgetwin.gateway.mqtt import payloads, topics
 from edgetwin.gateway.service import Gateway
 from edgetwin.gateway.store.reader import open_reader, read_twin
-from edgetwin.gateway.twin.engine import WriteState
+from edgetwin.gateway.twin.model import WriteState
 from edgetwin.mappers.ble.mapper import BleMapper
 from edgetwin.simulators.ble import sensor_manifests
 from tests.conftest import eventually

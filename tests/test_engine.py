@@ -15,18 +15,17 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from edgetwin.deviceapi import Device, DeviceModel
 from edgetwin.gateway.store.batch import snapshot
 from edgetwin.gateway.store.writer import Store
-from edgetwin.gateway.twin.engine import (
+from edgetwin.gateway.twin.engine import TwinEngine
+from edgetwin.gateway.twin.hlc import HybridClock, Stamp
+from edgetwin.gateway.twin.model import (
     EVENT_REPEAT_MS,
     MAX_REJECTED_LISTED,
-    MAX_WRITE_ATTEMPTS,
     DesiredRejected,
-    TwinEngine,
     UnknownDevice,
-    WritePolicy,
     WriteState,
 )
-from edgetwin.gateway.twin.hlc import HybridClock, Stamp
 from edgetwin.gateway.twin.patch import apply_patch
+from edgetwin.gateway.twin.writes import MAX_WRITE_ATTEMPTS, WritePolicy
 from tests.conftest import THERMO_PROPS, device_doc, model_doc
 
 MODEL = DeviceModel.model_validate(model_doc("thermostat", "plant", THERMO_PROPS))

@@ -15,7 +15,7 @@ import pytest
 from edgetwin.gateway.config import parse_config
 from edgetwin.gateway.mapper_host import discover
 from edgetwin.gateway.service import Gateway
-from edgetwin.gateway.twin.engine import WriteState
+from edgetwin.gateway.twin.model import WriteState
 from edgetwin.mappers.sdk import DeviceBinding, MapperError, PollingMapper, Value
 from edgetwin.mappers.virtual import VirtualMapper
 from tests.conftest import THERMO_PROPS, device_doc, eventually, model_doc, run_cli, write_manifests

@@ -18,7 +18,7 @@ from edgetwin.gateway.mapper_host import discover
 from edgetwin.gateway.mqtt import payloads, topics
 from edgetwin.gateway.service import Gateway
 from edgetwin.gateway.store.reader import open_reader, read_twin
-from edgetwin.gateway.twin.engine import WriteState
+from edgetwin.gateway.twin.model import WriteState
 from edgetwin.mappers.modbus.mapper import ModbusMapper
 from edgetwin.simulators.modbus import BoilerSimulator, boiler_manifests
 from tests.conftest import eventually

@@ -12,7 +12,8 @@ from edgetwin.gateway.store.batch import snapshot
 from edgetwin.gateway.store.reader import open_reader, read_twin
 from edgetwin.gateway.store.schema import SCHEMA_VERSION, SchemaTooNew, StoreError
 from edgetwin.gateway.store.writer import Store
-from edgetwin.gateway.twin.engine import Event, TwinEngine
+from edgetwin.gateway.twin.engine import TwinEngine
+from edgetwin.gateway.twin.model import Event
 from tests.conftest import THERMO_PROPS, model_doc
 from tests.test_engine import MODEL, device
 

@@ -18,7 +18,7 @@ import yaml
 from edgetwin.gateway.config import parse_config
 from edgetwin.gateway.mqtt import payloads, topics
 from edgetwin.gateway.service import Gateway
-from edgetwin.gateway.twin.engine import WriteState
+from edgetwin.gateway.twin.model import WriteState
 from edgetwin.simulators.modbus import BoilerSimulator, boiler_manifests
 from tests.conftest import THERMO_PROPS, Collector, device_doc, eventually, model_doc
 from tests.harness.processes import Mosquitto, free_port

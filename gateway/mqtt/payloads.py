@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edgetwin.deviceapi.values import value_to_text
-from edgetwin.gateway.twin.engine import DeviceTwin, PropertyTwin, Reported
+from edgetwin.gateway.twin.model import DeviceTwin, PropertyTwin, Reported
 
 
 class PayloadError(ValueError):

@@ -9,11 +9,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edgetwin.gateway.store.schema import NOISY_EVENT_KINDS
-from edgetwin.gateway.twin.engine import (
-    Changes,
-    PropertyTwin,
-    TwinEngine,
-)
+from edgetwin.gateway.twin.engine import TwinEngine
+from edgetwin.gateway.twin.model import Changes, PropertyTwin
 
 
 @dataclass(slots=True)

@@ -27,14 +27,9 @@ from typing import Any, Literal
 
 from edgetwin.gateway.store.batch import Batch
 from edgetwin.gateway.store.schema import StoreError, migrate
-from edgetwin.gateway.twin.engine import (
-    Desired,
-    PropertyTwin,
-    Reported,
-    TwinEngine,
-    WriteState,
-)
+from edgetwin.gateway.twin.engine import TwinEngine
 from edgetwin.gateway.twin.hlc import Stamp
+from edgetwin.gateway.twin.model import Desired, PropertyTwin, Reported, WriteState
 
 log = logging.getLogger(__name__)
 
