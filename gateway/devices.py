@@ -23,17 +23,37 @@ import asyncio
 import json
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from pydantic import ValidationError
 
 from edgetwin.deviceapi import Device, DeviceModel
+from edgetwin.gateway.config import GatewayConfig
+from edgetwin.gateway.dedup import RecentUpdates
+from edgetwin.gateway.mapper_host import MapperSet
 from edgetwin.gateway.mqtt import payloads, topics
 from edgetwin.gateway.registry import Decision, Definition, Registry, Source
+from edgetwin.gateway.store.writer import Store
+from edgetwin.gateway.twin.engine import TwinEngine
 from edgetwin.gateway.twin.hlc import Stamp
 
-if TYPE_CHECKING:
-    from edgetwin.gateway.service import Gateway
+
+class DevicesHost(Protocol):
+    """What :class:`Devices` uses of the gateway that owns it (gateway.service)."""
+
+    cfg: GatewayConfig
+    node: str
+    engine: TwinEngine
+    recent: RecentUpdates
+    store: Store | None
+    store_id: str
+    mappers: MapperSet | None
+    uplink: Any  # gateway.uplink.Uplink, loaded only with an uplink
+
+    def changed(self) -> None: ...
+
+    def writes_wake(self) -> None: ...
+
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +85,7 @@ def _now_ms() -> int:
 class Devices:
     """The device lifecycle of one gateway (see the module docstring)."""
 
-    def __init__(self, gw: Gateway) -> None:
+    def __init__(self, gw: DevicesHost) -> None:
         self.gw = gw
         self.registry = Registry(gw.node, self._check, self._serves)
         # Waiting for the next commit: cluster objects to keep (or drop), served rows.

@@ -15,36 +15,34 @@ the store by the devices defined plus ``store.events_max`` events.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import json
 import logging
 import random
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from edgetwin.deviceapi import Device, DeviceModel, value_to_text
+from edgetwin.deviceapi import Device, DeviceModel
 from edgetwin.gateway.config import ConfigError, GatewayConfig
 from edgetwin.gateway.dedup import RecentUpdates
 from edgetwin.gateway.devices import Devices
+from edgetwin.gateway.inbound import MqttRouter
 from edgetwin.gateway.manifests import load_manifests
 from edgetwin.gateway.mapper_host import MapperSet
+from edgetwin.gateway.mapper_side import MapperSide
 from edgetwin.gateway.mqtt import payloads, topics
 from edgetwin.gateway.mqtt.broker import EmbeddedBroker
-from edgetwin.gateway.mqtt.bus import Inbound, MqttBus
-from edgetwin.gateway.mqtt.payloads import PayloadError
+from edgetwin.gateway.mqtt.bus import MqttBus
 from edgetwin.gateway.ops.health import HealthMonitor, Loop
 from edgetwin.gateway.ops.metrics import Metrics
+from edgetwin.gateway.release import Release
 from edgetwin.gateway.store.batch import snapshot
 from edgetwin.gateway.store.schema import StoreError
 from edgetwin.gateway.store.writer import Store, StoreWriter
 from edgetwin.gateway.twin.engine import TwinEngine
-from edgetwin.gateway.twin.model import DesiredRejected, ReportOutcome, TwinError, UnknownDevice, clip
 from edgetwin.gateway.twin.writes import WritePolicy
-from edgetwin.mappers.sdk import DeviceUnavailable, MapperError, ReportResult
-from edgetwin.runtime import heap, logs
+from edgetwin.gateway.write_loop import WriteLoop
+from edgetwin.runtime import heap
 from edgetwin.runtime.aio import cancel_tasks, wait_within
 from edgetwin.runtime.sd_notify import Notifier
 from edgetwin.runtime.version import __version__
@@ -62,15 +60,6 @@ SKIP_WARN_INTERVAL_S = 60.0
 SKIP_EVENT_INTERVAL_S = 600.0
 
 
-@dataclass
-class _SkipCount:
-    for_log: int = 0
-    for_event: int = 0
-    logged_at: float = float("-inf")
-    evented_at: float = float("-inf")
-
-
-# Store meta key: the last resourceVersion seen of each kind from the cloud (JSON).
 UPLINK_RESUME_KEY = "uplink.resume"
 
 
@@ -104,21 +93,18 @@ class Gateway:
         # Set once run() begins to stop (asked to, or a store failure): the caller may
         # bound how long the rest takes (edgetwin.cli does).
         self.stopping = asyncio.Event()
-        # Everything below is released by the next commit.
-        self._acks: list[Inbound] = []
-        self._pubs: list[tuple[str, bytes, int, bool]] = []
-        # Deltas for external mappers: (device, properties, topic, body). One that cannot
-        # be handed to the broker gives its attempts back (TwinEngine.write_undelivered).
-        self._deltas: list[tuple[str, list[str], str, bytes]] = []
-        self._retained: set[tuple[str, str]] = set()
-        self._waiters: list[asyncio.Future[None]] = []
-        self._dirty = asyncio.Event()
-        self._writes_wake = asyncio.Event()
-        self._writing: set[tuple[str, str]] = set()
+        # What the next commit releases (acknowledgements, answers, deltas, waiters).
+        self.release = Release()
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._ratelimit = logs.RateLimit()
-        self._skipped: dict[str, _SkipCount] = {}
-        self._broker_dropped_seen: int | None = None
+        self.writes = WriteLoop(
+            self.engine, self.release, self.metrics, lambda: self.mappers, lambda: self.bus, self._spawn
+        )
+        self.inbound = MqttRouter(
+            self.node, cfg.mqtt, self.engine, self.recent, self.metrics, self.release, self.writes.wake
+        )
+        self.mapper_host = MapperSide(
+            self.engine, self.release, self.metrics, self.inbound.count_report, self.writes.wake
+        )
         self._republish_devices = False
         # One commit at a time: the committer and the final commit at shutdown share the
         # store's one connection.
@@ -181,7 +167,7 @@ class Gateway:
             broker = EmbeddedBroker(self.cfg.mqtt.embedded.host, self.cfg.mqtt.embedded.port)
             await broker.start()
         try:
-            self.mappers = MapperSet(_Host(self), self.cfg.mappers)
+            self.mappers = MapperSet(self.mapper_host, self.cfg.mappers)
             self.load()
             assert self.store is not None
             self.writer = StoreWriter(self.store, self.cfg.store.commit_mode)
@@ -194,8 +180,8 @@ class Gateway:
             )
             committer = self._spawn(self._committer(), "committer")
             self._spawn(self.devices.run_mapper_changes(), "mapper changes")
-            self._spawn(self.bus.run(self._on_message, self._on_connect), "mqtt")
-            self._spawn(self._write_scheduler(), "writes")
+            self._spawn(self.bus.run(self.inbound.on_message, self._on_connect), "mqtt")
+            self._spawn(self.writes.run(), "writes")
             self._spawn(self._metrics_publisher(), "metrics")
             self._spawn(self._health_watch(), "health")
             if heap.available():
@@ -278,7 +264,7 @@ class Gateway:
     async def _committer(self) -> None:
         linger = self.cfg.store.commit_linger_ms / 1000
         while True:
-            await self._dirty.wait()
+            await self.release.dirty.wait()
             if linger:
                 # Gather a little more work per fsync; bounded, so latency stays low.
                 await asyncio.sleep(linger)
@@ -290,13 +276,15 @@ class Gateway:
             await self._commit_locked()
 
     async def _commit_locked(self) -> None:
-        self._dirty.clear()
+        taken = self.release.take()
         changes = self.engine.drain()
-        acks, self._acks = self._acks, []
-        pubs, self._pubs = self._pubs, []
-        deltas, self._deltas = self._deltas, []
-        retained, self._retained = self._retained, set()
-        waiters, self._waiters = self._waiters, []
+        acks, pubs, deltas, retained, waiters = (
+            taken.acks,
+            taken.pubs,
+            taken.deltas,
+            taken.retained,
+            taken.waiters,
+        )
         resume = self.uplink.take_resume() if self.uplink is not None else None
         recent, recent_floor = self.recent.take_added()
         objects, objects_deleted, served, unserved = self.devices.take_rows()
@@ -357,8 +345,8 @@ class Gateway:
                         self.engine.write_undelivered(
                             dev_id, prop, now_ms(), "the MQTT broker is not connected"
                         )
-                    self._dirty.set()
-                    self._writes_wake.set()
+                    self.release.changed()
+                    self.writes.wake()
             for msg in acks:
                 bus.ack(msg)
         for w in waiters:
@@ -386,13 +374,6 @@ class Gateway:
                     topic = topics.device_values(self.node, dev.namespace, dev.name)
                     bus.publish(topic, payloads.device_values(dev.properties.values()), 1, True)
 
-    def _committed(self) -> asyncio.Future[None]:
-        """A future resolved by the commit that includes everything done so far."""
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(fut)
-        self._dirty.set()
-        return fut
-
     # ----------------------------------------------------------------- MQTT inbound
     async def _on_connect(self) -> None:
         assert self.bus is not None
@@ -400,300 +381,28 @@ class Gateway:
         # Subscribers converge after any outage: every retained value is sent again
         # (after the next commit, so nothing uncommitted is shown).
         for dev in self.engine.devices.values():
-            self._retained.update(
+            self.release.retained.update(
                 (dev.id, n) for n, p in dev.properties.items() if p.reported or p.read_error
             )
         self.devices.republish_all()
         self._republish_devices = True
-        self._writes_wake.set()
-        self._dirty.set()
-
-    def _on_message(self, msg: Inbound) -> None:
-        """Handle one inbound message. Never raises: whatever a peer sends, the message
-        is answered (where it can be), counted and acknowledged after the next commit,
-        so nothing can wedge the session as a poison message."""
-        try:
-            self._route(msg)
-        except Exception as exc:
-            # A bug of ours triggered by this input. Refuse it like bad input: counted,
-            # logged (rate-limited, with the traceback), answered and acknowledged.
-            if self._ratelimit.allow("internal"):
-                log.error(
-                    "message handling failed; message refused",
-                    extra={"topic": msg.topic[:200], "bytes": len(msg.payload)},
-                    exc_info=exc,
-                )
-            if not any(m is msg for m in self._acks):  # never acknowledge one message twice
-                reason = f"the gateway could not process this message ({type(exc).__name__})"
-                self._reject(msg, "internal", reason)
-
-    def _route(self, msg: Inbound) -> None:
-        if msg.topic == topics.BROKER_DROPPED:
-            self._broker_dropped(msg.payload)
-            return
-        if msg.topic == topics.membership_get(self.node):
-            event_id = payloads.parse_twin_get(msg.payload, self.cfg.mqtt.max_payload)
-            served = [d for d in self.engine.devices.values() if d.served]
-            body = payloads.membership_get_result(event_id, now_ms(), served)
-            self._pubs.append((topics.membership_get_result(self.node), body, 1, False))
-            self._ack_now(msg)
-            return
-        route = topics.parse_inbound(msg.topic)
-        if route is None:
-            self.metrics.inc("rejected_unknown_topic")
-            self._ack_now(msg)
-            return
-        dev = self.engine.devices.get(route.device_id)
-        if dev is None:
-            self._reject(
-                msg,
-                "unknown_device",
-                f"device {clip(route.device_id, 100)!r} is not defined for node {self.node!r}",
-            )
-            return
-        if not dev.served:
-            ready = dev.conditions.get("Ready") or {}
-            reason = (
-                f"device {route.device_id!r} is not served: {ready.get('message', 'no valid definition')}"
-            )
-            self._reject(msg, "not_served", reason)
-            return
-        try:
-            if route.action == topics.TWIN_UPDATE:
-                self._twin_update(msg, route.device_id)
-            elif route.action == topics.TWIN_GET:
-                self._twin_get(msg, route.device_id)
-            else:
-                self._state_update(msg, route.device_id)
-        except PayloadError as exc:
-            self._reject(msg, exc.kind, exc.reason)
-        except TwinError as exc:
-            self._reject(msg, "bad_value", str(exc))
-
-    def _broker_dropped(self, payload: bytes) -> None:
-        """mosquitto's count of messages it dropped since it started. A rise means the
-        broker lost messages it had acknowledged to their publishers (a session queue
-        was full: max_queued_messages / max_queued_bytes): counted (metric
-        broker_messages_dropped, the broker's total) and warned about."""
-        try:
-            total = int(payload.decode("ascii").strip())
-        except (UnicodeDecodeError, ValueError):
-            return
-        seen = self._broker_dropped_seen
-        self._broker_dropped_seen = total
-        self.metrics.total("broker_messages_dropped", total)
-        if seen is not None and total > seen and self._ratelimit.allow("broker_dropped"):
-            log.warning(
-                "the MQTT broker dropped messages it had acknowledged to their publishers (a "
-                "client's queue was full; for the gateway's session these are lost updates); raise "
-                "its max_queued_messages / max_queued_bytes (docs/mqtt.md, 'Broker settings')",
-                extra={"dropped": total - seen, "broker_total": total},
-            )
-        elif seen is None and total > 0:
-            log.warning(
-                "the MQTT broker reports messages dropped before the gateway connected",
-                extra={"broker_total": total},
-            )
+        self.writes.wake()
+        self.release.changed()
 
     def changed(self) -> None:
         """Something changed that the next commit must carry."""
-        self._dirty.set()
+        self.release.changed()
 
     def writes_wake(self) -> None:
         """A desired write may be due: let the write scheduler look."""
-        self._writes_wake.set()
-
-    def _ack_now(self, msg: Inbound) -> None:
-        # Nothing of this message is stored, but it is still acknowledged in order with
-        # the rest, after the next commit.
-        self._acks.append(msg)
-        self._dirty.set()
-
-    def _reject(self, msg: Inbound, kind: str, reason: str) -> None:
-        """Count and log a refused message on one of our inbound topics, answer it on
-        ``{topic}/result`` (unless oversize: the payload is not echoed) and acknowledge."""
-        self.metrics.inc(f"rejected_{kind}")
-        if self._ratelimit.allow(kind):
-            log.warning("rejected MQTT message", extra={"topic": msg.topic, "kind": kind, "reason": reason})
-        if len(msg.payload) <= self.cfg.mqtt.max_payload:
-            code = {"unknown_device": 404, "not_served": 409}.get(kind, 400)
-            body = payloads.error_result(payloads.event_id_of(msg.payload), now_ms(), code, reason)
-            self._pubs.append((f"{msg.topic}/result", body, 1, False))
-        self._ack_now(msg)
-
-    def _twin_update(self, msg: Inbound, dev_id: str) -> None:
-        upd = payloads.parse_twin_update(msg.payload, self.cfg.mqtt.max_payload)
-        now = now_ms()
-        key = self.recent.key(dev_id, upd.event_id, msg.payload)
-        seen = self.recent.lookup(key, now, msg.dup)
-        if seen is not None:  # applied before (a redelivery): answer again, apply nothing
-            self.metrics.inc("duplicates")
-            body = seen.answer or payloads.duplicate_result(upd.event_id, now)
-            self._pubs.append((topics.twin_update_result(dev_id), body, self.cfg.mqtt.result_qos, False))
-            self._ack_now(msg)
-            return
-        engine = self.engine
-        outcome = (
-            engine.apply_reported(dev_id, upd.actual, now, upd.timestamp)
-            if upd.actual
-            else ReportOutcome({}, {})
-        )
-        desired_info: dict[str, dict[str, Any]] = {}
-        for prop, raw in upd.expected.items():
-            try:
-                d = engine.apply_desired(dev_id, prop, raw, "edge", now)
-            except DesiredRejected as exc:
-                outcome.rejected[prop] = exc.reason
-                continue
-            desired_info[prop] = {
-                "value": value_to_text(d.desired.value),
-                "metadata": {
-                    "origin": d.desired.origin,
-                    "stamp": str(d.desired.stamp),
-                    "accepted": d.won,
-                },
-            }
-            if d.write_pending:
-                self._writes_wake.set()
-        self._count_report(dev_id, outcome)
-        dev = engine.devices[dev_id]
-        body = payloads.update_result(
-            upd.event_id, now, dev, outcome.accepted, outcome.rejected, desired_info
-        )
-        self._pubs.append((topics.twin_update_result(dev_id), body, self.cfg.mqtt.result_qos, False))
-        self.recent.remember(key, body, now)
-        self._acks.append(msg)
-        self._dirty.set()
-
-    def _count_report(self, dev_id: str, outcome: ReportOutcome) -> None:
-        if outcome.accepted:
-            self.metrics.inc("reported_accepted", len(outcome.accepted))
-        if outcome.rejected:
-            # Logged with the engine's events (once per change per property), not here.
-            self.metrics.inc("rejected_values", len(outcome.rejected))
-
-    def _twin_get(self, msg: Inbound, dev_id: str) -> None:
-        event_id = payloads.parse_twin_get(msg.payload, self.cfg.mqtt.max_payload)
-        body = payloads.get_result(event_id, now_ms(), self.engine.devices[dev_id])
-        self._pubs.append((topics.twin_get_result(dev_id), body, 1, False))
-        self._ack_now(msg)
-
-    def _state_update(self, msg: Inbound, dev_id: str) -> None:
-        event_id, state = payloads.parse_state_update(msg.payload, self.cfg.mqtt.max_payload)
-        self.engine.set_state(dev_id, state, now_ms())
-        body = payloads.state_result(event_id, now_ms(), self.engine.devices[dev_id])
-        self._pubs.append((topics.state_update_result(dev_id), body, 1, False))
-        self._acks.append(msg)
-        self._dirty.set()
-        self._writes_wake.set()  # a device back online resumes its paused writes
-
-    # ----------------------------------------------------------------- mapper side
-    async def report(self, dev_id: str, values: Mapping[str, Any], timestamp_ms: int | None) -> ReportResult:
-        outcome = self.engine.apply_reported(dev_id, values, now_ms(), timestamp_ms)
-        self._count_report(dev_id, outcome)
-        await self._committed()
-        return ReportResult({n: r.version for n, r in outcome.accepted.items()}, outcome.rejected)
-
-    async def set_state(self, dev_id: str, state: str) -> None:
-        self.engine.set_state(dev_id, state, now_ms())
-        self._writes_wake.set()  # a device back online resumes its paused writes
-        await self._committed()
-
-    async def report_errors(self, dev_id: str, errors: Mapping[str, str]) -> None:
-        self.engine.set_read_errors(dev_id, errors, now_ms())
-        await self._committed()
-
-    def cycles_skipped(self, dev_id: str, skipped: int, cycle_ms: int) -> None:
-        """A mapper's polling loop overran its collectCycle: count the cycles it skipped
-        (metric ``cycles_skipped``), warn at most once a minute per device and note it
-        in the event log at most every 10 minutes, each with the count since."""
-        self.metrics.inc("cycles_skipped", skipped)
-        acc = self._skipped.setdefault(dev_id, _SkipCount())
-        acc.for_log += skipped
-        acc.for_event += skipped
-        now = time.monotonic()
-        if now - acc.logged_at >= SKIP_WARN_INTERVAL_S:
-            log.warning(
-                "polling cycles skipped: reads take longer than the collectCycle "
-                "(docs/mappers/modbus.md, 'Skipped cycles')",
-                extra={"device": dev_id, "skipped": acc.for_log, "cycle_ms": cycle_ms},
-            )
-            acc.for_log, acc.logged_at = 0, now
-        if now - acc.evented_at >= SKIP_EVENT_INTERVAL_S and dev_id in self.engine.devices:
-            detail = {"skipped": acc.for_event, "cycle_ms": cycle_ms}
-            self.engine.record_event(now_ms(), dev_id, "", "cycles_skipped", detail)
-            acc.for_event, acc.evented_at = 0, now
-            self._dirty.set()
+        self.writes.wake()
 
     # ----------------------------------------------------------------- desired writes
     def _uplink_changed(self) -> None:
         """The uplink changed the engine (an acknowledged outbox entry, a cloud desired
         value): commit it, and let the write scheduler look at new desired values."""
-        self._dirty.set()
-        self._writes_wake.set()
-
-    def _deliverable(self, dev_id: str) -> bool:
-        """Whether a desired write could reach the device now: it is not reported
-        offline, and its in-process mapper serves it or the broker is connected (for
-        external mappers). Writes to a device that cannot be reached wait, unspent."""
-        dev = self.engine.devices.get(dev_id)
-        if dev is None or dev.state == "offline":
-            return False
-        if self.mappers is not None and dev_id in self.mappers.by_device:
-            return True
-        return self.bus is not None and self.bus.connected.is_set()
-
-    async def _write_scheduler(self) -> None:
-        """Hand due desired writes to the device's mapper, or to external mappers as a
-        delta on MQTT, with the engine's backoff between attempts. The schedule of a
-        device that cannot be reached is paused (woken when it comes back)."""
-        while True:
-            due = self.engine.due_writes(now_ms(), self._deliverable)
-            external: dict[str, list[str]] = {}
-            for req in due:
-                mapper = self.mappers.by_device.get(req.device_id) if self.mappers else None
-                if mapper is None:
-                    external.setdefault(req.device_id, []).append(req.property)
-                elif (req.device_id, req.property) not in self._writing:
-                    self._spawn(self._mapper_write(req.device_id, req.property, req.value), "write")
-                else:  # the previous attempt is still running: this one is not spent
-                    self.engine.write_undelivered(req.device_id, req.property, now_ms())
-            for dev_id, props in external.items():
-                dev = self.engine.devices[dev_id]
-                body = payloads.delta(now_ms(), dev, self.engine.deltas(dev_id))
-                self._deltas.append((dev_id, props, topics.twin_update_delta(dev_id), body))
-            if due:
-                self._dirty.set()
-            next_due = self.engine.next_write_due(self._deliverable)
-            timeout = None if next_due is None else max(0.0, (next_due - now_ms()) / 1000)
-            self._writes_wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await wait_within(self._writes_wake.wait(), timeout)
-
-    async def _mapper_write(self, dev_id: str, prop: str, value: Any) -> None:
-        assert self.mappers is not None
-        key = (dev_id, prop)
-        self._writing.add(key)
-        try:
-            await self._committed()  # the desired value is durable before we act on it
-            await self.mappers.by_device[dev_id].write(self.mappers.bindings[dev_id], prop, value)
-            self.metrics.inc("mapper_writes")
-        except DeviceUnavailable as exc:
-            # The device could not be reached: not an attempt. Retried once it is back.
-            self.metrics.inc("mapper_writes_undelivered")
-            self.engine.write_undelivered(dev_id, prop, now_ms(), str(exc) or "device unavailable")
-            self._dirty.set()
-        except Exception as exc:
-            # A mapper's own failure (MapperError, I/O) or a bug in a third-party
-            # plugin: either way the attempt failed, the reason is kept, retries go on.
-            self.metrics.inc("mapper_write_errors")
-            if not isinstance(exc, MapperError | OSError | TimeoutError):
-                log.error("mapper write raised", extra={"device": dev_id, "property": prop}, exc_info=exc)
-            self.engine.write_failed(dev_id, prop, str(exc) or type(exc).__name__)
-            self._dirty.set()
-        finally:
-            self._writing.discard(key)
-            self._writes_wake.set()
+        self.release.changed()
+        self.writes.wake()
 
     # ----------------------------------------------------------------- metrics
     def _health_loops(self) -> list[Loop]:
@@ -709,7 +418,7 @@ class Gateway:
         return [
             Loop(
                 "committer",
-                lambda: self._dirty.is_set() or self._commit_lock.locked(),
+                lambda: self.release.dirty.is_set() or self._commit_lock.locked(),
                 lambda: self._commits_done,
                 "changes waiting for a commit",
             ),
@@ -761,27 +470,3 @@ class Gateway:
                 self.metrics.changed = False
                 body = json.dumps(self.metrics.snapshot(reset_peaks=True)).encode()
                 self.bus.publish(topics.gateway_metrics(self.node), body, 1, True)
-
-
-class _Host:
-    """The :class:`mappers.sdk.MapperHost` the gateway gives its mappers."""
-
-    def __init__(self, gateway: Gateway) -> None:
-        self._gw = gateway
-
-    async def report(
-        self, device_id: str, values: Mapping[str, Any], timestamp_ms: int | None = None
-    ) -> ReportResult:
-        try:
-            return await self._gw.report(device_id, values, timestamp_ms)
-        except UnknownDevice as exc:
-            raise MapperError(str(exc)) from None
-
-    async def set_state(self, device_id: str, state: str) -> None:
-        await self._gw.set_state(device_id, state)
-
-    async def report_errors(self, device_id: str, errors: Mapping[str, str]) -> None:
-        await self._gw.report_errors(device_id, errors)
-
-    def cycles_skipped(self, device_id: str, skipped: int, cycle_ms: int) -> None:
-        self._gw.cycles_skipped(device_id, skipped, cycle_ms)

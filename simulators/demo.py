@@ -164,7 +164,7 @@ async def run_demo(
 
 async def _demo(tmp: Path, duration: float | None, live: bool, cloud: bool, mqtt_port: int) -> int:
     async with contextlib.AsyncExitStack() as parts:  # each part stops even if a later one fails
-        manifests = resources.files("edgetwin") / "demo_manifests"
+        manifests = resources.files("edgetwin.simulators") / "demo_manifests"
         port = mqtt_port or free_port()
         # A simulated Modbus boiler on its own port, served by the real Modbus mapper.
         sim = BoilerSimulator("127.0.0.1", free_port())

@@ -80,8 +80,8 @@ async def test_a_redelivery_after_a_restart_is_answered_from_the_store_and_not_a
         assert gw.store is not None
         gw.writer = StoreWriter(gw.store)
         try:
-            gw._on_message(Inbound(topic, payload, 1, mid=1, generation=0, dup=restart > 0))
-            answers += [body for t, body, *_ in gw._pubs if t.endswith("/result")]
+            gw.inbound.on_message(Inbound(topic, payload, 1, mid=1, generation=0, dup=restart > 0))
+            answers += [body for t, body, *_ in gw.release.pubs if t.endswith("/result")]
             await gw._commit_once()
             assert gw.engine.devices["plant.t1"].properties["count"].last_version == 1
         finally:

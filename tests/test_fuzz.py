@@ -112,20 +112,22 @@ def test_the_gateway_answers_and_acknowledges_whatever_arrives(
 ) -> None:
     """The whole handler, not only the parser: it never raises, and every message is
     acknowledged exactly once (so the broker never redelivers it as a poison message)."""
-    gateway._acks.clear()
-    gateway._pubs.clear()
+    gateway.release.acks.clear()
+    gateway.release.pubs.clear()
     msg = Inbound(topic, payload, 1, mid=1, generation=0, dup=dup)
-    gateway._on_message(msg)
-    assert [m for m in gateway._acks if m is msg] == [msg] or topic == "$SYS/broker/publish/messages/dropped"
-    assert all(len(body) <= 70_000 + 1024 for _, body, *_ in gateway._pubs)  # answers stay bounded
+    gateway.inbound.on_message(msg)
+    assert [m for m in gateway.release.acks if m is msg] == [
+        msg
+    ] or topic == "$SYS/broker/publish/messages/dropped"
+    assert all(len(body) <= 70_000 + 1024 for _, body, *_ in gateway.release.pubs)  # answers stay bounded
 
 
 async def test_after_the_storm_the_gateway_still_takes_a_valid_update(gateway: Gateway) -> None:
-    gateway._acks.clear()
-    gateway._pubs.clear()
+    gateway.release.acks.clear()
+    gateway.release.pubs.clear()
     body = json.dumps({"event_id": "after", "twin": {"count": {"actual": {"value": 41}}}}).encode()
     before = gateway.engine.devices["plant.t1"].properties["count"].last_version
-    gateway._on_message(Inbound("$hw/events/device/plant.t1/twin/update", body, 1, 1, 0))
+    gateway.inbound.on_message(Inbound("$hw/events/device/plant.t1/twin/update", body, 1, 1, 0))
     await gateway._commit_once()
     prop = gateway.engine.devices["plant.t1"].properties["count"]
     assert prop.reported is not None and prop.reported.value == 41 and prop.last_version == before + 1

@@ -92,8 +92,8 @@ async def test_the_gateways_write_scheduler_ends_when_cancelled_as_it_is_woken(
     # A write due in a minute: the scheduler waits for a wake-up with a timeout, as it
     # does whenever a write is pending (the case the chaos run hit).
     monkeypatch.setattr(gw.engine, "next_write_due", lambda deliverable: now_ms() + 60_000)
-    task = asyncio.create_task(gw._write_scheduler())
-    assert await _ends_when_cancelled(task, gw._writes_wake, steps)
+    task = asyncio.create_task(gw.writes.run())
+    assert await _ends_when_cancelled(task, gw.writes.woken, steps)
 
 
 async def test_cancel_tasks_reports_a_task_that_will_not_end() -> None:

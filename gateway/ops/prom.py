@@ -6,14 +6,25 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-if TYPE_CHECKING:
-    from edgetwin.gateway.service import Gateway
+from edgetwin.gateway.ops.metrics import Metrics
+from edgetwin.gateway.twin.engine import TwinEngine
+
+
+class Gateway(Protocol):
+    """What the metrics read of the gateway (gateway.service)."""
+
+    metrics: Metrics
+    engine: TwinEngine
+    devices: Any  # gateway.devices.Devices: counts()
+    bus: Any  # gateway.mqtt.bus.MqttBus | None
+    uplink: Any  # gateway.uplink.Uplink | None
+
 
 PREFIX = "edgetwin_gateway_"
 _GAUGES = frozenset({"tasks"})  # asyncio tasks alive: a leak shows as growth

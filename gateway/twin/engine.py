@@ -1,4 +1,4 @@
-"""The twin engine: every rule about reported and desired state, in one place.
+"""The twin engine: the rules about reported and desired state, on ``writes`` and ``outbox``.
 
 Pure and sans-IO. Callers pass in values and the time; the engine updates twins in
 memory and records what changed (:class:`Changes`) for the caller to persist, publish
