@@ -28,41 +28,33 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import json
 import logging
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-import msgpack
 
 from edgetwin.gateway.config import UplinkConfig
 from edgetwin.gateway.twin.engine import TwinEngine
-from edgetwin.gateway.twin.outbox import OutboxEntry
-from edgetwin.runtime.aio import wait_within
+from edgetwin.gateway.uplink_stream import (
+    HEALTHY_S,
+    HOLD_MAX_S,
+    Stream,
+    _Deferral,
+)
 from edgetwin.runtime.logs import RateLimit
-from edgetwin.sync.v1 import sync_pb2, sync_pb2_grpc
+from edgetwin.sync.v1 import sync_pb2_grpc
 from edgetwin.sync.wire import (
-    ACK_DELAY_S,
-    CAP_APPLIED_REVS,
-    CLOUD_TO_EDGE,
     MAX_FRAME_BYTES,
-    PROTOCOL_VERSION,
-    AckTimer,
-    FrameDecoder,
-    FrameEncoder,
-    Incoming,
-    Outgoing,
     WireError,
     decode_revs,
-    pack_batch,
 )
 
 log = logging.getLogger(__name__)
+_retries = RateLimit(burst=1, per_s=60.0)  # 'still down' lines, now and then
 
 # The same HTTP/2 options as the relay's (cloud.relay.CHANNEL_OPTIONS; gateway and cloud
 # never import each other): no BDP probe pings, frames up to the wire bound.
@@ -71,68 +63,6 @@ CHANNEL_OPTIONS: list[tuple[str, int | str]] = [
     ("grpc.max_receive_message_length", MAX_FRAME_BYTES + 1024),
     ("grpc.max_send_message_length", MAX_FRAME_BYTES + 1024),
 ]
-# A stream that stayed up this long was healthy: the next reconnect starts from the
-# shortest backoff again.
-HEALTHY_S = 5.0
-RETRY_MIN_S, RETRY_MAX_S = 5.0, 300.0  # status the relay could not apply yet
-REFUSED_WAIT_S = 600.0  # status the relay refused (another node's device)
-# A gateway with no resume point (a new or lost store) waits for the relist of its
-# Devices before sending status, so their cloud status is adopted first (versions go on
-# above it); at most this long.
-HOLD_MAX_S = 60.0
-STATS_MIN_S, STATS_S = 5.0, 30.0
-
-
-# Refusals are logged at most 10 a minute (a site whose devices the cluster does not
-# have yet would otherwise log one line per device).
-_refusals = RateLimit()
-_retries = RateLimit(burst=1, per_s=60.0)
-
-
-class LinkDead(Exception):
-    """Nothing arrived from the relay for too long."""
-
-
-def _priority(patch: dict[str, Any]) -> int:
-    """0 for device state, conditions and desired acknowledgements; 1 for reported values."""
-    if "state" in patch or "conditions" in patch:
-        return 0
-    twins = patch.get("twins") or {}
-    return 0 if any("observedDesired" in t for t in twins.values() if isinstance(t, dict)) else 1
-
-
-def split_patch(patch: dict[str, Any], limit: int) -> list[dict[str, Any]]:
-    """A status patch as parts of at most about ``limit`` bytes (msgpack), each a status
-    patch of its own (the relay applies each on its own): the device-level fields, then
-    the properties, as many to a part as fit. A property larger than ``limit`` is a part
-    by itself (a value is at most 16 KiB, so it still fits a frame)."""
-    if len(msgpack.packb(patch)) <= limit:
-        return [patch]
-    parts: list[dict[str, Any]] = []
-    current: dict[str, Any] = {k: v for k, v in patch.items() if k != "twins"}
-    size = len(msgpack.packb(current)) if current else 0
-    for name, entry in (patch.get("twins") or {}).items():
-        entry_size = len(msgpack.packb({name: entry}))
-        if current and size + entry_size > limit:
-            parts.append(current)
-            current, size = {}, 0
-        current.setdefault("twins", {})[name] = entry
-        size += entry_size
-    if current:
-        parts.append(current)
-    return parts
-
-
-@dataclass
-class _Deferral:
-    until: float
-    backoff: float
-
-
-@dataclass
-class _InFlight:
-    rev: int
-    parts: set[int] = field(default_factory=set)
 
 
 class Uplink:
@@ -174,7 +104,7 @@ class Uplink:
         self.last_error = ""
         self.connected_since: float | None = None
         self.last_rx_at: float | None = None
-        self.stream: _Stream | None = None  # the current stream, while one is open
+        self.stream: Stream | None = None  # the current stream, while one is open
         self.frames_acked = 0  # progress, for the health monitor
         self.failures = 0  # connection attempts failed in a row
         self._hold_until: float = 0.0
@@ -258,7 +188,7 @@ class Uplink:
             options.append(("grpc.ssl_target_name_override", self.cfg.server_name))
         async with grpc.aio.secure_channel(self.cfg.address, self._credentials(), options=options) as channel:
             call = sync_pb2_grpc.SyncStub(channel).Link()  # type: ignore[no-untyped-call]
-            stream = self.stream = _Stream(self, call)
+            stream = self.stream = Stream(self, call)
             tasks = [
                 asyncio.create_task(stream.read(), name="uplink read"),
                 asyncio.create_task(stream.write(), name="uplink write"),
@@ -278,7 +208,7 @@ class Uplink:
                 self.stream = None
 
     # ----------------------------------------------------------------- messages from the relay
-    def handle(self, msg: dict[str, Any], stream: _Stream) -> None:
+    def handle(self, msg: dict[str, Any], stream: Stream) -> None:
         kind = msg["t"]
         self.received[kind] += 1
         if kind == "welcome":
@@ -303,279 +233,6 @@ class Uplink:
                 meta = msg["obj"].get("metadata") or {}
                 self.set_resume(msg["kind"], str(meta.get("resourceVersion", "")))
             self.on_cloud(msg)
-
-
-class _Stream:
-    """One stream's state: numbering, compression, in-flight status, pacing."""
-
-    def __init__(self, uplink: Uplink, call: Any) -> None:
-        self.up = uplink
-        self.call = call
-        cfg = uplink.cfg
-        self.budget = float(cfg.budget_bps)
-        # Raw (msgpack) bytes per frame: frame_s of the budget, at a conservative 4x
-        # compression; the in-flight window a few frames of it.
-        self.frame_raw = max(4096, int(cfg.budget_bps * cfg.frame_s)) * 4
-        self.out: Outgoing[list[tuple[str, int, int | None]]] = Outgoing(
-            window=32, window_bytes=max(64 * 1024, self.frame_raw * 3)
-        )
-        self.inc = Incoming()
-        self.encoder = FrameEncoder()
-        self.decoder = FrameDecoder()
-        self.in_flight: dict[str, _InFlight] = {}
-        self.rev_dev: dict[int, str] = {}  # in_flight by revision, for appliedRevs
-        # Parts of entries too large for one frame, waiting for their frames:
-        # (device, revision, index, count, patch).
-        self.parts: collections.deque[tuple[str, int, int, int, dict[str, Any]]] = collections.deque()
-        self.acks = AckTimer()
-        self.last_rx = time.monotonic()
-        self.last_echo = 0.0
-        self.stats_sent: tuple[int, int, int, int | None] | None = None
-        self.stats_at = 0.0
-
-    # ----------------------------------------------------------------- inbound
-    async def read(self) -> None:
-        while True:
-            frame = await self.call.read()
-            if frame is grpc.aio.EOF:
-                raise ConnectionError("the relay closed the stream")
-            self.last_rx = self.up.last_rx_at = time.monotonic()
-            self.up.bytes_received += len(frame.payload)
-            if frame.ack:
-                if frame.ack > self.out.acked:
-                    self.up.frames_acked += 1
-                self.out.on_ack(frame.ack)  # the window opens; the answers say what was applied
-                self.up.wake.set()
-            lazy = False
-            if frame.seq and self.inc.accept(frame.seq):
-                messages = self.decoder.decode(frame.encoding, frame.payload, CLOUD_TO_EDGE)
-                for msg in messages:
-                    self.up.handle(msg, self)
-                # Only resume points moved on: nothing waits for this ack, so it rides on
-                # the next heartbeat instead of costing a frame of its own.
-                lazy = bool(messages) and all(m["t"] == "rv" for m in messages)
-            if frame.seq:
-                delay = self.up.cfg.heartbeat_ms / 1000 if lazy else ACK_DELAY_S
-                self.acks.received(time.monotonic(), delay)
-                self.up.wake.set()
-
-    def answered(self, msg: dict[str, Any]) -> None:
-        dev, rev = msg["dev"], msg["rev"]
-        flight = self.in_flight.get(dev)
-        if flight is None or flight.rev != rev:
-            return  # an answer to an older revision: a newer one is on its way
-        if msg["t"] == "refused":
-            self._land(dev)
-            previous = self.up.deferred.get(dev)
-            if msg.get("retry"):
-                backoff = min(RETRY_MAX_S, previous.backoff * 2) if previous else RETRY_MIN_S
-            else:
-                backoff = REFUSED_WAIT_S
-            self.up.deferred[dev] = _Deferral(time.monotonic() + backoff * random.uniform(0.8, 1.2), backoff)
-            if previous is None and _refusals.allow("refused"):
-                log.warning(
-                    "relay could not apply status; kept and retried",
-                    extra={"device": dev, "reason": msg["reason"], "retry_s": round(backoff)},
-                )
-            return
-        flight.parts.discard(msg.get("part", 0))
-        if flight.parts:
-            return
-        self._land(dev)
-        self.up.deferred.pop(dev, None)
-        if self.up.engine.outbox_acked(dev, rev):
-            self.up.applied += 1
-        self.up.changed()
-
-    def _fly(self, dev: str, flight: _InFlight) -> None:
-        if (old := self.in_flight.get(dev)) is not None:
-            self.rev_dev.pop(old.rev, None)
-        self.in_flight[dev] = flight
-        self.rev_dev[flight.rev] = dev
-
-    def _land(self, dev: str) -> None:
-        self.rev_dev.pop(self.in_flight.pop(dev).rev, None)
-
-    # ----------------------------------------------------------------- outbound
-    def _due_entries(self) -> list[tuple[str, OutboxEntry]]:
-        now = time.monotonic()
-        due = []
-        for dev, entry in self.up.engine.outbox.items():
-            flight = self.in_flight.get(dev)
-            if flight is not None and flight.rev == entry.revision:
-                continue
-            deferral = self.up.deferred.get(dev)
-            if deferral is not None and deferral.until > now:
-                continue
-            due.append((dev, entry))
-        due.sort(key=lambda d: (_priority(d[1].patch), d[1].revision))
-        return due
-
-    def _next_deferral(self) -> float | None:
-        times = [d.until for dev, d in self.up.deferred.items() if dev in self.up.engine.outbox]
-        return min(times) if times else None
-
-    def _status_batch(self) -> tuple[list[dict[str, Any]], list[tuple[str, int, int | None]]]:
-        """The next frame's status messages: queued parts of a large entry first, then
-        whole entries by priority, up to ``frame_raw`` bytes and ``batch_max`` messages."""
-        outbox = self.up.engine.outbox
-        messages: list[dict[str, Any]] = []
-        metas: list[tuple[str, int, int | None]] = []
-        size = 0
-        while self.parts:
-            dev, rev, index, count, part = self.parts[0]
-            entry = outbox.get(dev)
-            if entry is None or entry.revision != rev:  # superseded: the new revision goes whole
-                self.parts.popleft()
-                continue
-            part_size = len(msgpack.packb(part))
-            if messages and size + part_size > self.frame_raw:
-                return messages, metas
-            self.parts.popleft()
-            messages.append({"t": "status", "dev": dev, "rev": rev, "patch": part, "part": [index, count]})
-            metas.append((dev, rev, index))
-            size += part_size
-        if messages:
-            return messages, metas
-        for dev, entry in self._due_entries():
-            if len(messages) >= self.up.cfg.batch_max:
-                break
-            entry_size = len(msgpack.packb(entry.patch))
-            if entry_size > self.frame_raw:
-                parts = split_patch(entry.patch, self.frame_raw)
-                self._fly(dev, _InFlight(entry.revision, set(range(len(parts)))))
-                self.parts.extend((dev, entry.revision, i, len(parts), part) for i, part in enumerate(parts))
-                if messages:
-                    break  # this frame goes as it is; the parts follow
-                return self._status_batch()
-            if messages and size + entry_size > self.frame_raw:
-                break
-            self._fly(dev, _InFlight(entry.revision, {0}))
-            messages.append({"t": "status", "dev": dev, "rev": entry.revision, "patch": entry.patch})
-            metas.append((dev, entry.revision, None))
-            size += entry_size
-        return messages, metas
-
-    def _stats_wait(self, now: float) -> tuple[tuple[int, int, int, int | None], float | None]:
-        """The current stats, and seconds until they may go (None: nothing new to send).
-        A change of a device count or of the backlog to or from empty is urgent."""
-        served, not_ready = self.up.devices()
-        backlog, since_ms = self.up.engine.backlog()
-        current = (served, not_ready, backlog, since_ms)
-        before = self.stats_sent
-        if before is None or current == before:
-            return current, None
-        urgent = before[:2] != current[:2] or (before[2] == 0) != (backlog == 0)
-        return current, max(0.0, self.stats_at + (STATS_MIN_S if urgent else STATS_S) - now)
-
-    def _stats(self, now: float, force: bool = False) -> dict[str, Any] | None:
-        """A ``stats`` message if one is due (see the module), else None."""
-        current, wait = self._stats_wait(now)
-        if not force and (wait is None or wait > 0):
-            return None
-        served, not_ready, backlog, since_ms = current
-        self.stats_sent, self.stats_at = current, now
-        age = max(0, int(time.time() * 1000) - since_ms) if since_ms is not None else 0
-        return {
-            "t": "stats",
-            "s": {"devices": served, "devicesNotReady": not_ready, "backlog": backlog, "oldestMs": age},
-        }
-
-    async def _send(self, messages: list[dict[str, Any]], meta: list[tuple[str, int, int | None]]) -> int:
-        raw = pack_batch(messages)
-        encoding, payload = self.encoder.encode(raw)
-        seq = self.out.send(raw, meta)
-        self.acks.carried(self.inc.ack)
-        await self.call.write(
-            sync_pb2.Frame(seq=seq, ack=self.inc.ack, encoding=encoding, payload=payload)  # type: ignore[arg-type]
-        )
-        self.up.bytes_sent += len(payload)
-        self.up.frames_sent += 1
-        return len(payload)
-
-    async def write(self) -> None:
-        up, cfg = self.up, self.up.cfg
-        hello = {
-            "t": "hello",
-            "proto": PROTOCOL_VERSION,
-            "resume": dict(up.resume),
-            "bps": cfg.budget_down_bps or cfg.budget_bps,
-            "store": up.store_id,
-            "version": up.version,
-            "caps": [CAP_APPLIED_REVS],
-        }
-        first = self._stats(time.monotonic(), force=True)
-        await self._send([hello, first] if first else [hello], [])
-        tokens, last = self.budget, time.monotonic()
-        gathered_since: float | None = None
-        while True:
-            now = time.monotonic()
-            tokens, last = min(self.budget, tokens + (now - last) * self.budget), now
-            if (
-                up.connected.is_set()
-                and not up.holding
-                and self.out.can_send
-                and tokens >= 0
-                and (self.parts or self._due_entries())
-            ):
-                # Gather a little (batch_window) so a frame carries many updates.
-                if gathered_since is None:
-                    gathered_since = now
-                wait = gathered_since + cfg.batch_window_ms / 1000 - now
-                if wait <= 0:
-                    messages, metas = self._status_batch()
-                    if messages:
-                        if stats := self._stats(now):
-                            messages.append(stats)  # rides along
-                        tokens -= await self._send(messages, metas)
-                        gathered_since = None
-                        continue
-                    gathered_since = None
-            else:
-                gathered_since = None
-                wait = 1.0
-            if up.connected.is_set() and self.out.can_send and (stats := self._stats(now)):
-                tokens -= await self._send([stats], [])
-                continue
-            # The heartbeat first: it carries any ack owed (a lazy one falls due with it).
-            silent = now - self.last_rx
-            if silent >= cfg.heartbeat_ms / 1000 and now - self.last_echo >= cfg.heartbeat_ms / 1000:
-                self.last_echo = now
-                self.acks.carried(self.inc.ack)
-                await self.call.write(sync_pb2.Frame(seq=0, ack=self.inc.ack, echo=True))
-                continue
-            ack_wait = self.acks.wait(self.inc.ack, now)
-            if ack_wait == 0:
-                self.acks.carried(self.inc.ack)
-                await self.call.write(sync_pb2.Frame(seq=0, ack=self.inc.ack))
-                continue
-            # Sleep until: a wake (outbox change, ack, frame to acknowledge), the end of
-            # the gathering window, the budget refilling, a deferral ending, or the next
-            # heartbeat.
-            deadlines = [cfg.heartbeat_ms / 1000 - silent, wait]
-            if ack_wait is not None:
-                deadlines.append(ack_wait)
-            if (
-                up.connected.is_set()
-                and self.out.can_send
-                and (stats_wait := self._stats_wait(now)[1]) is not None
-            ):
-                deadlines.append(stats_wait)
-            if tokens < 0:
-                deadlines.append(-tokens / self.budget)
-            if (retry_at := self._next_deferral()) is not None:
-                deadlines.append(retry_at - now)
-            up.wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await wait_within(up.wake.wait(), max(0.01, min(deadlines)))
-
-    async def watchdog(self) -> None:
-        dead_after = self.up.cfg.dead_after_ms / 1000
-        while True:
-            silent = time.monotonic() - self.last_rx
-            if silent >= dead_after:
-                raise LinkDead(f"nothing from the relay for {silent:.0f} s (dead or half-open link)")
-            await asyncio.sleep(min(1.0, dead_after - silent + 0.01))
 
 
 def describe(exc: BaseException) -> str:

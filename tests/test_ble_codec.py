@@ -19,14 +19,12 @@ from edgetwin.mappers.ble.codec import (
     decode_float11073,
     decode_layout,
     decode_sfloat,
-    decode_sig,
     encode_float11073,
     encode_layout,
     encode_sfloat,
-    encode_sig,
     normalize_uuid,
-    parse_heart_rate,
 )
+from edgetwin.mappers.ble.sig import decode_sig, encode_sig, parse_heart_rate
 
 # --- SIG characteristics -----------------------------------------------------------
 

@@ -20,8 +20,8 @@ from bleak import BleakClient, BleakScanner
 from edgetwin.gateway.manifests import parse_object
 from edgetwin.gateway.mapper_host import binding
 from edgetwin.mappers.ble.bumble_backend import BumbleClient, BumbleScanner, close_adapters
-from edgetwin.mappers.ble.codec import decode_sig
 from edgetwin.mappers.ble.mapper import BleMapper
+from edgetwin.mappers.ble.sig import decode_sig
 from edgetwin.mappers.sdk import DeviceBinding
 from edgetwin.simulators.ble import FLOW_UUID, RELAY_UUID, sensor_manifests
 from tests.conftest import EDGETWIN, RecordingHost, eventually

@@ -10,7 +10,7 @@ from bleak.backends.device import BLEDevice
 from bleak.backends.scanner import AdvertisementData
 
 from edgetwin.mappers.ble.config import parse_connection
-from edgetwin.mappers.ble.mapper import Slots, matches
+from edgetwin.mappers.ble.radio import Slots, matches
 
 
 async def test_slots_are_fifo_and_bounded() -> None:

@@ -29,17 +29,14 @@ from edgetwin.mappers.ble.codec import (
     FLOAT_TYPES,
     INT_TYPES,
     MEDICAL_TYPES,
-    SIG_BY_UUID,
-    SIG_FORMATS,
     CodecError,
     Layout,
     PresentationFormat,
     decode_layout,
-    decode_sig,
     encode_layout,
-    encode_sig,
     normalize_uuid,
 )
+from edgetwin.mappers.ble.sig import SIG_BY_UUID, SIG_FORMATS, decode_sig, encode_sig
 from edgetwin.mappers.sdk import PropertyBinding, PropertyType, Value
 
 ADDRESS_RE = re.compile(r"^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$")

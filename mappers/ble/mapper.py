@@ -26,9 +26,7 @@ import contextlib
 import logging
 import random
 import time
-from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from bleak import BleakClient, BleakScanner
@@ -38,15 +36,23 @@ from bleak.backends.scanner import AdvertisementData
 from bleak.exc import BleakError, BleakGATTProtocolError
 
 from edgetwin.mappers.ble.codec import PRESENTATION_DESCRIPTOR, CodecError, PresentationFormat
-from edgetwin.mappers.ble.config import Connection, Visitor, parse_connection, parse_visitor
+from edgetwin.mappers.ble.config import parse_connection, parse_visitor
+from edgetwin.mappers.ble.radio import (
+    AdvertCallback,
+    DeviceRuntime,
+    Discovery,
+    LinkLost,
+    PropState,
+    Slots,
+    matches,
+    now_ms,
+)
 from edgetwin.mappers.sdk import (
     DeviceBinding,
     DeviceUnavailable,
     Mapper,
     MapperError,
     MapperHost,
-    PropertyBinding,
-    ReportFilter,
     Value,
     cancel_tasks,
 )
@@ -62,187 +68,6 @@ FRESH_ADVERT_S = 2.0
 # A keepConnected: false device reconnected without a scan (it ended its last cycle
 # cleanly) gets this long to connect; if it fails it is scanned for next time.
 DIRECT_CONNECT_S = 2.0
-
-
-class LinkLost(Exception):
-    """The device cannot be reached: not found, connect failed, disconnected, silent."""
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-class Slots:
-    """At most ``size`` holders; waiters are served strictly in arrival order."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.free = size
-        self.peak = 0
-        self._waiters: deque[asyncio.Future[None]] = deque()
-
-    @property
-    def in_use(self) -> int:
-        return self.size - self.free
-
-    async def acquire(self) -> None:
-        if self.free and not self._waiters:
-            self.free -= 1
-        else:
-            fut = asyncio.get_running_loop().create_future()
-            self._waiters.append(fut)
-            try:
-                await fut
-            except asyncio.CancelledError:
-                if fut.done() and not fut.cancelled():
-                    self.release()  # handed over just as we were cancelled: pass it on
-                else:
-                    with contextlib.suppress(ValueError):
-                        self._waiters.remove(fut)
-                raise
-        self.peak = max(self.peak, self.in_use)
-
-    def release(self) -> None:
-        while self._waiters:
-            fut = self._waiters.popleft()
-            if not fut.done():
-                fut.set_result(None)  # the slot goes straight to the next waiter
-                return
-        self.free += 1
-
-
-AdvertCallback = Callable[[BLEDevice, AdvertisementData], None]
-SEEN_TTL_S = 300.0
-
-
-class Discovery:
-    """One scanner shared by the mapper's devices, running while anyone needs it."""
-
-    def __init__(self, make_scanner: Callable[[AdvertCallback], BleakScanner]) -> None:
-        self._make = make_scanner
-        self._scanner: BleakScanner | None = None
-        self._users = 0
-        self._lock = asyncio.Lock()
-        self._watchers: dict[object, AdvertCallback] = {}
-        # When each address last advertised (while the scanner ran). Bounded by the
-        # devices in radio range; forgotten after SEEN_TTL_S.
-        self.last_seen: dict[str, float] = {}
-
-    def _on_advert(self, device: BLEDevice, adv: AdvertisementData) -> None:
-        now = time.monotonic()
-        self.last_seen[device.address.upper()] = now
-        if len(self.last_seen) > 4096:  # many strangers in range: forget the stale ones
-            self.last_seen = {a: t for a, t in self.last_seen.items() if now - t < SEEN_TTL_S}
-        for watcher in list(self._watchers.values()):
-            watcher(device, adv)
-
-    def seen_within(self, address: str, seconds: float) -> bool:
-        seen = self.last_seen.get(address.upper())
-        return seen is not None and time.monotonic() - seen <= seconds
-
-    async def _use(self, delta: int) -> None:
-        async with self._lock:
-            self._users += delta
-            if self._users > 0 and self._scanner is None:
-                scanner = self._make(self._on_advert)
-                await scanner.start()
-                self._scanner = scanner
-            elif self._users == 0 and self._scanner is not None:
-                scanner, self._scanner = self._scanner, None
-                with contextlib.suppress(BleakError, OSError):
-                    await scanner.stop()
-
-    async def watch(self, token: object, callback: AdvertCallback) -> None:
-        self._watchers[token] = callback
-        try:
-            await self._use(+1)
-        except BaseException:
-            self._watchers.pop(token, None)
-            raise
-
-    async def unwatch(self, token: object) -> None:
-        if self._watchers.pop(token, None) is not None:
-            await self._use(-1)
-
-    async def find(self, conn: Connection, timeout_s: float) -> BLEDevice:
-        """Scan until an advertisement matches ``conn``; raises :class:`LinkLost`."""
-        found: asyncio.Future[BLEDevice] = asyncio.get_running_loop().create_future()
-
-        def match(device: BLEDevice, adv: AdvertisementData) -> None:
-            if not found.done() and matches(conn, device, adv):
-                found.set_result(device)
-
-        token = object()
-        try:
-            await self.watch(token, match)
-        except (BleakError, OSError) as exc:
-            raise LinkLost(f"cannot scan: {exc}") from exc
-        try:
-            return await wait_within(found, timeout_s)
-        except TimeoutError:
-            raise LinkLost(f"not found within {timeout_s:g} s ({describe(conn)})") from None
-        finally:
-            await self.unwatch(token)
-
-    async def close(self) -> None:
-        self._watchers.clear()
-        async with self._lock:
-            self._users = 0
-            if self._scanner is not None:
-                scanner, self._scanner = self._scanner, None
-                with contextlib.suppress(BleakError, OSError):
-                    await scanner.stop()
-
-
-def matches(conn: Connection, device: BLEDevice, adv: AdvertisementData) -> bool:
-    if conn.address:
-        return device.address.upper() == conn.address
-    name = adv.local_name or device.name
-    if name != conn.name:
-        return False
-    return conn.serviceUuid is None or conn.serviceUuid in adv.service_uuids
-
-
-def describe(conn: Connection) -> str:
-    if conn.address:
-        return f"address {conn.address}"
-    return f"name {conn.name!r}" + (f" with service {conn.serviceUuid}" if conn.serviceUuid else "")
-
-
-@dataclass
-class _Prop:
-    binding: PropertyBinding
-    visitor: Visitor
-    char: BleakGATTCharacteristic | None = None
-    presentation: PresentationFormat | None = None
-    raw: bytes = b""  # last bytes read, so that writing one field keeps the others
-
-
-@dataclass
-class DeviceRuntime:
-    binding: DeviceBinding
-    conn: Connection
-    props: dict[str, _Prop]
-    client: BleakClient | None = None
-    online: bool | None = None
-    reporting: ReportFilter = field(default_factory=ReportFilter)
-    # Values decoded from notifications or advertisements, not yet reported.
-    pending: dict[str, Value] = field(default_factory=dict)
-    errors: dict[str, str] = field(default_factory=dict)
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
-    lost: str | None = None
-    last_rx: float = 0.0
-    notifications: int = 0
-    connects: int = 0
-    found: BLEDevice | None = None
-    # The last session ended cleanly (keepConnected: false cycles): its device may be
-    # reconnected without a scan. Any loss clears it: the next attempt scans first.
-    reusable: bool = False
-    write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-
-    @property
-    def cycle_s(self) -> float:
-        return self.binding.collect_cycle_ms / 1000
 
 
 class BleMapper(Mapper):
@@ -309,7 +134,7 @@ class BleMapper(Mapper):
     async def add_device(self, device: DeviceBinding) -> None:
         await self.remove_device(device.id)
         conn = parse_connection(device.id, device.config)
-        props = {p.name: _Prop(p, parse_visitor(device.id, conn, p)) for p in device.properties}
+        props = {p.name: PropState(p, parse_visitor(device.id, conn, p)) for p in device.properties}
         rt = DeviceRuntime(device, conn, props)
         self.devices[device.id] = rt
         run = self._run_advertised if conn.source == "advertisement" else self._run_connected
@@ -554,7 +379,7 @@ class BleMapper(Mapper):
         }
         due = rt.reporting.due(merged, rules, time.monotonic())
         if due:
-            await self.host.report(rt.binding.id, due, _now_ms())
+            await self.host.report(rt.binding.id, due, now_ms())
 
     async def _serve(self, rt: DeviceRuntime, client: BleakClient) -> None:
         """Stay connected: report notifications as they come, read the rest each cycle,
@@ -676,7 +501,7 @@ class BleMapper(Mapper):
                 finally:
                     self.slots.release()
 
-    async def _write_on(self, rt: DeviceRuntime, client: BleakClient, p: _Prop, value: Value) -> None:
+    async def _write_on(self, rt: DeviceRuntime, client: BleakClient, p: PropState, value: Value) -> None:
         name = p.binding.name
         if p.char is None:
             raise MapperError(f"characteristic {p.visitor.characteristic} not found on {rt.binding.id}")
@@ -706,4 +531,4 @@ class BleMapper(Mapper):
         except (BleakError, CodecError) as exc:
             raise MapperError(f"write of {name} failed: {exc}") from None
         rt.reporting.forget(name)
-        await self.host.report(rt.binding.id, {name: back}, _now_ms())
+        await self.host.report(rt.binding.id, {name: back}, now_ms())
