@@ -89,7 +89,9 @@ class CloudStandIn:
         from lightkube.generic_resource import create_namespaced_resource
 
         from edgetwin.cloud.relay import RelaySettings, read_pki, serve
-        from edgetwin.simulators.kube.emulator import BANNER, Emulator, RunningEmulator
+        from edgetwin.simulators.kube.emulator import Emulator
+        from edgetwin.simulators.kube.objects import BANNER
+        from edgetwin.simulators.kube.running import RunningEmulator
 
         pki = self.tmp / "pki"
         await asyncio.to_thread(

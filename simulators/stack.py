@@ -101,7 +101,8 @@ class Stack:
     async def start(self) -> None:
         from lightkube import AsyncClient, KubeConfig
 
-        from edgetwin.simulators.kube.emulator import Emulator, RunningEmulator
+        from edgetwin.simulators.kube.emulator import Emulator
+        from edgetwin.simulators.kube.running import RunningEmulator
 
         options = {"rbac": {RELAY_USER: relay_rbac()}, **self.opt.emulator}
         self.api = RunningEmulator(Emulator.from_files(CRDS, **options))

@@ -15,7 +15,8 @@ from lightkube import AsyncClient, KubeConfig
 from edgetwin.cloud import ops
 from edgetwin.cloud.api_rate import ApiRateLimit
 from edgetwin.cloud.status_writer import Device, StatusWriter
-from edgetwin.simulators.kube.emulator import Emulator, RunningEmulator
+from edgetwin.simulators.kube.emulator import Emulator
+from edgetwin.simulators.kube.running import RunningEmulator
 
 ROOT = Path(__file__).resolve().parent.parent
 CRDS = sorted((ROOT / "deploy" / "crds").glob("*.yaml"))

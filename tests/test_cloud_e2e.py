@@ -20,7 +20,8 @@ from edgetwin.cloud.relay import RelaySettings, read_pki, serve
 from edgetwin.gateway.config import GatewayConfig, parse_config
 from edgetwin.gateway.mqtt import topics
 from edgetwin.gateway.service import Gateway
-from edgetwin.simulators.kube.emulator import Emulator, RunningEmulator
+from edgetwin.simulators.kube.emulator import Emulator
+from edgetwin.simulators.kube.running import RunningEmulator
 from edgetwin.simulators.link import LinkSim
 from tests.conftest import BIN, Collector, publish, update_payload
 from tests.harness.processes import Mosquitto

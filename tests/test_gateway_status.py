@@ -14,7 +14,8 @@ import pytest
 from lightkube import AsyncClient, KubeConfig
 
 from edgetwin.cloud.gateway_status import Gateway, GatewayReporter, GatewayState, GatewayTiming, iso
-from edgetwin.simulators.kube.emulator import Emulator, RunningEmulator
+from edgetwin.simulators.kube.emulator import Emulator
+from edgetwin.simulators.kube.running import RunningEmulator
 from edgetwin.simulators.stack import CRDS, RELAY_USER, relay_rbac
 from edgetwin.simulators.stack import until as until_
 

@@ -26,7 +26,8 @@ from edgetwin.gateway.config import HealthConfig
 from edgetwin.gateway.ops.health import HealthMonitor, Loop
 from edgetwin.gateway.service import Gateway
 from edgetwin.runtime.sd_notify import Notifier
-from edgetwin.simulators.kube.emulator import Emulator, RunningEmulator
+from edgetwin.simulators.kube.emulator import Emulator
+from edgetwin.simulators.kube.running import RunningEmulator
 from edgetwin.simulators.link import LinkSim
 from tests.conftest import publish, update_payload
 from tests.harness.processes import Mosquitto, free_port

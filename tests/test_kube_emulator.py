@@ -16,7 +16,9 @@ import aiohttp
 import pytest
 import yaml
 
-from edgetwin.simulators.kube.emulator import Emulator, RunningEmulator, human_age
+from edgetwin.simulators.kube.emulator import Emulator
+from edgetwin.simulators.kube.objects import human_age
+from edgetwin.simulators.kube.running import RunningEmulator
 from tests.conftest import BIN
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -382,7 +384,7 @@ async def test_printer_columns_show_readiness_staleness_and_gateways(
 
 
 def test_jsonpath_of_printer_columns() -> None:
-    from edgetwin import jsonpath
+    from edgetwin.simulators.kube import jsonpath
 
     obj = {
         "status": {

@@ -19,7 +19,8 @@ from lightkube.types import PatchType
 
 from edgetwin.cloud.relay import RelaySettings, read_pki, serve
 from edgetwin.cloud.status_writer import Device
-from edgetwin.simulators.kube.emulator import Emulator, RunningEmulator
+from edgetwin.simulators.kube.emulator import Emulator
+from edgetwin.simulators.kube.running import RunningEmulator
 from edgetwin.sync.v1 import sync_pb2, sync_pb2_grpc
 from edgetwin.sync.wire import (
     CAP_APPLIED_REVS,

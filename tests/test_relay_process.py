@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 import yaml
 
-from edgetwin.simulators.kube.emulator import Emulator, RunningEmulator
+from edgetwin.simulators.kube.emulator import Emulator
+from edgetwin.simulators.kube.running import RunningEmulator
 from edgetwin.simulators.link import LinkSim
 from edgetwin.simulators.stack import CRDS, make_pki, until
 from tests.conftest import EDGETWIN, GatewayProcess, device_doc, model_doc, write_manifests

@@ -15,7 +15,8 @@ from lightkube.types import PatchType
 
 from edgetwin.cloud.spec_feed import NodeFeed
 from edgetwin.cloud.status_writer import Device
-from edgetwin.simulators.kube.emulator import Emulator, RunningEmulator
+from edgetwin.simulators.kube.emulator import Emulator
+from edgetwin.simulators.kube.running import RunningEmulator
 from edgetwin.sync.wire import CLOUD_TO_EDGE, check_message
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -17,7 +17,8 @@ from lightkube.types import PatchType
 
 from edgetwin.cloud.status_merge import merge_edge_status
 from edgetwin.cloud.status_writer import Device, Outcome, StatusWriter, WriteSlots, merge_diff
-from edgetwin.simulators.kube.emulator import Emulator, RunningEmulator
+from edgetwin.simulators.kube.emulator import Emulator
+from edgetwin.simulators.kube.running import RunningEmulator
 
 ROOT = Path(__file__).resolve().parent.parent
 CRDS = sorted((ROOT / "deploy" / "crds").glob("*.yaml"))
@@ -110,7 +111,7 @@ def test_merge_diff_turns_old_into_new() -> None:
     new = {"a": 1, "b": {"c": 5, "d": 3}, "list": [1, 2], "added": "x"}
     patch = merge_diff(old, new)
     assert patch == {"b": {"c": 5}, "gone": None, "list": [1, 2], "added": "x"}
-    from edgetwin.simulators.kube.emulator import merge_patch
+    from edgetwin.simulators.kube.objects import merge_patch
 
     assert merge_patch(old, patch) == new
 

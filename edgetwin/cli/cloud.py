@@ -14,7 +14,9 @@ from edgetwin.cloud.app import RelayStartError, run_relay
 from edgetwin.cloud.config import RelayConfigError, kube_config, load_relay_config
 from edgetwin.deploy import CRDS, crds_yaml
 from edgetwin.runtime import logs
-from edgetwin.simulators.kube.emulator import BANNER, Emulator, RunningEmulator
+from edgetwin.simulators.kube.emulator import Emulator
+from edgetwin.simulators.kube.objects import BANNER
+from edgetwin.simulators.kube.running import RunningEmulator
 
 
 def run(args: argparse.Namespace) -> int:

@@ -253,7 +253,8 @@ def emulator_process(conn: Any, kubeconfig: Path, gateways: int, devices: int) -
 
 
 async def _serve_emulator(conn: Any, kubeconfig: Path, gateways: int, devices: int) -> None:
-    from edgetwin.simulators.kube.emulator import Emulator, RunningEmulator
+    from edgetwin.simulators.kube.emulator import Emulator
+    from edgetwin.simulators.kube.running import RunningEmulator
 
     emulator = Emulator.from_files(crd_files(), compact_s=300)
     devices_res = emulator.resources[("edgetwin.io", "v1alpha1", "devices")]

@@ -45,7 +45,8 @@ from edgetwin.deploy import DEPLOY, crd_files
 from edgetwin.gateway.config import parse_config
 from edgetwin.gateway.mqtt import topics
 from edgetwin.gateway.service import Gateway
-from edgetwin.simulators.kube.emulator import Emulator, RunningEmulator
+from edgetwin.simulators.kube.emulator import Emulator
+from edgetwin.simulators.kube.running import RunningEmulator
 from edgetwin.simulators.link import LinkSim
 from scripts.bench.ingest import start_mosquitto
 

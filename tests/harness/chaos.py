@@ -257,7 +257,8 @@ class Harness:
     async def _api(self) -> None:
         from lightkube import AsyncClient, KubeConfig
 
-        from edgetwin.simulators.kube.emulator import Emulator, RunningEmulator
+        from edgetwin.simulators.kube.emulator import Emulator
+        from edgetwin.simulators.kube.running import RunningEmulator
 
         self.api = RunningEmulator(Emulator.from_files(CRDS, compact_s=30, bookmark_s=5))
         await self.api.start()
