@@ -12,7 +12,8 @@ from edgetwin.cloud import ops
 from edgetwin.cloud.api_rate import ApiRateLimit
 from edgetwin.cloud.config import RelayConfig
 from edgetwin.cloud.gateway_status import GatewayTiming
-from edgetwin.cloud.relay import RelaySettings, serve
+from edgetwin.cloud.relay import serve
+from edgetwin.cloud.session import RelaySettings
 from edgetwin.runtime.aio import cancel_tasks
 from edgetwin.runtime.ops_http import OpsServer, split_listen
 

@@ -88,7 +88,8 @@ class CloudStandIn:
         from lightkube import AsyncClient, KubeConfig
         from lightkube.generic_resource import create_namespaced_resource
 
-        from edgetwin.cloud.relay import RelaySettings, read_pki, serve
+        from edgetwin.cloud.relay import read_pki, serve
+        from edgetwin.cloud.session import RelaySettings
         from edgetwin.simulators.kube.emulator import Emulator
         from edgetwin.simulators.kube.objects import BANNER
         from edgetwin.simulators.kube.running import RunningEmulator

@@ -136,7 +136,8 @@ class Stack:
             await self.api.stop()
 
     async def start_relay(self) -> None:
-        from edgetwin.cloud.relay import RelaySettings, read_pki, serve
+        from edgetwin.cloud.relay import read_pki, serve
+        from edgetwin.cloud.session import RelaySettings
 
         settings = RelaySettings(**{"min_status_interval_s": 0.5, "flush_s": 0.01, **self.opt.relay})
         self.relay, self.relay_service, _ = await serve(

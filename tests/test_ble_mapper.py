@@ -23,7 +23,8 @@ from edgetwin.mappers.ble.bumble_backend import BumbleClient, BumbleScanner, clo
 from edgetwin.mappers.ble.mapper import BleMapper
 from edgetwin.mappers.ble.sig import decode_sig
 from edgetwin.mappers.sdk import DeviceBinding
-from edgetwin.simulators.ble import FLOW_UUID, RELAY_UUID, sensor_manifests
+from edgetwin.simulators.ble import sensor_manifests
+from edgetwin.simulators.ble_peripherals import FLOW_UUID, RELAY_UUID
 from tests.conftest import EDGETWIN, RecordingHost, eventually
 from tests.harness.processes import free_port
 

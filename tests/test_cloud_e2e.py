@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 from lightkube import AsyncClient, KubeConfig
 
-from edgetwin.cloud.relay import RelaySettings, read_pki, serve
+from edgetwin.cloud.relay import read_pki, serve
+from edgetwin.cloud.session import RelaySettings
 from edgetwin.gateway.config import GatewayConfig, parse_config
 from edgetwin.gateway.mqtt import topics
 from edgetwin.gateway.service import Gateway

@@ -21,7 +21,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from lightkube import AsyncClient, KubeConfig
 
-from edgetwin.cloud.relay import RelaySettings, read_pki, serve
+from edgetwin.cloud.relay import read_pki, serve
+from edgetwin.cloud.session import RelaySettings
 from edgetwin.gateway.config import HealthConfig
 from edgetwin.gateway.ops.health import HealthMonitor, Loop
 from edgetwin.gateway.service import Gateway

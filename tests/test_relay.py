@@ -17,7 +17,8 @@ import pytest
 from lightkube import AsyncClient, KubeConfig
 from lightkube.types import PatchType
 
-from edgetwin.cloud.relay import RelaySettings, read_pki, serve
+from edgetwin.cloud.relay import read_pki, serve
+from edgetwin.cloud.session import RelaySettings
 from edgetwin.cloud.status_writer import Device
 from edgetwin.simulators.kube.emulator import Emulator
 from edgetwin.simulators.kube.running import RunningEmulator

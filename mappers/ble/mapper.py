@@ -38,6 +38,9 @@ from bleak.exc import BleakError, BleakGATTProtocolError
 from edgetwin.mappers.ble.codec import PRESENTATION_DESCRIPTOR, CodecError, PresentationFormat
 from edgetwin.mappers.ble.config import parse_connection, parse_visitor
 from edgetwin.mappers.ble.radio import (
+    DEFAULT_MAX_CONNECTIONS,
+    DIRECT_CONNECT_S,
+    FRESH_ADVERT_S,
     AdvertCallback,
     DeviceRuntime,
     Discovery,
@@ -46,6 +49,7 @@ from edgetwin.mappers.ble.radio import (
     Slots,
     matches,
     now_ms,
+    write_characteristic,
 )
 from edgetwin.mappers.sdk import (
     DeviceBinding,
@@ -59,15 +63,6 @@ from edgetwin.mappers.sdk import (
 from edgetwin.runtime.aio import wait_within
 
 log = logging.getLogger(__name__)
-
-DEFAULT_MAX_CONNECTIONS = 5
-# A connection is initiated only to a device seen advertising this recently (so an
-# absent device never holds the adapter's one connection attempt for connectTimeout,
-# stalling every other device's connect); otherwise it is scanned for first.
-FRESH_ADVERT_S = 2.0
-# A keepConnected: false device reconnected without a scan (it ended its last cycle
-# cleanly) gets this long to connect; if it fails it is scanned for next time.
-DIRECT_CONNECT_S = 2.0
 
 
 class BleMapper(Mapper):
@@ -502,33 +497,6 @@ class BleMapper(Mapper):
                     self.slots.release()
 
     async def _write_on(self, rt: DeviceRuntime, client: BleakClient, p: PropState, value: Value) -> None:
-        name = p.binding.name
-        if p.char is None:
-            raise MapperError(f"characteristic {p.visitor.characteristic} not found on {rt.binding.id}")
-        if not p.raw and "read" in p.char.properties and p.visitor.format == "custom":
-            # A field of a larger value is written over the rest of the current value.
-            with contextlib.suppress(BleakError, TimeoutError):
-                p.raw = bytes(await wait_within(client.read_gatt_char(p.char), self._request_s(rt)))
-        try:
-            payload = p.visitor.encode(value, p.raw, p.presentation)
-        except CodecError as exc:
-            raise MapperError(f"cannot encode {value!r} for {name}: {exc}") from None
-        response = p.visitor.writeWithResponse
-        if response and "write" not in p.char.properties:
-            response = False  # the characteristic only takes commands
-        try:
-            await wait_within(client.write_gatt_char(p.char, payload, response=response), self._request_s(rt))
-            if "read" in p.char.properties:
-                data = await wait_within(client.read_gatt_char(p.char), self._request_s(rt))
-                p.raw = bytes(data)
-                back = p.visitor.decode(p.raw, p.presentation)
-            else:  # write-only: the value written is the best knowledge there is
-                back = value
-        except TimeoutError:
-            raise MapperError(f"write of {name} timed out") from None
-        except BleakGATTProtocolError as exc:
-            raise MapperError(f"write of {name} refused: {exc}") from None
-        except (BleakError, CodecError) as exc:
-            raise MapperError(f"write of {name} failed: {exc}") from None
-        rt.reporting.forget(name)
-        await self.host.report(rt.binding.id, {name: back}, now_ms())
+        back = await write_characteristic(rt.binding.id, client, p, value, self._request_s(rt))
+        rt.reporting.forget(p.binding.name)
+        await self.host.report(rt.binding.id, {p.binding.name: back}, now_ms())

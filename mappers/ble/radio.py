@@ -16,12 +16,13 @@ from bleak import BleakClient, BleakScanner
 from bleak.backends.characteristic import BleakGATTCharacteristic
 from bleak.backends.device import BLEDevice
 from bleak.backends.scanner import AdvertisementData
-from bleak.exc import BleakError
+from bleak.exc import BleakError, BleakGATTProtocolError
 
-from edgetwin.mappers.ble.codec import PresentationFormat
+from edgetwin.mappers.ble.codec import CodecError, PresentationFormat
 from edgetwin.mappers.ble.config import Connection, Visitor
 from edgetwin.mappers.sdk import (
     DeviceBinding,
+    MapperError,
     PropertyBinding,
     ReportFilter,
     Value,
@@ -29,6 +30,15 @@ from edgetwin.mappers.sdk import (
 from edgetwin.runtime.aio import wait_within
 
 log = logging.getLogger(__name__)
+
+DEFAULT_MAX_CONNECTIONS = 5
+# A connection is initiated only to a device seen advertising this recently (so an
+# absent device never holds the adapter's one connection attempt for connectTimeout,
+# stalling every other device's connect); otherwise it is scanned for first.
+FRESH_ADVERT_S = 2.0
+# A keepConnected: false device reconnected without a scan (it ended its last cycle
+# cleanly) gets this long to connect; if it fails it is scanned for next time.
+DIRECT_CONNECT_S = 2.0
 
 
 class LinkLost(Exception):
@@ -210,3 +220,39 @@ class DeviceRuntime:
     @property
     def cycle_s(self) -> float:
         return self.binding.collect_cycle_ms / 1000
+
+
+async def write_characteristic(
+    device_id: str, client: BleakClient, p: PropState, value: Value, request_s: float
+) -> Value:
+    """Write ``value`` to ``p``'s characteristic and return what it reads back (the value
+    written when it cannot be read); failures are :class:`MapperError` naming why."""
+    name = p.binding.name
+    if p.char is None:
+        raise MapperError(f"characteristic {p.visitor.characteristic} not found on {device_id}")
+    if not p.raw and "read" in p.char.properties and p.visitor.format == "custom":
+        # A field of a larger value is written over the rest of the current value.
+        with contextlib.suppress(BleakError, TimeoutError):
+            p.raw = bytes(await wait_within(client.read_gatt_char(p.char), request_s))
+    try:
+        payload = p.visitor.encode(value, p.raw, p.presentation)
+    except CodecError as exc:
+        raise MapperError(f"cannot encode {value!r} for {name}: {exc}") from None
+    response = p.visitor.writeWithResponse
+    if response and "write" not in p.char.properties:
+        response = False  # the characteristic only takes commands
+    try:
+        await wait_within(client.write_gatt_char(p.char, payload, response=response), request_s)
+        if "read" in p.char.properties:
+            data = await wait_within(client.read_gatt_char(p.char), request_s)
+            p.raw = bytes(data)
+            back = p.visitor.decode(p.raw, p.presentation)
+        else:  # write-only: the value written is the best knowledge there is
+            back = value
+    except TimeoutError:
+        raise MapperError(f"write of {name} timed out") from None
+    except BleakGATTProtocolError as exc:
+        raise MapperError(f"write of {name} refused: {exc}") from None
+    except (BleakError, CodecError) as exc:
+        raise MapperError(f"write of {name} failed: {exc}") from None
+    return back

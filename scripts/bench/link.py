@@ -39,7 +39,8 @@ import yaml
 from lightkube import AsyncClient, KubeConfig
 from lightkube.types import PatchType
 
-from edgetwin.cloud.relay import RelaySettings, read_pki, serve
+from edgetwin.cloud.relay import read_pki, serve
+from edgetwin.cloud.session import RelaySettings
 from edgetwin.cloud.status_writer import Device
 from edgetwin.deploy import DEPLOY, crd_files
 from edgetwin.gateway.config import parse_config
