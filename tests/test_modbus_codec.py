@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from edgetwin.mappers.modbus.codec import CodecError, decode, encode, register_count
+from edgetwin.mappers.modbus.codec import CodecError, decode, encode
+from edgetwin.mappers.modbus.config import register_count
 from edgetwin.mappers.modbus.config import Visitor
 
 ORDERS = [("big", "big"), ("big", "little"), ("little", "big"), ("little", "little")]

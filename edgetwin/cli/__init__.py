@@ -33,8 +33,16 @@ def _default_config(env: str, default: Path) -> Path:
     return Path(value) if value else default
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults shown with every option's help; descriptions keep their lines."""
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Each option's help ends with its default (unless the help says it already, or
+    there is none to show); descriptions keep their lines."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        shown = action.default not in (None, False, argparse.SUPPRESS) and not action.required
+        if shown and "default" not in text and action.option_strings:
+            text += " (default: %(default)s)"
+        return text
 
 
 Subcommands = argparse._SubParsersAction  # argparse's own type for add_subparsers()

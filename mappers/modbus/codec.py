@@ -20,21 +20,9 @@ import struct
 from collections.abc import Sequence
 
 from edgetwin.deviceapi.values import shortest_float32
-from edgetwin.mappers.modbus.config import INTEGER_TYPES, Visitor
+from edgetwin.mappers.modbus.config import INTEGER_TYPES, Visitor, register_count
 from edgetwin.mappers.sdk import Value
 
-_WIDTH = {
-    "int16": 1,
-    "uint16": 1,
-    "int32": 2,
-    "uint32": 2,
-    "int64": 4,
-    "uint64": 4,
-    "float32": 2,
-    "float64": 4,
-    "bit": 1,
-    "bool": 1,
-}
 _STRUCT = {
     "int16": "h",
     "uint16": "H",
@@ -49,14 +37,6 @@ _STRUCT = {
 
 class CodecError(ValueError):
     """A value cannot be converted (out of range, wrong type, bad registers)."""
-
-
-def register_count(v: Visitor) -> int:
-    """How many registers (or bits, on bit tables) the value takes."""
-    if v.dataType == "string":
-        assert v.length is not None
-        return v.length
-    return _WIDTH[v.dataType or "uint16"]
 
 
 def _registers_to_bytes(registers: Sequence[int], byte_order: str, word_order: str) -> bytes:

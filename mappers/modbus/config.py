@@ -162,13 +162,33 @@ class Visitor(BaseModel):
     @property
     def count(self) -> int:
         """Registers (or bits) the value occupies."""
-        from edgetwin.mappers.modbus.codec import register_count
-
         return register_count(self)
 
     @property
     def writable(self) -> bool:
         return self.table in WRITABLE_TABLES
+
+
+_WIDTH = {
+    "int16": 1,
+    "uint16": 1,
+    "int32": 2,
+    "uint32": 2,
+    "int64": 4,
+    "uint64": 4,
+    "float32": 2,
+    "float64": 4,
+    "bit": 1,
+    "bool": 1,
+}
+
+
+def register_count(v: Visitor) -> int:
+    """How many registers (or bits, on bit tables) the value takes."""
+    if v.dataType == "string":
+        assert v.length is not None
+        return v.length
+    return _WIDTH[v.dataType or "uint16"]
 
 
 _MODEL_TYPES: dict[str, tuple[PropertyType, ...]] = {
