@@ -11,8 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from edgetwin.mappers.modbus.codec import CodecError, decode, encode
-from edgetwin.mappers.modbus.config import register_count
-from edgetwin.mappers.modbus.config import Visitor
+from edgetwin.mappers.modbus.config import Visitor, register_count
 
 ORDERS = [("big", "big"), ("big", "little"), ("little", "big"), ("little", "little")]
 
