@@ -130,3 +130,23 @@ def test_the_crds_come_with_the_wheel(installed: tuple[Path, list[str]]) -> None
     assert sorted(d["metadata"]["name"] for d in docs) == sorted(
         yaml.safe_load(p.read_text())["metadata"]["name"] for p in (ROOT / "deploy" / "crds").glob("*.yaml")
     )
+
+
+def test_the_default_install_is_every_role_and_each_role_lists_its_own() -> None:
+    """The default install runs every role and the demo (the union of the role lists);
+    the relay's list, which its image installs, has no Bluetooth, Modbus or MQTT library
+    (scripts/image test checks the built image too)."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    roles = set(extras["relay"]) | set(extras["gateway"]) | set(extras["emulator"])
+    assert set(project["dependencies"]) == roles
+
+    def names(reqs: list[str]) -> set[str]:
+        return {r.split(">")[0].split("<")[0].split("[")[0].split("=")[0].lower() for r in reqs}
+
+    assert not names(extras["relay"]) & {"bleak", "bumble", "pymodbus", "amqtt", "paho-mqtt", "aiomqtt"}
+    assert {"lightkube", "grpcio"} <= names(extras["relay"])
+    assert {"bleak", "pymodbus", "aiomqtt"} <= names(extras["gateway"])
+    assert "lightkube" not in names(extras["gateway"])
