@@ -1,3 +1,2 @@
 """The cloud relay (``edgetwin cloud run``): gRPC server for gateways, Kubernetes client
-for Device status. Built with the cloud-sync issue; it will import ``deviceapi`` and
-never ``gateway``."""
+for Device status. It imports ``deviceapi``, ``runtime`` and ``sync``, never ``gateway``."""
