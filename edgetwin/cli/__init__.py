@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"edgetwin {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     gateway_config = _default_config("EDGETWIN_CONFIG", DEFAULT_GATEWAY_CONFIG)
-    config_help = "the gateway's config file ($EDGETWIN_CONFIG when set)"
+    config_help = "the gateway's config file (default: $EDGETWIN_CONFIG, else /etc/edgetwin/gateway.yaml)"
 
     def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         p.add_argument("--config", type=Path, default=gateway_config, help=config_help)
@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--config",
         type=Path,
         default=_default_config("EDGETWIN_RELAY_CONFIG", DEFAULT_RELAY_CONFIG),
-        help="the relay's config file ($EDGETWIN_RELAY_CONFIG when set)",
+        help="the relay's config file (default: $EDGETWIN_RELAY_CONFIG, else /etc/edgetwin/relay.yaml)",
     )
     crun.add_argument("--log-level", choices=LOG_LEVELS, help="log level (default: the config's log.level)")
     _command(
