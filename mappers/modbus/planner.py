@@ -5,7 +5,7 @@ sorted by address, a greedy sweep merges ranges separated by at most ``max_gap``
 addresses while the request stays within the protocol limit (125 registers, 2,000 bits).
 For spans that do not overlap (distinct registers, or several bits of one register) the
 greedy sweep gives the fewest requests: every gap is between neighbours, so any run of a
-feasible request is feasible too (tests/test_modbus_planner.py checks it against an
+feasible request is feasible too (tests/mappers/modbus/test_modbus_planner.py checks it against an
 exhaustive search). Overlapping spans are planned correctly, perhaps not minimally.
 Results are split back per property with :meth:`ReadRequest.slice_for`.
 """

@@ -8,7 +8,7 @@ Prints what the publisher had acknowledged, what the gateway applied after it ca
 mosquitto's own drop counter, mosquitto's memory with the queue at its fullest, and how
 long the gateway took to catch up. The baseline in the same run is the same outage
 against mosquitto's defaults for the session queue (max_queued_messages 1000), where
-the broker acknowledges and drops. It reuses tests/test_broker_settings.py's helpers
+the broker acknowledges and drops. It reuses tests/gateway/mqtt/test_broker_settings.py's helpers
 on purpose: the benchmark is that test's guarantee at full length.
 """
 
@@ -22,8 +22,7 @@ import time
 from pathlib import Path
 
 from tests.conftest import Collector, GatewayProcess
-from tests.harness.processes import free_port, mosquitto_binary, rss_mb, wait_port
-from tests.test_broker_settings import (
+from tests.gateway.mqtt.test_broker_settings import (
     NODE,
     documented_mosquitto_conf,
     gateway_config,
@@ -31,6 +30,7 @@ from tests.test_broker_settings import (
     publish_at_rate,
     total_versions,
 )
+from tests.harness.processes import free_port, mosquitto_binary, rss_mb, wait_port
 
 SYS_DROPPED = "$SYS/broker/publish/messages/dropped"
 

@@ -32,7 +32,7 @@ from edgetwin.simulators.kube.running import RunningEmulator
 from edgetwin.simulators.link import LinkSim
 from tests.conftest import publish, update_payload
 from tests.harness.processes import Mosquitto, free_port
-from tests.test_cloud_e2e import CRDS, DEV, EXAMPLE, gateway_config, kubectl, pki  # noqa: F401
+from tests.sync.test_cloud_e2e import CRDS, DEV, EXAMPLE, gateway_config, kubectl, pki  # noqa: F401
 
 STUCK_S = 2.0
 

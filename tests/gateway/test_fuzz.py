@@ -42,8 +42,8 @@ from edgetwin.sync.wire import (
     WireError,
 )
 from tests.conftest import THERMO_PROPS, device_doc, model_doc
+from tests.harness.hostile import examples, json_values, k8s_objects, mqtt_payloads, msgpack_values, names
 from tests.harness.processes import free_port
-from tests.hostile import examples, json_values, k8s_objects, mqtt_payloads, msgpack_values, names
 
 SLOW = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example]
 

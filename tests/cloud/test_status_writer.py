@@ -20,7 +20,7 @@ from edgetwin.cloud.status_writer import Device, Outcome, StatusWriter, WriteSlo
 from edgetwin.simulators.kube.emulator import Emulator
 from edgetwin.simulators.kube.running import RunningEmulator
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CRDS = sorted((ROOT / "deploy" / "crds").glob("*.yaml"))
 
 

@@ -21,7 +21,7 @@ from edgetwin.simulators.kube.objects import human_age
 from edgetwin.simulators.kube.running import RunningEmulator
 from tests.conftest import BIN
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CRDS = sorted((ROOT / "deploy" / "crds").glob("*.yaml"))
 EXAMPLE = ROOT / "deploy" / "examples" / "manifests" / "thermostat.yaml"
 BASE = "/apis/edgetwin.io/v1alpha1/namespaces/plant/devices"

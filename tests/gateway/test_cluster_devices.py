@@ -331,7 +331,7 @@ async def cell_is(columns: Any, name: str, want: str) -> bool:
 
 async def test_deleting_a_ble_device_releases_its_connection(stack_factory: Any) -> None:
     from edgetwin.simulators.ble import sensor_manifests
-    from tests.test_ble_mapper import SimProcess
+    from tests.mappers.ble.test_ble_mapper import SimProcess
 
     sim = SimProcess(2, beacons=0)
     try:

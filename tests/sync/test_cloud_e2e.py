@@ -27,7 +27,7 @@ from edgetwin.simulators.link import LinkSim
 from tests.conftest import BIN, Collector, publish, update_payload
 from tests.harness.processes import Mosquitto
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CRDS = sorted((ROOT / "deploy" / "crds").glob("*.yaml"))
 EXAMPLE = ROOT / "deploy" / "examples" / "manifests" / "thermostat.yaml"
 NODE = "edge-01"

@@ -23,7 +23,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from tests.conftest import Collector, GatewayProcess, device_doc, model_doc, write_manifests
 from tests.harness.processes import Mosquitto, free_port, mosquitto_binary, wait_port
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]
 NODE = "edge-broker"
 DEVICES = [f"s{i}" for i in range(20)]
 

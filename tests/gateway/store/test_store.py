@@ -15,7 +15,7 @@ from edgetwin.gateway.store.writer import Store
 from edgetwin.gateway.twin.engine import TwinEngine
 from edgetwin.gateway.twin.model import Event
 from tests.conftest import THERMO_PROPS, model_doc
-from tests.test_engine import MODEL, device
+from tests.gateway.twin.test_engine import MODEL, device
 
 
 def test_fresh_store_is_wal_full_sync_and_current(tmp_path: Path) -> None:

@@ -33,7 +33,7 @@ from edgetwin.sync.wire import (
     encode_batch,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CRDS = sorted((ROOT / "deploy" / "crds").glob("*.yaml"))
 
 

@@ -19,7 +19,7 @@ from edgetwin.simulators.kube.emulator import Emulator
 from edgetwin.simulators.kube.running import RunningEmulator
 from edgetwin.sync.wire import CLOUD_TO_EDGE, check_message
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CRDS = sorted((ROOT / "deploy" / "crds").glob("*.yaml"))
 
 

@@ -96,7 +96,7 @@ async def test_the_relay_reads_a_kubeconfig_from_home_and_a_chosen_context(
         from lightkube import AsyncClient, KubeConfig
 
         from edgetwin.cloud.status_writer import Device
-        from tests.test_relay import Gateway, status
+        from tests.cloud.test_relay import Gateway, status
 
         client = AsyncClient(config=KubeConfig.from_file(tmp_path / "kc"))
         await client.create(

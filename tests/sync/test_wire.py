@@ -40,7 +40,7 @@ from edgetwin.sync.wire import (
     unpack_batch,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def status(dev: str, rev: int, temp: float) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import pytest
 from edgetwin.sync.v1 import sync_pb2, sync_pb2_grpc
 from tests.harness.processes import free_port
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "deploy" / "pki" / "make-test-pki"
 
 

@@ -24,7 +24,7 @@ from edgetwin.mappers.ble.mapper import BleMapper
 from edgetwin.simulators.ble import sensor_manifests
 from tests.conftest import eventually
 from tests.harness.processes import free_port
-from tests.test_ble_mapper import SimProcess
+from tests.mappers.ble.test_ble_mapper import SimProcess
 
 NODE = "edge-ble"
 

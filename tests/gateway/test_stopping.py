@@ -34,7 +34,7 @@ from tests.conftest import (
 )
 from tests.harness.processes import Mosquitto, free_port
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PRODUCT = ("gateway", "mappers", "cloud", "deviceapi", "edgetwin")
 
 # How many loop steps after the wake-up the cancellation arrives: one of them is the step

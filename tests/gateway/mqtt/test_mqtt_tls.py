@@ -17,7 +17,7 @@ import yaml
 from tests.conftest import EDGETWIN, THERMO_PROPS, GatewayProcess, device_doc, model_doc, write_manifests
 from tests.harness.processes import Mosquitto, free_port
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]
 NODE = "edge-tls"
 
 
