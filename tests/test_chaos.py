@@ -1,4 +1,4 @@
-"""A short seed of the chaos harness (scripts/chaos, edgetwin/chaos.py): the whole
+"""A short seed of the chaos harness (scripts/chaos, tests/harness/chaos.py): the whole
 system on loopback, every kind of fault drawn from the seed, then the invariants. The
 long runs (100 faults and more) are in docs/architecture.md."""
 

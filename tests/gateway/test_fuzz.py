@@ -1,4 +1,4 @@
-"""Fuzzing what peers send with hostile input (tests/hostile.py: deep nesting, huge
+"""Fuzzing what peers send with hostile input (tests/harness/hostile.py: deep nesting, huge
 numbers, huge strings, invalid UTF-8): MQTT payloads through the gateway's handler, sync
 frames, cloud objects, edge status at the relay, and manifests. Each parser either
 accepts or refuses with its own typed error naming the problem; nothing stops the
