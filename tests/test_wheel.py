@@ -146,7 +146,15 @@ def test_the_default_install_is_every_role_and_each_role_lists_its_own() -> None
     def names(reqs: list[str]) -> set[str]:
         return {r.split(">")[0].split("<")[0].split("[")[0].split("=")[0].lower() for r in reqs}
 
-    assert not names(extras["relay"]) & {"bleak", "bumble", "pymodbus", "amqtt", "paho-mqtt", "aiomqtt"}
+    assert not names(extras["relay"]) & {
+        "bleak",
+        "bumble",
+        "pymodbus",
+        "amqtt",
+        "paho-mqtt",
+        "aiomqtt",
+        "mqtt5",
+    }
     assert {"lightkube", "grpcio"} <= names(extras["relay"])
     assert {"bleak", "pymodbus", "aiomqtt"} <= names(extras["gateway"])
     assert "lightkube" not in names(extras["gateway"])

@@ -47,7 +47,10 @@ def start_mosquitto(tmp: Path) -> Mosquitto:
     return Mosquitto(tmp, extra="sys_interval 1\n", max_queued=1_000_000)
 
 
-def start_gateway(tmp: Path, port: int, devices: int, props: int) -> subprocess.Popen[bytes]:
+def start_gateway(
+    tmp: Path, port: int, devices: int, props: int, extra: dict[str, Any] | None = None, tag: str = ""
+) -> subprocess.Popen[bytes]:
+    """``edgetwin gateway run`` serving ``devices`` b.d0.. (``extra``: more config keys)."""
     model = {
         "apiVersion": "edgetwin.io/v1alpha1",
         "kind": "DeviceModel",
@@ -63,15 +66,16 @@ def start_gateway(tmp: Path, port: int, devices: int, props: int) -> subprocess.
         }
         for i in range(devices)
     ]
-    work = tmp / f"gw-{devices}"
+    work = tmp / f"gw-{devices}{tag}"
     work.mkdir()
     (work / "m.yaml").write_text(yaml.safe_dump_all(docs))
     cfg = {
         "node": NODE,
         "store": {"path": str(work / "store.db")},
-        "mqtt": {"url": f"mqtt://127.0.0.1:{port}", "client_id": f"edgetwin-bench-{devices}"},
+        "mqtt": {"url": f"mqtt://127.0.0.1:{port}", "client_id": f"edgetwin-bench-{devices}{tag}"},
         "manifests": [str(work / "m.yaml")],
         "log": {"level": "WARNING"},
+        **(extra or {}),
     }
     (work / "gw.yaml").write_text(yaml.safe_dump(cfg))
     cmd = [EDGETWIN, "gateway", "run", "--config", str(work / "gw.yaml")]

@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
+import random
 import shutil
 import subprocess
 import tempfile
@@ -49,6 +51,7 @@ from edgetwin.gateway.service import Gateway
 from edgetwin.simulators.kube.emulator import Emulator
 from edgetwin.simulators.kube.running import RunningEmulator
 from edgetwin.simulators.link import LinkSim
+from scripts.bench import workloads
 from scripts.bench.ingest import start_mosquitto
 
 NODE = "edge-bench"
@@ -77,6 +80,9 @@ def manifests(devices: int, props: int) -> list[dict]:
     return docs
 
 
+_events = itertools.count()
+
+
 def publish_all(port: int, updates: list[tuple[str, dict]]) -> None:
     client = paho.Client(paho.CallbackAPIVersion.VERSION2)
     client.max_inflight_messages_set(1000)
@@ -84,7 +90,8 @@ def publish_all(port: int, updates: list[tuple[str, dict]]) -> None:
     client.loop_start()
     infos = []
     for dev, values in updates:
-        body = json.dumps({"event_id": "b", "twin": {k: {"actual": {"value": v}} for k, v in values.items()}})
+        twin = {k: {"actual": {"value": v}} for k, v in values.items()}
+        body = json.dumps({"event_id": f"b{next(_events)}", "twin": twin})
         infos.append(client.publish(topics.twin_update(dev), body, qos=1))
     for info in infos:
         info.wait_for_publish(30)
@@ -116,7 +123,16 @@ async def main() -> None:
         "--reconnect-after", type=float, default=600.0, help="seconds connected before the reconnect test"
     )
     ap.add_argument("--compact-s", type=float, default=300.0, help="the API server's compaction interval")
+    ap.add_argument(
+        "--min-status-interval",
+        type=float,
+        default=RelaySettings.min_status_interval_s,
+        help="the relay's minStatusInterval in seconds (default: the shipped default)",
+    )
+    ap.add_argument("--changes", type=int, default=5, help="changes of each property while the link is cut")
+    ap.add_argument("--seed", type=int, default=1, help="seed of the random readings")
     args = ap.parse_args()
+    rng = random.Random(args.seed)
     tmp = Path(tempfile.mkdtemp(prefix="edgetwin-bench-link-"))
     pki = await asyncio.to_thread(make_pki, tmp)
     broker = start_mosquitto(tmp)
@@ -134,7 +150,7 @@ async def main() -> None:
                 client,
                 "127.0.0.1:0",
                 *read_pki(pki),
-                RelaySettings(min_status_interval_s=1.0),
+                RelaySettings(min_status_interval_s=args.min_status_interval),
             )
             link = LinkSim("127.0.0.1", relay_port, latency_s=0.05)
             await link.start()
@@ -155,6 +171,16 @@ async def main() -> None:
                     },
                 }
             )
+            up = cfg.uplink
+            assert up is not None
+            print(
+                f"configuration: {args.devices} devices x {args.props} FLOAT properties; uplink defaults but "
+                f"budget_bps {up.budget_bps} (64 kbit/s), batch_window_ms {up.batch_window_ms}, frame_s "
+                f"{up.frame_s:g}, heartbeat_ms {up.heartbeat_ms}; relay minStatusInterval "
+                f"{args.min_status_interval:g} s; link latency 50 ms; readings: random, two decimals "
+                f"in [-500, 500), seed {args.seed}",
+                flush=True,
+            )
             gw = Gateway(cfg)
             stop = asyncio.Event()
             task = asyncio.create_task(gw.run(stop))
@@ -163,44 +189,53 @@ async def main() -> None:
             await wait_empty(gw, 120)
             await asyncio.sleep(2)
 
-            # 1. Steady state: 50 devices report one property once a second for 10 s.
+            # 1. Steady state: 50 devices each report a random property with its own random
+            # reading once a second for 10 s; then the old friendly workload, labelled.
             devs = [f"plant.s{d:04d}" for d in range(min(50, args.devices))]
             all_devs = [f"plant.s{d:04d}" for d in range(args.devices)]
-            before = link.bytes_up + link.bytes_down
-            up0, down0 = link.bytes_up, link.bytes_down
-            pay_up0, pay_down0, frames0 = (
-                gw.uplink.bytes_sent,
-                gw.uplink.bytes_received,
-                gw.uplink.frames_sent,
-            )
-            n = 0
-            for second in range(10):
-                await asyncio.to_thread(publish_all, mqtt_port, [(d, {"p0": 20 + second / 10}) for d in devs])
-                n += len(devs)
-                await asyncio.sleep(1)
-            await wait_empty(gw, 60)
-            await asyncio.sleep(1.5)
-            steady = (link.bytes_up + link.bytes_down - before) / n
+
+            async def steady_run(seconds: list[list[workloads.Update]]) -> tuple[float, str]:
+                before = link.bytes_up + link.bytes_down
+                up0, down0 = link.bytes_up, link.bytes_down
+                pay_up0, pay_down0 = gw.uplink.bytes_sent, gw.uplink.bytes_received
+                frames0 = gw.uplink.frames_sent
+                n = 0
+                for updates in seconds:
+                    await asyncio.to_thread(publish_all, mqtt_port, updates)
+                    n += len(updates)
+                    await asyncio.sleep(1)
+                await wait_empty(gw, 60)
+                await asyncio.sleep(1.5)
+                detail = (
+                    f"up {(link.bytes_up - up0) / n:.1f} on the wire of which "
+                    f"{(gw.uplink.bytes_sent - pay_up0) / n:.1f} compressed payload, "
+                    f"down {(link.bytes_down - down0) / n:.1f} of which "
+                    f"{(gw.uplink.bytes_received - pay_down0) / n:.1f}; "
+                    f"{gw.uplink.frames_sent - frames0} frames up, {n} updates"
+                )
+                return (link.bytes_up + link.bytes_down - before) / n, detail
+
+            steady, detail = await steady_run(workloads.steady(devs, args.props, 10, rng))
             print(
                 f"steady state: {steady:.1f} bytes on the wire per property update "
-                f"({n} updates, 50 devices at 1 Hz; goal 14)\n"
-                f"  per update: up {(link.bytes_up - up0) / n:.1f} on the wire of which "
-                f"{(gw.uplink.bytes_sent - pay_up0) / n:.1f} compressed payload, "
-                f"down {(link.bytes_down - down0) / n:.1f} of which "
-                f"{(gw.uplink.bytes_received - pay_down0) / n:.1f}; "
-                f"{gw.uplink.frames_sent - frames0} frames up"
+                f"(50 devices at 1 Hz, a random property each, random readings; goal 14)\n"
+                f"  per update: {detail}"
+            )
+            friendly, detail = await steady_run(workloads.friendly(devs, 10))
+            print(
+                f"  friendly workload (extra line, not the figure: p0 with the same value from every "
+                f"device each second): {friendly:.1f} bytes per update; {detail}"
             )
 
-            # 2. A day offline, then 64 kbit/s.
+            # 2. A backlog: the link is cut while every property of every device changes
+            # --changes times (random readings); then 64 kbit/s until the outbox is empty.
             link.cut()
             await asyncio.sleep(0.5)
-            updates = [
-                (f"plant.s{d:04d}", {f"p{i}": round(20 + d / 1000 + i / 10, 3) for i in range(args.props)})
-                for d in range(args.devices)
-            ]
+            updates = workloads.backlog(all_devs, args.props, args.changes, rng)
             await asyncio.to_thread(publish_all, mqtt_port, updates)
             while len(gw.engine.outbox) < args.devices:  # noqa: ASYNC110 (polling the engine)
                 await asyncio.sleep(0.05)
+            await asyncio.sleep(1)  # the last updates committed
             changes = args.devices * args.props
             link.bandwidth_bps = RATE * 8
             before = link.bytes_up + link.bytes_down
@@ -208,13 +243,16 @@ async def main() -> None:
             link.restore()
             await asyncio.wait_for(gw.uplink.connected.wait(), 120)
             reconnected = time.monotonic() - restored
-            drained = reconnected + await wait_empty(gw, 600)
+            from_connect = await wait_empty(gw, 600)
+            drained = reconnected + from_connect
             drain_bytes = link.bytes_up + link.bytes_down - before
             print(
-                f"a day offline ({args.devices} devices x {args.props} properties at 1 Hz = "
-                f"{changes * DAY:,} changes, {changes:,} property entries after composition): "
-                f"reconciled in {drained:.1f} s at 64 kbit/s after the link came back (the stream "
-                f"up again after {reconnected:.1f} s of reconnect backoff), {drain_bytes:,} bytes on the wire"
+                f"backlog ({args.devices} devices x {args.props} properties, {args.changes} changes each "
+                f"while cut = {len(updates) * args.props:,} changes, {changes:,} property entries after "
+                f"composition): drained in {from_connect:.1f} s at 64 kbit/s from the gateway's first "
+                f"connection (goal 10 s; {drained:.1f} s from the link's return, {reconnected:.1f} s of it "
+                f"reconnect backoff), {drain_bytes:,} bytes on the wire; a day of 1 Hz changes composes "
+                f"to the same {changes:,} entries"
             )
 
             # 3. Baseline: each change as a JSON merge patch from a standard client, same proxy.
@@ -226,10 +264,9 @@ async def main() -> None:
             samples = 200
             await base.get(Device, "s0000", namespace="plant")  # connection set up outside the count
             b0 = base_link.bytes_up + base_link.bytes_down
-            for i in range(samples):
-                patch = {
-                    "status": {"twins": [{"propertyName": "p0", "reported": {"value": str(20 + i / 10)}}]}
-                }
+            for _ in range(samples):
+                prop, value = f"p{rng.randrange(args.props)}", workloads.reading(rng)
+                patch = {"status": {"twins": [{"propertyName": prop, "reported": {"value": str(value)}}]}}
                 await base.patch(Device.Status, "s0000", patch, namespace="plant", patch_type=PatchType.MERGE)
             per_change = (base_link.bytes_up + base_link.bytes_down - b0) / samples
             day_bytes = per_change * changes * DAY

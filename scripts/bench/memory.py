@@ -1,32 +1,126 @@
 #!/usr/bin/env python3
 """Memory benchmark: the gateway's resident memory with many devices, every property
-holding a value.
+holding a value, the uplink connected (as a gateway with a cluster runs).
 
-    .venv/bin/python -m scripts.bench.memory [--devices 1000] [--props 10]
+    .venv/bin/python -m scripts.bench.memory [--devices 1000] [--props 10] [--no-uplink]
 
-Starts `edgetwin gateway run` (a process, as deployed) on a private mosquitto, reports a
-value for every property of every device (one update per device, QoS 1, each answered
-after its commit), waits for the answers, lets the process settle and prints its RSS
-once the gateway has given freed heap back (it trims every heap.TRIM_EVERY_S; the RSS
-3 s after the fill, before that, is printed too); the baseline in the same run is the
-same gateway serving no devices. Goal: <= 60 MB at 1,000 devices x 10 properties.
+Starts `edgetwin gateway run` (a process, as deployed) on a private mosquitto, with its
+uplink to a relay (`edgetwin cloud run`, a process) on the Kubernetes API emulator that
+holds the devices, reports a distinct value for every property of every device (one
+update per device, QoS 1, each answered after its commit), waits for the answers and
+for the outbox to drain to the cluster, lets the process settle and prints its RSS once
+the gateway has given freed heap back (it trims every heap.TRIM_EVERY_S; the RSS 3 s
+after the fill is printed too). Baselines in the same run: the same gateway serving no
+devices, with and without the uplink. Goal: <= 60 MB at 1,000 devices x 10 properties,
+uplink on.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import shutil
+import subprocess
 import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as paho
+import yaml
 
+from edgetwin.deploy import DEPLOY
+from edgetwin.gateway.store.reader import gateway_summary, open_reader
 from edgetwin.runtime.heap import TRIM_EVERY_S
-from scripts.bench.ingest import NODE, start_gateway, start_mosquitto
-from tests.harness.processes import rss_mb
+from scripts.bench.ingest import EDGETWIN, NODE, start_gateway, start_mosquitto
+from tests.harness.processes import Proc, free_port, rss_mb, wait_port
+
+
+class Cloud:
+    """The Kubernetes API emulator holding the devices, and a relay, as processes."""
+
+    def __init__(self, tmp: Path, devices: int) -> None:
+        self.dir = tmp / "cloud"
+        self.dir.mkdir()
+        pki = self.dir / "pki"
+        subprocess.run(
+            [str(DEPLOY / "pki" / "make-test-pki"), str(pki), NODE], check=True, capture_output=True
+        )
+        api_port, self.relay_port = free_port(), free_port()
+        kc = self.dir / "kubeconfig"
+        self.api = Proc(
+            [
+                EDGETWIN,
+                "cloud",
+                "kube-emulator",
+                "--port",
+                str(api_port),
+                "--kubeconfig",
+                str(kc),
+                "--namespace",
+                "b",
+            ],
+            self.dir / "api.log",
+        )
+        self.api.start()
+        wait_port(api_port)
+        docs = [
+            {
+                "apiVersion": "edgetwin.io/v1alpha1",
+                "kind": "Device",
+                "metadata": {"name": f"d{i}", "namespace": "b"},
+                "spec": {"deviceModelRef": {"name": "m"}, "nodeName": NODE},
+            }
+            for i in range(devices)
+        ]
+        kubectl = Path(EDGETWIN).parent / "kubectl"
+        if docs:
+            (self.dir / "devices.yaml").write_text(yaml.safe_dump_all(docs))
+            subprocess.run(
+                [str(kubectl), "--kubeconfig", str(kc), "apply", "-f", str(self.dir / "devices.yaml")],
+                check=True,
+                capture_output=True,
+            )
+        relay = {
+            "listen": f"127.0.0.1:{self.relay_port}",
+            "kubeconfig": str(kc),
+            "tls": {
+                "cert_file": str(pki / "relay.pem"),
+                "key_file": str(pki / "relay-key.pem"),
+                "ca_file": str(pki / "ca.pem"),
+            },
+            "log": {"level": "WARNING"},
+        }
+        (self.dir / "relay.yaml").write_text(yaml.safe_dump(relay))
+        self.relay = Proc(
+            [EDGETWIN, "cloud", "run", "--config", str(self.dir / "relay.yaml")], self.dir / "relay.log"
+        )
+        self.relay.start()
+        wait_port(self.relay_port, 30)
+        self.uplink = {
+            "address": f"127.0.0.1:{self.relay_port}",
+            "server_name": "localhost",
+            "ca_file": str(pki / "ca.pem"),
+            "cert_file": str(pki / f"{NODE}.pem"),
+            "key_file": str(pki / f"{NODE}-key.pem"),
+        }
+
+    def stop(self) -> None:
+        self.relay.stop()
+        self.api.stop()
+
+
+def drained(store: Path, limit_s: float = 300.0) -> float:
+    """Seconds until the gateway's outbox is empty (read from its store, read-only)."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < limit_s:
+        summary = gateway_summary(open_reader(store), now_ms=int(time.time() * 1000))
+        if summary["outbox"]["devices"] == 0:
+            return time.monotonic() - t0
+        time.sleep(0.5)
+    raise SystemExit(f"the outbox did not drain within {limit_s:g} s")
 
 
 def fill(port: int, devices: int, props: int) -> float:
@@ -48,8 +142,9 @@ def fill(port: int, devices: int, props: int) -> float:
     c.subscribe("$hw/events/device/+/twin/update/result", 1)
     time.sleep(0.3)
     t0 = time.monotonic()
+    rng = random.Random(devices)
     for i in range(devices):
-        twin = {f"p{j}": {"actual": {"value": str(i * 100 + j)}} for j in range(props)}
+        twin = {f"p{j}": {"actual": {"value": str(rng.randrange(-100_000, 100_000))}} for j in range(props)}
         c.publish(f"$hw/events/device/b.d{i}/twin/update", json.dumps({"event_id": f"e{i}", "twin": twin}), 1)
     if not done.wait(120):
         raise SystemExit(f"only {answered} of {devices} updates answered")
@@ -59,16 +154,22 @@ def fill(port: int, devices: int, props: int) -> float:
     return took
 
 
-def measure(tmp: Path, port: int, devices: int, props: int) -> tuple[float, float, float]:
-    """RSS 3 s after the fill, RSS once the gateway has trimmed its heap since (it gives
-    freed heap back every heap.TRIM_EVERY_S), and the fill's seconds."""
-    gw = start_gateway(tmp, port, devices, props)
+def measure(
+    tmp: Path, port: int, devices: int, props: int, uplink: dict[str, Any] | None
+) -> tuple[float, float, float, float]:
+    """RSS 3 s after the fill (and the drain, with an uplink), RSS once the gateway has
+    trimmed its heap since (it gives freed heap back every heap.TRIM_EVERY_S), the fill's
+    and the drain's seconds."""
+    extra = {"uplink": uplink} if uplink else None
+    tag = "-up" if uplink else ""
+    gw = start_gateway(tmp, port, devices, props, extra, tag)
     try:
         took = fill(port, devices, props) if devices else 0.0
+        drain = drained(tmp / f"gw-{devices}{tag}" / "store.db") if uplink and devices else 0.0
         time.sleep(3.0)  # let the metrics publisher and commits settle
         right_after = rss_mb(gw.pid)
         time.sleep(TRIM_EVERY_S + 1.0)
-        return right_after, rss_mb(gw.pid), took
+        return right_after, rss_mb(gw.pid), took, drain
     finally:
         gw.terminate()
         gw.wait(30)
@@ -78,23 +179,42 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--devices", type=int, default=1000)
     ap.add_argument("--props", type=int, default=10)
+    ap.add_argument("--no-uplink", action="store_true", help="measure a gateway without a cluster")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="edgetwin-bench-memory-"))
     broker = start_mosquitto(tmp)
     port = broker.port
+    cloud = None if args.no_uplink else Cloud(tmp, args.devices)
+    uplink = cloud.uplink if cloud else None
     try:
-        _, base, _ = measure(tmp, port, 0, args.props)
-        right_after, rss, took = measure(tmp, port, args.devices, args.props)
-        per_prop = (rss - base) * 1024 * 1024 / (args.devices * args.props)
-        print(f"edgetwin memory benchmark: node {NODE}")
-        print(f"  baseline, no devices                 RSS {base:6.1f} MB")
         print(
-            f"  {args.devices} devices x {args.props} properties, all set  RSS {rss:6.1f} MB "
-            f"(goal <= 60), {per_prop:.0f} bytes per property above the baseline, "
-            f"ratio {rss / base:.2f}; filled in {took:.1f} s; {right_after:.1f} MB 3 s after "
-            f"the fill, before the heap was trimmed"
+            f"edgetwin memory benchmark: node {NODE}, shipped defaults, {args.devices} devices x "
+            f"{args.props} INT properties with distinct random values, uplink "
+            f"{'on (relay and API emulator in their own processes)' if uplink else 'off'}",
+            flush=True,
+        )
+        _, bare, _, _ = measure(tmp, port, 0, args.props, None)
+        print(f"  baseline, no devices, no uplink      RSS {bare:6.1f} MB", flush=True)
+        base = bare
+        if uplink:
+            _, base, _, _ = measure(tmp, port, 0, args.props, uplink)
+            print(
+                f"  baseline, no devices, uplink on      RSS {base:6.1f} MB "
+                f"(the uplink adds {base - bare:.1f})"
+            )
+        right_after, rss, took, drain = measure(tmp, port, args.devices, args.props, uplink)
+        per_prop = (rss - base) * 1024 * 1024 / (args.devices * args.props)
+        print(
+            f"  {args.devices} devices x {args.props} properties, all set"
+            f"{', outbox drained' if uplink else ''}  "
+            f"RSS {rss:6.1f} MB (goal <= 60), {per_prop:.0f} bytes per property above the baseline, "
+            f"ratio {rss / base:.2f}; filled in {took:.1f} s"
+            + (f", drained to the cluster in {drain:.1f} s" if uplink else "")
+            + f"; {right_after:.1f} MB 3 s after, before the heap was trimmed"
         )
     finally:
+        if cloud is not None:
+            cloud.stop()
         broker.stop()
         shutil.rmtree(tmp, ignore_errors=True)
 
