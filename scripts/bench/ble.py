@@ -48,7 +48,7 @@ def start_sim(sensors: int, interval: float) -> tuple[subprocess.Popen[str], str
         [
             sys.executable,
             "-m",
-            "edgetwin.cli",
+            "edgetwin",
             "sim",
             "ble",
             "--port",
