@@ -24,9 +24,12 @@ from edgetwin.cloud.spec_feed import NodeFeed, SelectorMode
 from edgetwin.cloud.status_writer import Device, Outcome, StatusWriter, WriteSlots
 from edgetwin.deviceapi.types import split_device_id
 from edgetwin.runtime.aio import wait_within
+from edgetwin.sync.packed import PackError, StatusUnpacker
 from edgetwin.sync.v1 import sync_pb2
 from edgetwin.sync.wire import (
     CAP_APPLIED_REVS,
+    CAP_PACKED_STATUS,
+    CAP_STATUS_DELTAS,
     EDGE_TO_CLOUD,
     PROTOCOL_VERSION,
     AckTimer,
@@ -54,6 +57,10 @@ class RelaySettings:
     min_status_interval_s: float = 5.0
     batch_max: int = 500  # messages per frame
     flush_s: float = 0.05  # how long to gather messages into one frame
+    # How long answers (applied, refused) wait for a frame that goes anyway (an ack, spec
+    # changes): nothing at the gateway waits on them but its outbox, and writes spread
+    # over minStatusInterval would otherwise cost a frame (~50 bytes of framing) each.
+    answer_hold_s: float = 1.0
     queue_max: int = 10_000  # spec messages waiting to go to a gateway; feeds wait when full
     # No frame from the gateway for this long: the link is dead (the gateway's heartbeat
     # comes after 24 s of silence).
@@ -88,9 +95,12 @@ class Session:
         self.feed_out: asyncio.Queue[dict[str, Any]] = asyncio.Queue(settings.queue_max)
         # Answers to status messages: bounded by what the gateway's window lets it send.
         self.answers: collections.deque[dict[str, Any]] = collections.deque()
+        self.answers_since: float | None = None  # the oldest answer waiting arrived then
+        self.answer_urgent = False  # the welcome is waiting
         self.outgoing: Outgoing[None] = Outgoing(window=64)
         self.incoming = Incoming()
         self.decoder = FrameDecoder()
+        self.unpacker = StatusUnpacker()
         self.encoder = FrameEncoder(mem_level=DOWN_MEM_LEVEL)
         self.writer = StatusWriter(client, node, settings.min_status_interval_s, shared=requests)
         self.tasks: list[asyncio.Task[None]] = []
@@ -147,7 +157,10 @@ class Session:
             self.applied_revs = CAP_APPLIED_REVS in caps
             self.reporter.connected(self.node, msg)
             self.bps = max(100, int(msg.get("bps") or self.settings.down_bps))
-            self.answers.append({"t": "welcome", "proto": PROTOCOL_VERSION})
+            self.answers.append(
+                {"t": "welcome", "proto": PROTOCOL_VERSION, "caps": [CAP_STATUS_DELTAS, CAP_PACKED_STATUS]}
+            )
+            self.answer_urgent = True
             resume = msg["resume"]
             store = str(msg.get("store") or "")
             devices = NodeFeed(self.watch_client, Device, "Device", self.node, self.settings.node_selector)
@@ -172,6 +185,13 @@ class Session:
             ops.STATUS_MESSAGES.inc()
             fut = self.writer.submit(namespace, name, rev, msg["patch"])
             fut.add_done_callback(functools.partial(self._answer, dev, rev, part))
+        elif kind == "packed":
+            try:
+                statuses = self.unpacker.unpack(msg["b"])
+            except PackError as exc:
+                raise WireError(f"packed status: {exc}") from None
+            for status in statuses:
+                self._handle(status)
         elif kind == "stats" and self.hello is not None:
             self.reporter.stats(self.node, msg["s"])
 
@@ -219,7 +239,9 @@ class Session:
         if part is not None:
             msg["part"] = part
         self.answers.append(msg)
-        self.wake.set()
+        if self.answers_since is None:
+            self.answers_since = time.monotonic()
+            self.wake.set()
 
     # ----------------------------------------------------------------- outbound
     def _next_batch(self) -> list[dict[str, Any]]:
@@ -247,6 +269,14 @@ class Session:
             batch.insert(at, {"t": "appliedRevs", "revs": encode_revs(revs)})
         return batch
 
+    def _answer_wait(self, now: float) -> float | None:
+        """Seconds until waiting answers go on their own (0: now), None if none wait."""
+        if not self.answers:
+            return None
+        if self.answer_urgent or self.answers_since is None:
+            return 0.0
+        return max(0.0, self.answers_since + self.settings.answer_hold_s - now)
+
     async def write(self) -> None:
         """The one writer of the stream: answers and spec messages in frames paced at the
         gateway's budget (a token bucket over payload bytes), bare acks and echo replies
@@ -256,21 +286,29 @@ class Session:
             now = time.monotonic()
             tokens, last = min(float(self.bps), tokens + (now - last) * self.bps), now
             rv_wait = self._rv_wait(now)
-            data = bool(self.answers) or not self.feed_out.empty() or rv_wait == 0
-            can_data = data and self.outgoing.can_send and tokens >= 0
             ack_wait = self.acks.wait(self.incoming.ack, now)
+            answer_wait = self._answer_wait(now)
+            going = not self.feed_out.empty() or rv_wait == 0 or ack_wait == 0 or self.echo_due
+            data = (
+                not self.feed_out.empty()
+                or rv_wait == 0
+                or (bool(self.answers) and (going or answer_wait == 0))
+            )
+            can_data = data and self.outgoing.can_send and tokens >= 0
             if not (can_data or ack_wait == 0 or self.echo_due):
                 # Idle, or data held back by the window (an ack wakes us) or the budget,
-                # or an ack or rv waiting for a frame to ride on.
+                # or an ack, answers or rv waiting for a frame to ride on.
                 self.wake.clear()
                 token_wait = -tokens / self.bps if data and tokens < 0 else None
-                waits = [w for w in (token_wait, ack_wait, rv_wait) if w]
+                waits = [w for w in (token_wait, ack_wait, rv_wait, answer_wait) if w]
                 with contextlib.suppress(TimeoutError):
                     await wait_within(self.wake.wait(), min(waits) if waits else None)
                 continue
             if can_data and self.settings.flush_s:
                 await asyncio.sleep(self.settings.flush_s)  # let a burst gather
             batch = self._next_batch() if can_data else []
+            if not self.answers:
+                self.answers_since, self.answer_urgent = None, False
             if self.outgoing.can_send:
                 batch += self._take_held_rv()
             ack = self.incoming.ack

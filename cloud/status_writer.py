@@ -8,7 +8,8 @@ Messages for a device that arrive while a write is pending are folded into that 
 devices / ``min_interval``; a message at a newer revision supersedes older ones still
 waiting (see :meth:`StatusWriter.submit`). Each :meth:`StatusWriter.submit` resolves when
 its message is in the API server (``applied``), never will be (``refused``), or was
-superseded (cancelled: the gateway waits for the newer revision's answer only).
+superseded (cancelled: composed into the newer revision's message, whose answer is the
+one the gateway waits for).
 
 Writes start only as :class:`WriteSlots` (the relay's request pool, shared by every
 node's writer) allows, the nodes taking turns; a device waiting for its write, which
@@ -38,6 +39,7 @@ from lightkube.types import PatchType
 from edgetwin.cloud import ops
 from edgetwin.cloud.spec_feed import list_objects
 from edgetwin.cloud.status_merge import merge_edge_status
+from edgetwin.sync.patch import compose_into
 
 log = logging.getLogger(__name__)
 
@@ -167,13 +169,14 @@ class StatusWriter:
         key = (namespace, name)
         p = self._pending.setdefault(key, _Pending())
         fut: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
-        # A gateway's outbox entry keeps every field until the cloud has taken the entry
-        # at its newest revision, so a message at a higher revision holds everything a
-        # lower one of the same device held, and the gateway heeds only the answer to the
-        # newest revision it sent. So only the newest revision's messages (its parts) and
-        # waiters wait for the write; older ones are superseded: cancelled, never answered.
-        # That bounds what waits per device however long writes are held back (apiQPS,
-        # minStatusInterval).
+        # A device's messages on a stream are its outbox entry at some revision, or (to a
+        # relay that welcomed ``statusDeltas``) what changed since the one before: either
+        # way the newest revision composed over the older ones still waiting is the entry
+        # at that revision, and the gateway heeds only the answer to the newest revision
+        # it sent. So the older messages are composed into one (edgetwin.sync.patch) and
+        # their waiters cancelled, never answered: what waits per device stays one entry
+        # however long writes are held back (apiQPS, minStatusInterval). Parts of one
+        # revision wait side by side.
         newest = max((r for r, _ in p.messages), default=0)
         if rev < newest:
             fut.cancel()
@@ -181,6 +184,12 @@ class StatusWriter:
         if rev > newest:
             for old in p.waiters:
                 old.cancel()
+            if p.messages:
+                folded: dict[str, Any] = {}
+                for _, packed in sorted(p.messages, key=lambda m: m[0]):
+                    compose_into(folded, msgpack.unpackb(packed, raw=False))
+                compose_into(folded, patch)
+                patch = folded
             p.messages, p.waiters = [], []
         p.messages.append((rev, msgpack.packb(patch, use_bin_type=True)))
         p.waiters.append(fut)

@@ -46,8 +46,11 @@ from edgetwin.gateway.uplink_stream import (
     _Deferral,
 )
 from edgetwin.runtime.logs import RateLimit
+from edgetwin.sync.packed import StatusPacker
 from edgetwin.sync.v1 import sync_pb2_grpc
 from edgetwin.sync.wire import (
+    CAP_PACKED_STATUS,
+    CAP_STATUS_DELTAS,
     MAX_FRAME_BYTES,
     WireError,
     decode_revs,
@@ -212,6 +215,9 @@ class Uplink:
         kind = msg["t"]
         self.received[kind] += 1
         if kind == "welcome":
+            caps = msg.get("caps") or []
+            stream.deltas = CAP_STATUS_DELTAS in caps
+            stream.packer = StatusPacker() if CAP_PACKED_STATUS in caps else None
             self.connects += 1
             self.connected_since = time.monotonic()
             self._hold_until = 0.0 if self.resume.get("Device") else time.monotonic() + HOLD_MAX_S

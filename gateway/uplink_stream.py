@@ -22,6 +22,7 @@ from edgetwin.gateway.twin.engine import TwinEngine
 from edgetwin.gateway.twin.outbox import OutboxEntry
 from edgetwin.runtime.aio import wait_within
 from edgetwin.runtime.logs import RateLimit
+from edgetwin.sync.packed import StatusPacker
 from edgetwin.sync.v1 import sync_pb2
 from edgetwin.sync.wire import (
     ACK_DELAY_S,
@@ -53,6 +54,10 @@ STATS_MIN_S, STATS_S = 5.0, 30.0
 # Refusals are logged at most 10 a minute (a site whose devices the cluster does not
 # have yet would otherwise log one line per device).
 _refusals = RateLimit()
+
+
+# Messages whose frame's acknowledgement may wait (see Stream.read).
+_LAZY = frozenset({"rv", "applied", "appliedRevs", "refused"})
 
 
 class LinkDead(Exception):
@@ -99,6 +104,7 @@ class _Deferral:
 class _InFlight:
     rev: int
     parts: set[int] = field(default_factory=set)
+    chain: int = 0  # the revision that began its device's chain (see Stream.chains)
 
 
 class StreamOwner(Protocol):
@@ -147,6 +153,14 @@ class Stream:
         self.decoder = FrameDecoder()
         self.in_flight: dict[str, _InFlight] = {}
         self.rev_dev: dict[int, str] = {}  # in_flight by revision, for appliedRevs
+        # Per device, (first, last) revision of what this stream sent: the first whole,
+        # each later one only what changed since the one before (OutboxEntry.patch_since).
+        # The relay folds a device's messages in order, so an ``applied`` of the last
+        # covers the chain, unless one of them was refused or dropped unsent: then the
+        # chain is gone and the entry goes whole again.
+        self.chains: dict[str, tuple[int, int]] = {}
+        self.deltas = False  # the relay's welcome named statusDeltas
+        self.packer: StatusPacker | None = None  # set if it named packedStatus
         # Parts of entries too large for one frame, waiting for their frames:
         # (device, revision, index, count, patch).
         self.parts: collections.deque[tuple[str, int, int, int, dict[str, Any]]] = collections.deque()
@@ -174,9 +188,10 @@ class Stream:
                 messages = self.decoder.decode(frame.encoding, frame.payload, CLOUD_TO_EDGE)
                 for msg in messages:
                     self.up.handle(msg, self)
-                # Only resume points moved on: nothing waits for this ack, so it rides on
-                # the next heartbeat instead of costing a frame of its own.
-                lazy = bool(messages) and all(m["t"] == "rv" for m in messages)
+                # Only resume points moved on, or answers came: nothing waits for this
+                # ack (a new stream sends the outbox again anyway), so it rides on the
+                # next data frame or heartbeat instead of costing a frame of its own.
+                lazy = bool(messages) and all(m["t"] in _LAZY for m in messages)
             if frame.seq:
                 delay = self.up.cfg.heartbeat_ms / 1000 if lazy else ACK_DELAY_S
                 self.acks.received(time.monotonic(), delay)
@@ -184,6 +199,8 @@ class Stream:
 
     def answered(self, msg: dict[str, Any]) -> None:
         dev, rev = msg["dev"], msg["rev"]
+        if msg["t"] == "refused":
+            self.chains.pop(dev, None)  # a later delta would not carry what was refused
         flight = self.in_flight.get(dev)
         if flight is None or flight.rev != rev:
             return  # an answer to an older revision: a newer one is on its way
@@ -206,7 +223,12 @@ class Stream:
             return
         self._land(dev)
         self.up.deferred.pop(dev, None)
+        chain = self.chains.get(dev)
+        if self.deltas and (chain is None or chain[0] != flight.chain):
+            self.up.changed()  # part of its chain is missing: the entry goes whole again
+            return
         if self.up.engine.outbox_acked(dev, rev):
+            self.chains.pop(dev, None)
             self.up.applied += 1
         self.up.changed()
 
@@ -250,6 +272,7 @@ class Stream:
             entry = outbox.get(dev)
             if entry is None or entry.revision != rev:  # superseded: the new revision goes whole
                 self.parts.popleft()
+                self.chains.pop(dev, None)
                 continue
             part_size = len(msgpack.packb(part))
             if messages and size + part_size > self.frame_raw:
@@ -263,18 +286,23 @@ class Stream:
         for dev, entry in self._due_entries():
             if len(messages) >= self.up.cfg.batch_max:
                 break
-            entry_size = len(msgpack.packb(entry.patch))
+            chain = self.chains.get(dev) if self.deltas else None
+            patch = entry.patch_since(chain[1]) if chain else entry.patch
+            first = chain[0] if chain else entry.revision
+            entry_size = len(msgpack.packb(patch))
             if entry_size > self.frame_raw:
-                parts = split_patch(entry.patch, self.frame_raw)
-                self._fly(dev, _InFlight(entry.revision, set(range(len(parts)))))
+                parts = split_patch(patch, self.frame_raw)
+                self._fly(dev, _InFlight(entry.revision, set(range(len(parts))), first))
+                self.chains[dev] = (first, entry.revision)
                 self.parts.extend((dev, entry.revision, i, len(parts), part) for i, part in enumerate(parts))
                 if messages:
                     break  # this frame goes as it is; the parts follow
                 return self._status_batch()
             if messages and size + entry_size > self.frame_raw:
                 break
-            self._fly(dev, _InFlight(entry.revision, {0}))
-            messages.append({"t": "status", "dev": dev, "rev": entry.revision, "patch": entry.patch})
+            self._fly(dev, _InFlight(entry.revision, {0}, first))
+            self.chains[dev] = (first, entry.revision)
+            messages.append({"t": "status", "dev": dev, "rev": entry.revision, "patch": patch})
             metas.append((dev, entry.revision, None))
             size += entry_size
         return messages, metas
@@ -305,6 +333,8 @@ class Stream:
         }
 
     async def _send(self, messages: list[dict[str, Any]], meta: list[tuple[str, int, int | None]]) -> int:
+        if self.packer is not None:
+            messages = self.packer.pack(messages)
         raw = pack_batch(messages)
         encoding, payload = self.encoder.encode(raw)
         seq = self.out.send(raw, meta)

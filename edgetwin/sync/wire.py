@@ -16,13 +16,26 @@ edge -> cloud
     ``status``  ``{"t": "status", "dev": "ns.name", "rev": 17, "patch": {...}}``: one
                 composed outbox entry (a Device status merge patch; ``twins`` keyed by
                 property name) and its outbox revision. An entry too large for one frame
-                is sent in parts (``"part": [i, n]``), each a patch of its own.
+                is sent in parts (``"part": [i, n]``), each a patch of its own. To a relay
+                whose welcome names ``statusDeltas``, a device's first message on a stream
+                is its whole entry and each later one only what changed since the one
+                before; the relay composes a device's messages in order, and ``applied``
+                for a revision covers every message of that device before it.
+    ``packed``  ``{"t": "packed", "b": <bytes>}``: status messages packed near the
+                information floor, to a relay whose welcome names ``packedStatus``:
+                device and property names indexed per stream, revisions, timestamps and
+                versions as differences, values in their shortest exact form
+                (edgetwin/sync/packed.py defines the body). Decoded, they are ``status``
+                messages like any other.
     ``stats``   ``{"t": "stats", "s": {"devices": 12, "devicesNotReady": 1, "backlog": 3,
                 "oldestMs": 5400}}``: the gateway's health for its Gateway resource: devices
                 served and declared-but-not-Ready, outbox entries, and the age (ms, so
                 clocks need not agree) of the oldest. With the hello, then when they change.
 cloud -> edge
-    ``welcome`` ``{"t": "welcome", "proto": 2}``: the relay took the hello; the stream is up.
+    ``welcome`` ``{"t": "welcome", "proto": 2, "caps": ["statusDeltas"]}``: the relay took
+                the hello; the stream is up. ``caps``: what the relay accepts beyond
+                protocol 2's base (today ``statusDeltas``, see ``status``); a gateway uses
+                none the welcome does not name.
     ``upsert``  ``{"t": "upsert", "kind": "Device", "obj": {...}}``: added or changed.
     ``delete``  ``{"t": "delete", "kind": "Device", "ns": "plant", "name": "x", "rv": "9"}``
     ``synced``  ``{"t": "synced", "kind": "Device", "names": ["ns/name", ...], "rv": "12"}``:
@@ -104,8 +117,14 @@ ACK_EVERY = 4
 
 # Optional messages a gateway offers in its hello's ``caps``.
 CAP_APPLIED_REVS = "appliedRevs"
+# What a relay accepts, in its welcome's ``caps``: ``statusDeltas``: a device's later
+# status messages on a stream may hold only what changed since its previous one (the
+# relay composes them, edgetwin.sync.patch), instead of the whole outbox entry.
+CAP_STATUS_DELTAS = "statusDeltas"
+# ``packedStatus``: status messages may come as one ``packed`` body (edgetwin.sync.packed).
+CAP_PACKED_STATUS = "packedStatus"
 
-EDGE_TO_CLOUD = frozenset({"hello", "status", "stats"})
+EDGE_TO_CLOUD = frozenset({"hello", "status", "packed", "stats"})
 CLOUD_TO_EDGE = frozenset(
     {"welcome", "upsert", "delete", "synced", "rv", "applied", "appliedRevs", "refused"}
 )
@@ -114,6 +133,7 @@ _Type = type | tuple[type, ...]
 _REQUIRED: dict[str, dict[str, _Type]] = {
     "hello": {"proto": int, "resume": dict},
     "status": {"dev": str, "rev": int, "patch": dict},
+    "packed": {"b": bytes},
     "stats": {"s": dict},
     "welcome": {"proto": int},
     "upsert": {"kind": str, "obj": dict},
@@ -127,7 +147,7 @@ _REQUIRED: dict[str, dict[str, _Type]] = {
 _OPTIONAL: dict[str, dict[str, _Type]] = {
     "hello": {"bps": int, "store": str, "version": str, "caps": list},
     "status": {"part": list},
-    "welcome": {"relay": str},
+    "welcome": {"relay": str, "caps": list},
     "applied": {"part": int},
     "refused": {"retry": bool, "part": int},
 }

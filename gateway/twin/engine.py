@@ -124,6 +124,7 @@ class TwinEngine(WriteScheduling):
                 entry.props.pop(name, None)
                 entry.removed.add(name)
             self._bump(entry)
+            entry.device_rev = entry.revision
             self.changes.outbox.add(dev_id)  # removals live in the outbox row
         return twin_dev
 

@@ -22,8 +22,8 @@ from edgetwin.gateway.twin.model import (
     iso_ms,
     mapping,
 )
-from edgetwin.gateway.twin.patch import compose_into
 from edgetwin.gateway.twin.status import desired_status, property_status, reported_status
+from edgetwin.sync.patch import compose_into
 
 
 @dataclass(slots=True)
@@ -41,33 +41,47 @@ class OutboxEntry:
     since_ms: int = 0
     props: dict[str, None] = field(default_factory=dict)  # pending properties, in order
     removed: set[str] = field(default_factory=set)  # properties gone from the model
+    # The revision of the last change of a device-level field or of a removal: a stream
+    # that sent the entry at a later revision need not send them again.
+    device_rev: int = 0
     _patch: dict[str, Any] | None = None
 
     @property
     def patch(self) -> dict[str, Any]:
         """The Device status merge patch (``twins`` keyed by property name)."""
         if self._patch is None:
-            patch = dict(self.device)
-            twins: dict[str, Any] = {}
-            properties = self.dev.properties
-            for name in self.props:
-                prop = properties.get(name)
-                if prop is None:
-                    continue
-                fields, entry = prop.outbox_fields, {}  # type: int, dict[str, Any]
-                if fields & REPORTED and prop.reported is not None:
-                    entry["reported"] = reported_status(prop)
-                if fields & DESIRED and prop.desired is not None:
-                    entry["observedDesired"] = desired_status(prop)
-                if fields & READ_ERROR:
-                    entry["readError"] = prop.read_error or None
-                twins[name] = entry
+            self._patch = self.patch_since(0)
+        return self._patch
+
+    def patch_since(self, revision: int) -> dict[str, Any]:
+        """What changed after ``revision``: the properties marked later and the
+        device-level fields and removals if any of them changed later (all of it for 0).
+        Merged onto the patch sent at ``revision`` it gives :attr:`patch`, so a stream
+        that delivers in order sends each change once (gateway/uplink_stream.py)."""
+        if revision <= 0 and self._patch is not None:
+            return self._patch
+        device_too = self.device_rev > revision or revision <= 0
+        patch = dict(self.device) if device_too else {}
+        twins: dict[str, Any] = {}
+        properties = self.dev.properties
+        for name in self.props:
+            prop = properties.get(name)
+            if prop is None or (revision > 0 and prop.outbox_rev is not None and prop.outbox_rev <= revision):
+                continue
+            fields, entry = prop.outbox_fields, {}  # type: int, dict[str, Any]
+            if fields & REPORTED and prop.reported is not None:
+                entry["reported"] = reported_status(prop)
+            if fields & DESIRED and prop.desired is not None:
+                entry["observedDesired"] = desired_status(prop)
+            if fields & READ_ERROR:
+                entry["readError"] = prop.read_error or None
+            twins[name] = entry
+        if device_too:
             for name in self.removed:
                 twins[name] = None
-            if twins:
-                patch["twins"] = twins
-            self._patch = patch
-        return self._patch
+        if twins:
+            patch["twins"] = twins
+        return patch
 
 
 class OutboxTwins:
@@ -131,7 +145,9 @@ class OutboxTwins:
         if device_patch or pending or removed:
             bound = min((r for r in revisions if r), default=0) // 1000
             since = since_ms or (bound if bound > SANE_WALL_MS else self._wall_ms())
-            self.outbox[device_id] = OutboxEntry(dev, device_patch, max(revisions), since, pending, removed)
+            self.outbox[device_id] = OutboxEntry(
+                dev, device_patch, max(revisions), since, pending, removed, device_rev=max(revisions)
+            )
             self._revision = max(self._revision, max(revisions))
 
     def drain(self) -> Changes:
@@ -177,6 +193,7 @@ class OutboxTwins:
         entry = self._entry(device_id)
         compose_into(entry.device, patch)
         self._bump(entry)
+        entry.device_rev = entry.revision
         self.changes.outbox.add(device_id)
         return entry
 

@@ -316,3 +316,27 @@ async def test_writers_sharing_slots_take_turns_and_a_node_keeps_its_cap() -> No
     assert slots.free == 3
     await big.close()
     await small.close()
+
+
+async def test_deltas_waiting_for_one_write_are_composed_and_nothing_is_lost(
+    cluster: tuple[RunningEmulator, AsyncClient],
+) -> None:
+    """statusDeltas: a device's later messages hold only what changed. While they wait
+    for the interval they are composed into one, so a write holds every property of
+    them all; the older ones are cancelled (superseded), the newest applied."""
+    api, client = cluster
+    writer = StatusWriter(client, "edge-a", min_interval_s=0.5)
+    assert (await writer.submit("plant", "d1", 1, reading(1, 20.0))).applied  # starts the interval
+    props = ["temperature", "humidity", "pressure", "flow"]
+    futures = []
+    for rev, prop in enumerate(props, start=2):
+        entry = {"reported": {"value": f"{rev}.5", "metadata": {"version": str(rev)}}}
+        futures.append(writer.submit("plant", "d1", rev, {"twins": {prop: entry}}))
+    outcomes = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), 10)
+    assert all(isinstance(o, asyncio.CancelledError) for o in outcomes[:-1])
+    assert isinstance(outcomes[-1], Outcome) and outcomes[-1].applied
+    assert api.emulator.status_writes[("plant", "d1")] == 2
+    twins = (await client.get(Device, "d1", namespace="plant"))["status"]["twins"]
+    values = {t["propertyName"]: t["reported"]["value"] for t in twins}
+    assert values == {"temperature": "2.5", "humidity": "3.5", "pressure": "4.5", "flow": "5.5"}
+    await writer.close()

@@ -24,8 +24,8 @@ from edgetwin.gateway.twin.model import (
     UnknownDevice,
     WriteState,
 )
-from edgetwin.gateway.twin.patch import apply_patch
 from edgetwin.gateway.twin.writes import MAX_WRITE_ATTEMPTS, WritePolicy
+from edgetwin.sync.patch import apply_patch
 from tests.conftest import THERMO_PROPS, device_doc, model_doc
 
 MODEL = DeviceModel.model_validate(model_doc("thermostat", "plant", THERMO_PROPS))

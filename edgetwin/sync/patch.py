@@ -5,7 +5,7 @@ its size is bounded by the number of properties, not by time offline. Merge patc
 not closed under composition in general (an object written over a scalar cannot be said
 as one merge patch), but status patches have a fixed shape: every key is always an object
 or always a leaf, and objects are never deleted. Within that shape ``compose(a, b)``
-applied once equals ``a`` then ``b`` applied in turn (tests/gateway/twin/test_patch.py checks it).
+applied once equals ``a`` then ``b`` applied in turn (tests/sync/test_patch.py checks it).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from edgetwin.gateway.twin.patch import apply_patch, compose, compose_into
+from edgetwin.sync.patch import apply_patch, compose, compose_into
 
 PROPS = ["temperature", "setpoint", "pump"]
 leaf = st.one_of(st.text(max_size=4), st.integers(-3, 3))
