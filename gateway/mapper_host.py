@@ -8,7 +8,7 @@ MQTT; a device with no protocol is served over MQTT by design.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from importlib.metadata import entry_points
 from typing import Any
 
@@ -24,23 +24,51 @@ class MapperLoadError(RuntimeError):
     """A mapper plugin could not be loaded or rejected a device's config."""
 
 
-def discover() -> dict[str, type[Mapper]]:
-    """Installed mapper classes by protocol name."""
-    found: dict[str, type[Mapper]] = {}
-    for ep in entry_points(group=GROUP):
+class Plugins(Mapping[str, type[Mapper]]):
+    """Installed mapper classes by protocol name, each loaded the first time it is asked
+    for: a gateway serving only Modbus devices never imports the BLE stack (each costs
+    megabytes of memory on a small host). A plugin that fails to load is logged once and
+    counts as not installed."""
+
+    def __init__(self) -> None:
+        self._points = {ep.name: ep for ep in entry_points(group=GROUP)}
+        self._loaded: dict[str, type[Mapper] | None] = {}
+
+    def __getitem__(self, name: str) -> type[Mapper]:
+        if name not in self._loaded:
+            self._loaded[name] = self._load(name)
+        cls = self._loaded[name]
+        if cls is None:
+            raise KeyError(name)
+        return cls
+
+    def _load(self, name: str) -> type[Mapper] | None:
+        ep = self._points.get(name)
+        if ep is None:
+            return None
         try:
             cls = ep.load()
         except Exception as exc:  # a broken third-party plugin must not stop the gateway
             log.error("cannot load mapper plugin", extra={"plugin": ep.name, "error": repr(exc)})
-            continue
+            return None
         if not (isinstance(cls, type) and issubclass(cls, Mapper)):
             log.error(
                 "entry point is not a Mapper subclass",
                 extra={"plugin": ep.name, "target": ep.value},
             )
-            continue
-        found[ep.name] = cls
-    return found
+            return None
+        return cls
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._points)
+
+    def __len__(self) -> int:
+        return len(self._points)
+
+
+def discover() -> Mapping[str, type[Mapper]]:
+    """Installed mapper classes by protocol name (loaded when first asked for)."""
+    return Plugins()
 
 
 def binding(device: Device, model: DeviceModel) -> DeviceBinding:

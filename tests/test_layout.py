@@ -184,15 +184,20 @@ def test_no_sys_path_edits_in_benches_tests_or_scripts() -> None:
     assert offenders == []
 
 
-def test_the_gateway_service_loads_neither_sqlite_utils_nor_the_clouds_libraries() -> None:
+def test_the_gateway_service_loads_neither_the_store_reader_nor_the_clouds_libraries() -> None:
     """What a gateway loads is resident for its whole life (scripts/bench/memory.py):
-    sqlite-utils is for the commands that read a store; lightkube and grpc come only with
-    the relay or an uplink."""
+    sqlite-utils and httpx (with click, rich, pygments when installed) are for the commands
+    that read a store or a health endpoint; lightkube and grpc come only with the relay or
+    an uplink; a mapper's protocol stack only with a device of its protocol. The import
+    path is the one `edgetwin gateway run` takes, serving a virtual device."""
     import sys
 
+    heavy = ("sqlite_utils", "click", "httpx", "rich", "lightkube", "grpc", "pymodbus", "bleak", "bumble")
     code = (
-        "import sys, edgetwin.gateway.service\n"
-        "print(sorted(m for m in ('sqlite_utils', 'click', 'lightkube', 'grpc') if m in sys.modules))"
+        "import sys, edgetwin.cli, edgetwin.cli.gateway, edgetwin.gateway.service\n"
+        "from edgetwin.gateway.mapper_host import discover\n"
+        "assert discover()['virtual'].__name__ == 'VirtualMapper'\n"
+        f"print(sorted(m for m in {heavy!r} if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

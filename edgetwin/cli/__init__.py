@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
             _command(
                 sub,
                 "status",
-                "gateway:status",
+                "status:status",
                 "the gateway's health in one screen: link, outbox, devices, errors",
             )
         )

@@ -299,6 +299,9 @@ class Checkpointer:
     def _run(self) -> None:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA busy_timeout=5000")
+        # A checkpoint copies WAL frames to the database file without the page cache:
+        # 64 KiB instead of SQLite's default 2 MB.
+        conn.execute("PRAGMA cache_size=-64")
         wal = Path(f"{self.path}-wal")
         try:
             while not self._stop.wait(self.interval_s):

@@ -26,7 +26,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import paho.mqtt.client as paho
 import yaml
@@ -154,9 +154,26 @@ def fill(port: int, devices: int, props: int) -> float:
     return took
 
 
+class Rss(NamedTuple):
+    """One gateway's resident memory, MB: all of it, its private part (heap, stacks) and
+    the pages of mapped files (libraries' code and data: shared with other processes
+    mapping them, and dropped by the kernel under memory pressure)."""
+
+    total: float
+    anon: float
+    files: float
+
+    @classmethod
+    def of(cls, pid: int) -> Rss:
+        return cls(rss_mb(pid), rss_mb(pid, "RssAnon"), rss_mb(pid, "RssFile"))
+
+    def __str__(self) -> str:
+        return f"RSS {self.total:6.1f} MB (private {self.anon:.1f}, mapped files {self.files:.1f})"
+
+
 def measure(
     tmp: Path, port: int, devices: int, props: int, uplink: dict[str, Any] | None
-) -> tuple[float, float, float, float]:
+) -> tuple[float, Rss, float, float]:
     """RSS 3 s after the fill (and the drain, with an uplink), RSS once the gateway has
     trimmed its heap since (it gives freed heap back every heap.TRIM_EVERY_S), the fill's
     and the drain's seconds."""
@@ -169,7 +186,7 @@ def measure(
         time.sleep(3.0)  # let the metrics publisher and commits settle
         right_after = rss_mb(gw.pid)
         time.sleep(TRIM_EVERY_S + 1.0)
-        return right_after, rss_mb(gw.pid), took, drain
+        return right_after, Rss.of(gw.pid), took, drain
     finally:
         gw.terminate()
         gw.wait(30)
@@ -194,21 +211,19 @@ def main() -> None:
             flush=True,
         )
         _, bare, _, _ = measure(tmp, port, 0, args.props, None)
-        print(f"  baseline, no devices, no uplink      RSS {bare:6.1f} MB", flush=True)
+        print(f"  baseline, no devices, no uplink      {bare}", flush=True)
         base = bare
         if uplink:
             _, base, _, _ = measure(tmp, port, 0, args.props, uplink)
-            print(
-                f"  baseline, no devices, uplink on      RSS {base:6.1f} MB "
-                f"(the uplink adds {base - bare:.1f})"
-            )
+            adds = base.total - bare.total
+            print(f"  baseline, no devices, uplink on      {base} (the uplink adds {adds:.1f})")
         right_after, rss, took, drain = measure(tmp, port, args.devices, args.props, uplink)
-        per_prop = (rss - base) * 1024 * 1024 / (args.devices * args.props)
+        per_prop = (rss.total - base.total) * 1024 * 1024 / (args.devices * args.props)
         print(
             f"  {args.devices} devices x {args.props} properties, all set"
             f"{', outbox drained' if uplink else ''}  "
-            f"RSS {rss:6.1f} MB (goal <= 60), {per_prop:.0f} bytes per property above the baseline, "
-            f"ratio {rss / base:.2f}; filled in {took:.1f} s"
+            f"{rss}, goal <= 60; {per_prop:.0f} bytes per property above the baseline, "
+            f"ratio {rss.total / base.total:.2f}; filled in {took:.1f} s"
             + (f", drained to the cluster in {drain:.1f} s" if uplink else "")
             + f"; {right_after:.1f} MB 3 s after, before the heap was trimmed"
         )

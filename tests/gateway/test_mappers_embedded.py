@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 from collections.abc import AsyncIterator
+from importlib.metadata import EntryPoint
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -13,7 +15,7 @@ import aiomqtt
 import pytest
 
 from edgetwin.gateway.config import parse_config
-from edgetwin.gateway.mapper_host import discover
+from edgetwin.gateway.mapper_host import GROUP, Plugins, discover
 from edgetwin.gateway.service import Gateway
 from edgetwin.gateway.twin.model import WriteState
 from edgetwin.mappers.sdk import DeviceBinding, MapperError, PollingMapper, Value
@@ -26,6 +28,30 @@ NODE = "edge-m"
 
 def test_virtual_mapper_is_found_through_entry_points() -> None:
     assert discover()["virtual"] is VirtualMapper
+
+
+def test_plugins_load_when_asked_for_and_a_broken_one_counts_as_not_installed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    plugins = Plugins()
+    plugins._points = {
+        "virtual": EntryPoint("virtual", "edgetwin.mappers.virtual:VirtualMapper", GROUP),
+        "broken": EntryPoint("broken", "edgetwin_no_such_module:Mapper", GROUP),
+        "notamapper": EntryPoint("notamapper", "builtins:dict", GROUP),
+    }
+    assert sorted(plugins) == ["broken", "notamapper", "virtual"]  # names, nothing loaded
+    assert plugins._loaded == {}
+    assert plugins.get("virtual") is VirtualMapper
+    assert list(plugins._loaded) == ["virtual"]
+    with caplog.at_level(logging.ERROR, "edgetwin.gateway.mapper_host"):
+        assert "broken" not in plugins
+        assert "broken" not in plugins  # tried once, logged once
+        assert plugins.get("notamapper") is None
+    assert [r.getMessage() for r in caplog.records] == [
+        "cannot load mapper plugin",
+        "entry point is not a Mapper subclass",
+    ]
+    assert "nope" not in plugins
 
 
 class BusyMapper(PollingMapper):

@@ -118,10 +118,12 @@ class Proc:
                 self.proc.stdin.flush()
 
 
-def rss_mb(pid: int) -> float:
-    """Resident memory of ``pid`` in MB (0.0 once it has ended)."""
+def rss_mb(pid: int, field: str = "VmRSS") -> float:
+    """Resident memory of ``pid`` in MB (0.0 once it has ended). ``field`` picks a part
+    of /proc/PID/status: ``RssAnon`` (heap and other private memory) or ``RssFile``
+    (pages of mapped files: libraries' code, shared and droppable under pressure)."""
     with contextlib.suppress(OSError):
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     return 0.0
