@@ -35,10 +35,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import grpc
-
 from edgetwin.gateway.config import UplinkConfig
 from edgetwin.gateway.twin.engine import TwinEngine
+from edgetwin.gateway.uplink_channel import LinkCall, LinkError, TlsSessions, tls_context
 from edgetwin.gateway.uplink_stream import (
     HEALTHY_S,
     HOLD_MAX_S,
@@ -47,25 +46,15 @@ from edgetwin.gateway.uplink_stream import (
 )
 from edgetwin.runtime.logs import RateLimit
 from edgetwin.sync.packed import StatusPacker
-from edgetwin.sync.v1 import sync_pb2_grpc
 from edgetwin.sync.wire import (
     CAP_PACKED_STATUS,
     CAP_STATUS_DELTAS,
-    MAX_FRAME_BYTES,
     WireError,
     decode_revs,
 )
 
 log = logging.getLogger(__name__)
 _retries = RateLimit(burst=1, per_s=60.0)  # 'still down' lines, now and then
-
-# The same HTTP/2 options as the relay's (cloud.relay.CHANNEL_OPTIONS; gateway and cloud
-# never import each other): no BDP probe pings, frames up to the wire bound.
-CHANNEL_OPTIONS: list[tuple[str, int | str]] = [
-    ("grpc.http2.bdp_probe", 0),
-    ("grpc.max_receive_message_length", MAX_FRAME_BYTES + 1024),
-    ("grpc.max_send_message_length", MAX_FRAME_BYTES + 1024),
-]
 
 
 class Uplink:
@@ -111,9 +100,7 @@ class Uplink:
         self.frames_acked = 0  # progress, for the health monitor
         self.failures = 0  # connection attempts failed in a row
         self._hold_until: float = 0.0
-        from grpc.experimental.session_cache import ssl_session_cache_lru
-
-        self._tls_sessions = ssl_session_cache_lru(1)
+        self._tls: tuple[tuple[tuple[int, int], ...], TlsSessions] | None = None
 
     @property
     def frames_unacked(self) -> int:
@@ -178,37 +165,38 @@ class Uplink:
         if self.deferred.pop(device_id, None) is not None:
             self.wake.set()
 
-    def _credentials(self) -> grpc.ChannelCredentials:
-        return grpc.ssl_channel_credentials(
-            self.cfg.ca_file.read_bytes(), self.cfg.key_file.read_bytes(), self.cfg.cert_file.read_bytes()
-        )
+    def _context(self) -> TlsSessions:
+        """The TLS context, made again when a certificate, key or CA file changed (a
+        renewed certificate is used from the next connection); kept otherwise, so a
+        reconnect resumes the TLS session instead of sending the certificates again."""
+        files = (self.cfg.ca_file, self.cfg.cert_file, self.cfg.key_file)
+        stamp = tuple((st.st_mtime_ns, st.st_size) for st in (f.stat() for f in files))
+        if self._tls is None or self._tls[0] != stamp:
+            self._tls = (stamp, tls_context(*files))
+        return self._tls[1]
 
     async def _session(self) -> None:
-        # TLS session resumption: a reconnect skips the certificates (about 2 KB each
-        # way on a narrowband link), the cache outliving each channel.
-        options: list[tuple[str, Any]] = [*CHANNEL_OPTIONS, ("grpc.ssl_session_cache", self._tls_sessions)]
-        if self.cfg.server_name:
-            options.append(("grpc.ssl_target_name_override", self.cfg.server_name))
-        async with grpc.aio.secure_channel(self.cfg.address, self._credentials(), options=options) as channel:
-            call = sync_pb2_grpc.SyncStub(channel).Link()  # type: ignore[no-untyped-call]
-            stream = self.stream = Stream(self, call)
-            tasks = [
-                asyncio.create_task(stream.read(), name="uplink read"),
-                asyncio.create_task(stream.write(), name="uplink write"),
-                asyncio.create_task(stream.watchdog(), name="uplink watchdog"),
-            ]
-            try:
-                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-                error = next(iter(done)).exception()
-                if error is not None:
-                    raise error
-                raise ConnectionError("the relay ended the stream")
-            finally:
-                for task in tasks:
-                    task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
-                call.cancel()
-                self.stream = None
+        tls = self._context()
+        call = LinkCall(self.cfg.address, tls, self.cfg.server_name, f"edgetwin/{self.version or 'dev'}")
+        stream = self.stream = Stream(self, call)
+        tasks = [
+            asyncio.create_task(stream.read(), name="uplink read"),
+            asyncio.create_task(stream.write(), name="uplink write"),
+            asyncio.create_task(stream.watchdog(), name="uplink watchdog"),
+        ]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            error = next(iter(done)).exception()
+            if error is not None:
+                raise error
+            raise ConnectionError("the relay ended the stream")
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            call.close()
+            tls.remember()
+            self.stream = None
 
     # ----------------------------------------------------------------- messages from the relay
     def handle(self, msg: dict[str, Any], stream: Stream) -> None:
@@ -243,9 +231,9 @@ class Uplink:
 
 def describe(exc: BaseException) -> str:
     """An error for the log: gRPC status and details, not the multi-line repr."""
-    if isinstance(exc, grpc.aio.AioRpcError):
-        details = (exc.details() or "").strip().splitlines()
-        return f"{exc.code().name}: {details[0] if details else 'no details'}"
+    if isinstance(exc, LinkError):
+        details = exc.details.strip().splitlines()
+        return f"{exc.code}: {details[0] if details else 'no details'}"
     if isinstance(exc, WireError):
         return f"bad frame from the relay: {exc}"
     return str(exc) or type(exc).__name__

@@ -14,12 +14,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import grpc
 import msgpack
 
 from edgetwin.gateway.config import UplinkConfig
 from edgetwin.gateway.twin.engine import TwinEngine
 from edgetwin.gateway.twin.outbox import OutboxEntry
+from edgetwin.gateway.uplink_channel import LinkCall
 from edgetwin.runtime.aio import wait_within
 from edgetwin.runtime.logs import RateLimit
 from edgetwin.sync.packed import StatusPacker
@@ -62,14 +62,6 @@ _LAZY = frozenset({"rv", "applied", "appliedRevs", "refused"})
 
 class LinkDead(Exception):
     """Nothing arrived from the relay for too long."""
-
-
-def _priority(patch: dict[str, Any]) -> int:
-    """0 for device state, conditions and desired acknowledgements; 1 for reported values."""
-    if "state" in patch or "conditions" in patch:
-        return 0
-    twins = patch.get("twins") or {}
-    return 0 if any("observedDesired" in t for t in twins.values() if isinstance(t, dict)) else 1
 
 
 def split_patch(patch: dict[str, Any], limit: int) -> list[dict[str, Any]]:
@@ -137,7 +129,7 @@ class StreamOwner(Protocol):
 class Stream:
     """One stream's state: numbering, compression, in-flight status, pacing."""
 
-    def __init__(self, uplink: StreamOwner, call: Any) -> None:
+    def __init__(self, uplink: StreamOwner, call: LinkCall) -> None:
         self.up = uplink
         self.call = call
         cfg = uplink.cfg
@@ -174,7 +166,7 @@ class Stream:
     async def read(self) -> None:
         while True:
             frame = await self.call.read()
-            if frame is grpc.aio.EOF:
+            if frame is None:
                 raise ConnectionError("the relay closed the stream")
             self.last_rx = self.up.last_rx_at = time.monotonic()
             self.up.bytes_received += len(frame.payload)
@@ -253,7 +245,7 @@ class Stream:
             if deferral is not None and deferral.until > now:
                 continue
             due.append((dev, entry))
-        due.sort(key=lambda d: (_priority(d[1].patch), d[1].revision))
+        due.sort(key=lambda d: (not d[1].urgent, d[1].revision))
         return due
 
     def _next_deferral(self) -> float | None:

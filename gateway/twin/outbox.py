@@ -47,6 +47,21 @@ class OutboxEntry:
     _patch: dict[str, Any] | None = None
 
     @property
+    def urgent(self) -> bool:
+        """Whether the patch carries device state, conditions or a desired value's
+        acknowledgement (sent before reported values), read from the marks without
+        building the patch: a backlog of thousands of devices waiting for the link is
+        ordered without holding all their patches in memory."""
+        if "state" in self.device or "conditions" in self.device:
+            return True
+        properties = self.dev.properties
+        for name in self.props:
+            prop = properties.get(name)
+            if prop is not None and prop.outbox_fields & DESIRED and prop.desired is not None:
+                return True
+        return False
+
+    @property
     def patch(self) -> dict[str, Any]:
         """The Device status merge patch (``twins`` keyed by property name)."""
         if self._patch is None:

@@ -39,9 +39,9 @@ from tests.harness.processes import Proc, free_port, rss_mb, wait_port
 
 
 class Cloud:
-    """The Kubernetes API emulator holding the devices, and a relay, as processes."""
+    """The Kubernetes API emulator, and a relay on it, as processes."""
 
-    def __init__(self, tmp: Path, devices: int) -> None:
+    def __init__(self, tmp: Path) -> None:
         self.dir = tmp / "cloud"
         self.dir.mkdir()
         pki = self.dir / "pki"
@@ -49,7 +49,7 @@ class Cloud:
             [str(DEPLOY / "pki" / "make-test-pki"), str(pki), NODE], check=True, capture_output=True
         )
         api_port, self.relay_port = free_port(), free_port()
-        kc = self.dir / "kubeconfig"
+        self.kubeconfig = kc = self.dir / "kubeconfig"
         self.api = Proc(
             [
                 EDGETWIN,
@@ -66,23 +66,6 @@ class Cloud:
         )
         self.api.start()
         wait_port(api_port)
-        docs = [
-            {
-                "apiVersion": "edgetwin.io/v1alpha1",
-                "kind": "Device",
-                "metadata": {"name": f"d{i}", "namespace": "b"},
-                "spec": {"deviceModelRef": {"name": "m"}, "nodeName": NODE},
-            }
-            for i in range(devices)
-        ]
-        kubectl = Path(EDGETWIN).parent / "kubectl"
-        if docs:
-            (self.dir / "devices.yaml").write_text(yaml.safe_dump_all(docs))
-            subprocess.run(
-                [str(kubectl), "--kubeconfig", str(kc), "apply", "-f", str(self.dir / "devices.yaml")],
-                check=True,
-                capture_output=True,
-            )
         relay = {
             "listen": f"127.0.0.1:{self.relay_port}",
             "kubeconfig": str(kc),
@@ -106,6 +89,27 @@ class Cloud:
             "cert_file": str(pki / f"{NODE}.pem"),
             "key_file": str(pki / f"{NODE}-key.pem"),
         }
+
+    def add_devices(self, devices: int) -> None:
+        """The node's Devices in the cluster, where their status goes (after the
+        baselines: a gateway connected to a cluster holding them serves them all)."""
+        docs = [
+            {
+                "apiVersion": "edgetwin.io/v1alpha1",
+                "kind": "Device",
+                "metadata": {"name": f"d{i}", "namespace": "b"},
+                "spec": {"deviceModelRef": {"name": "m"}, "nodeName": NODE},
+            }
+            for i in range(devices)
+        ]
+        kubectl = Path(EDGETWIN).parent / "kubectl"
+        manifest = self.dir / "devices.yaml"
+        manifest.write_text(yaml.safe_dump_all(docs))
+        subprocess.run(
+            [str(kubectl), "--kubeconfig", str(self.kubeconfig), "apply", "-f", str(manifest)],
+            check=True,
+            capture_output=True,
+        )
 
     def stop(self) -> None:
         self.relay.stop()
@@ -201,7 +205,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="edgetwin-bench-memory-"))
     broker = start_mosquitto(tmp)
     port = broker.port
-    cloud = None if args.no_uplink else Cloud(tmp, args.devices)
+    cloud = None if args.no_uplink else Cloud(tmp)
     uplink = cloud.uplink if cloud else None
     try:
         print(
@@ -217,6 +221,10 @@ def main() -> None:
             _, base, _, _ = measure(tmp, port, 0, args.props, uplink)
             adds = base.total - bare.total
             print(f"  baseline, no devices, uplink on      {base} (the uplink adds {adds:.1f})")
+            _, alone, _, _ = measure(tmp, port, args.devices, args.props, None)
+            print(f"  {args.devices} devices x {args.props} properties, no uplink  {alone}", flush=True)
+            assert cloud is not None
+            cloud.add_devices(args.devices)
         right_after, rss, took, drain = measure(tmp, port, args.devices, args.props, uplink)
         per_prop = (rss.total - base.total) * 1024 * 1024 / (args.devices * args.props)
         print(

@@ -318,6 +318,19 @@ class VersionMachine(RuleBasedStateMachine):
             want = self.engine.status_patch(dev)["twins"]
             assert cloud.get("twins", {}) == want
 
+    @invariant()
+    def urgency_read_from_the_marks_is_what_the_patch_shows(self) -> None:
+        # The uplink orders a backlog by OutboxEntry.urgent without building patches.
+        for entry in self.engine.outbox.values():
+            patch = entry.patch
+            twins = patch.get("twins") or {}
+            shows = (
+                "state" in patch
+                or "conditions" in patch
+                or any(isinstance(t, dict) and "observedDesired" in t for t in twins.values())
+            )
+            assert entry.urgent == shows
+
     def teardown(self) -> None:
         self.store.close()
         self.dir.cleanup()
