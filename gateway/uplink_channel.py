@@ -27,9 +27,8 @@ import h2.connection
 import h2.events
 import h2.exceptions
 import h2.settings
-from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
 
-from edgetwin.sync.v1 import sync_pb2
+from edgetwin.sync.frame import Frame
 from edgetwin.sync.wire import MAX_FRAME_BYTES, WireError
 
 LINK_PATH = "/edgetwin.sync.v1.Sync/Link"
@@ -139,9 +138,9 @@ class LinkCall(asyncio.Protocol):
         self.error: LinkError | None = None
 
     # ----------------------------------------------------------------- the caller's side
-    async def write(self, frame: sync_pb2.Frame) -> None:
+    async def write(self, frame: Frame) -> None:
         await self._connect()
-        body = frame.SerializeToString()
+        body = frame.encode()
         view = memoryview(_PREFIX.pack(0, len(body)) + body)
         while view:
             self._check()
@@ -154,7 +153,7 @@ class LinkCall(asyncio.Protocol):
             view = view[window:]
             self._flush()
 
-    async def read(self) -> sync_pb2.Frame | None:
+    async def read(self) -> Frame | None:
         await self._connected.wait()
         while not self._messages:
             if self.error is not None:
@@ -173,12 +172,10 @@ class LinkCall(asyncio.Protocol):
             self._unacked -= give
             self._h2.acknowledge_received_data(give, self._sid)
             self._flush()
-        frame = sync_pb2.Frame()
         try:
-            frame.ParseFromString(body)
-        except DecodeError as exc:
+            return Frame.decode(body)
+        except WireError as exc:
             raise WireError(f"a gRPC message from the relay that is not a Frame: {exc}") from None
-        return frame
 
     def close(self) -> None:
         if self._connecting is not None and not self._connecting.done():

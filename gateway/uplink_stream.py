@@ -22,8 +22,8 @@ from edgetwin.gateway.twin.outbox import OutboxEntry
 from edgetwin.gateway.uplink_channel import LinkCall
 from edgetwin.runtime.aio import wait_within
 from edgetwin.runtime.logs import RateLimit
+from edgetwin.sync.frame import Frame
 from edgetwin.sync.packed import StatusPacker
-from edgetwin.sync.v1 import sync_pb2
 from edgetwin.sync.wire import (
     ACK_DELAY_S,
     CAP_APPLIED_REVS,
@@ -331,9 +331,7 @@ class Stream:
         encoding, payload = self.encoder.encode(raw)
         seq = self.out.send(raw, meta)
         self.acks.carried(self.inc.ack)
-        await self.call.write(
-            sync_pb2.Frame(seq=seq, ack=self.inc.ack, encoding=encoding, payload=payload)  # type: ignore[arg-type]
-        )
+        await self.call.write(Frame(seq=seq, ack=self.inc.ack, encoding=encoding, payload=payload))
         self.up.bytes_sent += len(payload)
         self.up.frames_sent += 1
         return len(payload)
@@ -387,12 +385,12 @@ class Stream:
             if silent >= cfg.heartbeat_ms / 1000 and now - self.last_echo >= cfg.heartbeat_ms / 1000:
                 self.last_echo = now
                 self.acks.carried(self.inc.ack)
-                await self.call.write(sync_pb2.Frame(seq=0, ack=self.inc.ack, echo=True))
+                await self.call.write(Frame(seq=0, ack=self.inc.ack, echo=True))
                 continue
             ack_wait = self.acks.wait(self.inc.ack, now)
             if ack_wait == 0:
                 self.acks.carried(self.inc.ack)
-                await self.call.write(sync_pb2.Frame(seq=0, ack=self.inc.ack))
+                await self.call.write(Frame(seq=0, ack=self.inc.ack))
                 continue
             # Sleep until: a wake (outbox change, ack, frame to acknowledge), the end of
             # the gathering window, the budget refilling, a deferral ending, or the next

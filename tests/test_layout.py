@@ -187,14 +187,19 @@ def test_no_sys_path_edits_in_benches_tests_or_scripts() -> None:
 def test_the_gateway_service_loads_neither_the_store_reader_nor_the_clouds_libraries() -> None:
     """What a gateway loads is resident for its whole life (scripts/bench/memory.py):
     sqlite-utils and httpx (with click, rich, pygments when installed) are for the commands
-    that read a store or a health endpoint; lightkube and grpc come only with the relay or
-    an uplink; a mapper's protocol stack only with a device of its protocol. The import
-    path is the one `edgetwin gateway run` takes, serving a virtual device."""
+    that read a store or a health endpoint; lightkube, grpc and protobuf's runtime only
+    with the relay (the uplink speaks gRPC on h2, its Frame by hand); a mapper's protocol
+    stack only with a device of its protocol. The import path is the one `edgetwin
+    gateway run` takes with an uplink, serving a virtual device."""
     import sys
 
-    heavy = ("sqlite_utils", "click", "httpx", "rich", "lightkube", "grpc", "pymodbus", "bleak", "bumble")
+    heavy = (
+        *("sqlite_utils", "click", "httpx", "rich", "lightkube", "grpc", "google.protobuf"),
+        *("pymodbus", "bleak", "bumble"),
+    )
     code = (
         "import sys, edgetwin.cli, edgetwin.cli.gateway, edgetwin.gateway.service\n"
+        "import edgetwin.gateway.uplink\n"
         "from edgetwin.gateway.mapper_host import discover\n"
         "assert discover()['virtual'].__name__ == 'VirtualMapper'\n"
         f"print(sorted(m for m in {heavy!r} if m in sys.modules))"

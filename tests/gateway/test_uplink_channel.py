@@ -18,6 +18,7 @@ import pytest
 
 from edgetwin.gateway.uplink import describe
 from edgetwin.gateway.uplink_channel import MAX_MESSAGE_BYTES, WINDOW, LinkCall, LinkError, tls_context
+from edgetwin.sync.frame import Frame
 from edgetwin.sync.v1 import sync_pb2
 from edgetwin.sync.wire import WireError
 
@@ -117,11 +118,11 @@ async def link(pki: Path) -> AsyncIterator[Callable[..., LinkCall]]:
         call.close()
 
 
-def frame(seq: int, payload: bytes = b"") -> sync_pb2.Frame:
-    return sync_pb2.Frame(seq=seq, ack=seq, encoding=sync_pb2.ENCODING_MSGPACK, payload=payload)
+def frame(seq: int, payload: bytes = b"") -> Frame:
+    return Frame(seq=seq, ack=seq, encoding=sync_pb2.ENCODING_MSGPACK, payload=payload)
 
 
-async def first_answer(call: LinkCall) -> sync_pb2.Frame | None:
+async def first_answer(call: LinkCall) -> Frame | None:
     """Send a frame and read the answer: a failure may surface in either (an answer
     can arrive before the write is done)."""
     await call.write(frame(1))
