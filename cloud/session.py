@@ -57,10 +57,12 @@ class RelaySettings:
     min_status_interval_s: float = 5.0
     batch_max: int = 500  # messages per frame
     flush_s: float = 0.05  # how long to gather messages into one frame
-    # How long answers (applied, refused) wait for a frame that goes anyway (an ack, spec
-    # changes): nothing at the gateway waits on them but its outbox, and writes spread
-    # over minStatusInterval would otherwise cost a frame (~50 bytes of framing) each.
-    answer_hold_s: float = 1.0
+    # How long answers (applied, refused) may wait for a frame that goes anyway (an ack,
+    # spec changes). Not held by default: an entry leaves the gateway's outbox only when
+    # the answer to its newest revision comes back before the next change, so a hold as
+    # long as a device's collect cycle kept every such device in the backlog for good
+    # (BACKLOG never fell to 0; tried twice, see docs/measurements.md).
+    answer_hold_s: float = 0.0
     queue_max: int = 10_000  # spec messages waiting to go to a gateway; feeds wait when full
     # No frame from the gateway for this long: the link is dead (the gateway's heartbeat
     # comes after 24 s of silence).

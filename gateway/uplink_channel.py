@@ -196,6 +196,8 @@ class LinkCall(asyncio.Protocol):
                 lambda: self, self.host, self.port, ssl=self.tls, server_hostname=self.server_name
             )
             self._connecting = loop.create_task(connect)
+            # Retrieved here if the awaiting write was cancelled (the watchdog gave up).
+            self._connecting.add_done_callback(lambda t: t.cancelled() or t.exception())
         try:
             await asyncio.shield(self._connecting)
         except (OSError, ssl.SSLError) as exc:

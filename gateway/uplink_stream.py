@@ -92,11 +92,21 @@ class _Deferral:
     backoff: float
 
 
+# Earlier messages of a device's chain remembered for their answers (see _InFlight).
+EARLIER_MAX = 8
+
+
 @dataclass
 class _InFlight:
     rev: int
     parts: set[int] = field(default_factory=set)
     chain: int = 0  # the revision that began its device's chain (see Stream.chains)
+    taken_ms: int = 0  # wall ms when its patch was taken: every later change is younger
+    # Earlier whole messages of the chain not answered yet, (revision, taken_ms), oldest
+    # first: the answer to one of them means the cloud is only that far behind
+    # (TwinEngine.outbox_progress), which matters for a device changing faster than
+    # answers come back.
+    earlier: list[tuple[int, int]] = field(default_factory=list)
 
 
 class StreamOwner(Protocol):
@@ -194,8 +204,12 @@ class Stream:
         if msg["t"] == "refused":
             self.chains.pop(dev, None)  # a later delta would not carry what was refused
         flight = self.in_flight.get(dev)
-        if flight is None or flight.rev != rev:
-            return  # an answer to an older revision: a newer one is on its way
+        if flight is None:
+            return
+        if flight.rev != rev:  # an answer to an older revision: a newer one is on its way
+            if msg["t"] == "applied" and "part" not in msg:
+                self._progress(dev, flight, rev)
+            return
         if msg["t"] == "refused":
             self._land(dev)
             previous = self.up.deferred.get(dev)
@@ -222,16 +236,48 @@ class Stream:
         if self.up.engine.outbox_acked(dev, rev):
             self.chains.pop(dev, None)
             self.up.applied += 1
+        else:  # it changed since it was taken: pending only since then
+            self.up.engine.outbox_progress(dev, rev, flight.taken_ms)
         self.up.changed()
+
+    def _progress(self, dev: str, flight: _InFlight, rev: int) -> None:
+        """An earlier message of the device's chain was applied (see _InFlight.earlier).
+        With deltas it stands for the chain up to it only while the chain is unbroken."""
+        index = next((i for i, (r, _) in enumerate(flight.earlier) if r == rev), None)
+        if index is None:
+            return
+        chain = self.chains.get(dev)
+        if self.deltas and (chain is None or chain[0] != flight.chain):
+            return
+        taken_ms = flight.earlier[index][1]
+        for r, _ in flight.earlier[: index + 1]:
+            self.rev_dev.pop(r, None)
+        del flight.earlier[: index + 1]
+        self.up.engine.outbox_progress(dev, rev, taken_ms)
 
     def _fly(self, dev: str, flight: _InFlight) -> None:
         if (old := self.in_flight.get(dev)) is not None:
-            self.rev_dev.pop(old.rev, None)
+            # Whole messages each stand alone; deltas only within their chain.
+            same_chain = old.chain == flight.chain or not self.deltas
+            earlier = old.earlier if same_chain else []
+            if not same_chain:
+                for r, _ in old.earlier:
+                    self.rev_dev.pop(r, None)
+            if same_chain and old.parts == {0} and old.rev != flight.rev:
+                earlier.append((old.rev, old.taken_ms))
+            else:
+                self.rev_dev.pop(old.rev, None)
+            while len(earlier) > EARLIER_MAX:
+                self.rev_dev.pop(earlier.pop(0)[0], None)
+            flight.earlier = earlier
         self.in_flight[dev] = flight
         self.rev_dev[flight.rev] = dev
 
     def _land(self, dev: str) -> None:
-        self.rev_dev.pop(self.in_flight.pop(dev).rev, None)
+        flight = self.in_flight.pop(dev)
+        self.rev_dev.pop(flight.rev, None)
+        for r, _ in flight.earlier:
+            self.rev_dev.pop(r, None)
 
     # ----------------------------------------------------------------- outbound
     def _due_entries(self) -> list[tuple[str, OutboxEntry]]:
@@ -256,6 +302,7 @@ class Stream:
         """The next frame's status messages: queued parts of a large entry first, then
         whole entries by priority, up to ``frame_raw`` bytes and ``batch_max`` messages."""
         outbox = self.up.engine.outbox
+        taken_ms = self.up.engine.now_ms()
         messages: list[dict[str, Any]] = []
         metas: list[tuple[str, int, int | None]] = []
         size = 0
@@ -284,7 +331,7 @@ class Stream:
             entry_size = len(msgpack.packb(patch))
             if entry_size > self.frame_raw:
                 parts = split_patch(patch, self.frame_raw)
-                self._fly(dev, _InFlight(entry.revision, set(range(len(parts))), first))
+                self._fly(dev, _InFlight(entry.revision, set(range(len(parts))), first, taken_ms))
                 self.chains[dev] = (first, entry.revision)
                 self.parts.extend((dev, entry.revision, i, len(parts), part) for i, part in enumerate(parts))
                 if messages:
@@ -292,7 +339,7 @@ class Stream:
                 return self._status_batch()
             if messages and size + entry_size > self.frame_raw:
                 break
-            self._fly(dev, _InFlight(entry.revision, {0}, first))
+            self._fly(dev, _InFlight(entry.revision, {0}, first, taken_ms))
             self.chains[dev] = (first, entry.revision)
             messages.append({"t": "status", "dev": dev, "rev": entry.revision, "patch": patch})
             metas.append((dev, entry.revision, None))

@@ -108,17 +108,16 @@ class OutboxTwins:
     _revision: int
     _wall_ms: Callable[[], int]
 
+    def now_ms(self) -> int:
+        """The wall clock (ms) that the outbox's times are read from."""
+        return self._wall_ms()
+
     def outbox_acked(self, device_id: str, revision: int) -> bool:
         """The cloud accepted the device's patch at ``revision``. Edge desired writes in
         it are now known to the cloud. The entry leaves the outbox only if it has not
         changed since; returns whether it left."""
         dev = self.devices.get(device_id)
-        if dev is not None:
-            for name, prop in dev.properties.items():
-                d = prop.desired
-                if d is not None and not d.acked and d.outbox_revision <= revision:
-                    d.acked = True
-                    self.changes.properties.add((device_id, name))
+        self._desired_known(device_id, revision)
         entry = self.outbox.get(device_id)
         if entry is None or entry.revision != revision:
             return False
@@ -131,6 +130,37 @@ class OutboxTwins:
                     pending.outbox_rev, pending.outbox_fields = None, 0
                     self.changes.properties.add((device_id, name))
         return True
+
+    def outbox_progress(self, device_id: str, revision: int, taken_ms: int) -> None:
+        """The cloud accepted the device's patch at ``revision``, an earlier one than its
+        entry's (a newer change is on its way), taken at ``taken_ms`` (wall ms): edge
+        desired writes in it are known to the cloud, and the entry is pending only since
+        then, since every later change is younger. Without this a device changing faster
+        than answers come back would stay in the outbox with the age of its first change,
+        growing for good. The entry moves to the end of the time order (entries created
+        since ``taken_ms`` are ahead of it), so the first entry's time, what
+        :meth:`backlog` reads, is the oldest or at most one answer's round trip younger;
+        a device stuck behind a fast-changing one still comes to the front. The new
+        ``since_ms`` is stored with the entry's next change (one is on its way); a restart
+        before it keeps the older time."""
+        self._desired_known(device_id, revision)
+        entry = self.outbox.get(device_id)
+        if entry is None or entry.revision <= revision or taken_ms <= entry.since_ms:
+            return
+        entry.since_ms = taken_ms
+        del self.outbox[device_id]
+        self.outbox[device_id] = entry
+
+    def _desired_known(self, device_id: str, revision: int) -> None:
+        """Edge desired writes in the patch at ``revision`` are known to the cloud."""
+        dev = self.devices.get(device_id)
+        if dev is None:
+            return
+        for name, prop in dev.properties.items():
+            d = prop.desired
+            if d is not None and not d.acked and d.outbox_revision <= revision:
+                d.acked = True
+                self.changes.properties.add((device_id, name))
 
     def seed_revisions(self, floor: int) -> None:
         """Start outbox revisions above ``floor`` (at start: the wall clock in
@@ -232,7 +262,7 @@ class OutboxTwins:
         """Devices with status not yet taken by the cloud, and since when (wall ms) the
         oldest of them has had it (None when there are none). O(1): entries are created
         in time order (see :meth:`order_outbox` for restored ones), so the first is the
-        oldest."""
+        oldest, or within an answer's round trip of it (see :meth:`outbox_progress`)."""
         if not self.outbox:
             return 0, None
         return len(self.outbox), next(iter(self.outbox.values())).since_ms

@@ -325,6 +325,33 @@ async def test_kubectl_get_gateways_shows_a_cut_link_and_the_backlog_draining(
     assert backlog_seen > 0
 
 
+async def test_a_device_changing_faster_than_answers_come_back_keeps_a_young_oldest(
+    stack_factory: Any, sims: list[BoilerSimulator]
+) -> None:
+    # Its status changes every 100 ms and an answer takes 0.6 s to come back, so the
+    # device never leaves the outbox; OLDEST must stay about a round trip, not grow from
+    # the first change (it did: 20 s after 20 s).
+    stack = await stack_factory()
+    fast = boiler("boiler-a", sims[0])
+    for prop in fast["spec"]["properties"]:
+        prop["collectCycle"] = "100ms"
+        prop.pop("reportCycle", None)
+    await stack.apply([model(), fast])
+    await until(lambda: all_reported(stack, ["boiler-a"], "supply_temp"), within=10)
+    stack.link.latency_s = 0.3
+    engine = stack.gateway.engine
+    ages, pending = [], 0
+    started = time.monotonic()
+    while time.monotonic() - started < 8:
+        count, since = engine.backlog()
+        pending += count > 0
+        ages.append(0 if since is None else int(time.time() * 1000) - since)
+        await asyncio.sleep(0.1)
+    print(f"fast device: in the backlog in {pending} of {len(ages)} samples, oldest at most {max(ages)} ms")
+    assert pending > len(ages) // 2, "the device was not changing faster than answers came back"
+    assert max(ages) < 3_000
+
+
 async def cell_is(columns: Any, name: str, want: str) -> bool:
     return bool((await columns()).get(name) == want)
 

@@ -25,8 +25,9 @@ MODEL = DeviceModel.model_validate(model_doc("thermostat", "plant", THERMO_PROPS
 DEV = "plant.t1"
 
 
-def stream(deltas: bool = True) -> tuple[Stream, TwinEngine]:
-    engine = TwinEngine()
+def stream(deltas: bool = True, clock: list[int] | None = None) -> tuple[Stream, TwinEngine]:
+    """A stream on an engine with two thermostats; ``clock[0]`` is the engine's wall clock."""
+    engine = TwinEngine(wall_ms=lambda: clock[0]) if clock is not None else TwinEngine()
     engine.upsert_device(device("t1"), MODEL)
     engine.upsert_device(device("t2"), MODEL)
     cfg = UplinkConfig(address="relay:7443", ca_file=Path("ca"), cert_file=Path("c"), key_file=Path("k"))
@@ -132,3 +133,93 @@ def test_a_relay_without_deltas_gets_the_whole_entry_every_time() -> None:
     sent(s)
     engine.apply_reported(DEV, {"count": 4}, now_ms=2000)
     assert set(sent(s)[DEV]["patch"]["twins"]) == {"temperature", "count"}
+
+
+def oldest(engine: TwinEngine, round_trip_ms: int = 0) -> int | None:
+    """What BACKLOG's age is read from: the oldest entry's time, or at most an answer's
+    round trip younger (an entry that an answer moved on goes to the end of the order)."""
+    count, since = engine.backlog()
+    assert count == len(engine.outbox)
+    first = min((e.since_ms for e in engine.outbox.values()), default=None)
+    if first is None or since is None:
+        assert since == first
+    else:
+        assert first <= since <= first + round_trip_ms
+    return since
+
+
+def test_a_device_changing_faster_than_answers_is_pending_only_since_its_last_answered_message() -> None:
+    # Every change comes before the answer to the message before it, so the entry never
+    # leaves the outbox; its age must stay within an answer's round trip, not grow from
+    # its first change.
+    clock = [1_000]
+    s, engine = stream(clock=clock)
+    engine.drain()
+    for msg in sent(s).values():
+        applied(s, msg)
+    taken = []
+    messages = []
+    late = None
+    for step in range(5):
+        clock[0] = 2_000 + 1_000 * step
+        engine.apply_reported(DEV, {"temperature": 20 + step}, now_ms=clock[0])
+        if step == 1:  # t2 changes once, after t1's first change; answered late
+            engine.apply_reported("plant.t2", {"count": 1}, now_ms=clock[0])
+        clock[0] += 300
+        batch = sent(s)
+        late = late or batch.get("plant.t2")
+        messages.append(batch[DEV])
+        taken.append(clock[0])
+        if step:
+            applied(s, messages[step - 1])  # an earlier message of the chain
+            assert engine.outbox[DEV].since_ms == taken[step - 1]
+        oldest(engine, round_trip_ms=1_000)  # each message is answered a step later
+    assert late is not None
+    assert oldest(engine) == 3_000  # t2's entry, younger than t1's first change
+    assert list(engine.outbox) == ["plant.t2", DEV], "the first entry is the oldest"
+    clock[0] = 7_000
+    engine.apply_reported(DEV, {"temperature": 30}, now_ms=clock[0])
+    applied(s, messages[-1])  # the newest message, but the entry changed since
+    assert engine.outbox[DEV].since_ms == taken[-1]
+    applied(s, late)
+    assert oldest(engine) == taken[-1]
+
+
+def test_after_a_refusal_a_later_delta_does_not_stand_for_the_messages_before_it() -> None:
+    clock = [1_000]
+    s, engine = stream(clock=clock)
+    engine.drain()
+    for msg in sent(s).values():
+        applied(s, msg)
+    messages = []
+    for step in range(3):
+        clock[0] = 2_000 + 1_000 * step
+        engine.apply_reported(DEV, {"temperature" if step == 0 else "count": step}, now_ms=clock[0])
+        messages.append(sent(s)[DEV])
+    created = engine.outbox[DEV].since_ms
+    s.answered({"t": "refused", "dev": DEV, "rev": messages[0]["rev"], "reason": "not found", "retry": True})
+    applied(s, messages[1])  # a delta without the refused temperature
+    assert engine.outbox[DEV].since_ms == created
+    applied(s, messages[2])
+    assert engine.outbox[DEV].since_ms == created, "the temperature still waits"
+    again = sent(s)[DEV]
+    assert "temperature" in again["patch"]["twins"]
+    applied(s, again)
+    assert DEV not in engine.outbox
+
+
+def test_without_deltas_each_answered_message_stands_alone() -> None:
+    clock = [1_000]
+    s, engine = stream(deltas=False, clock=clock)
+    engine.drain()
+    for msg in sent(s).values():
+        applied(s, msg)
+    messages = []
+    for step in range(3):
+        clock[0] = 2_000 + 1_000 * step
+        engine.apply_reported(DEV, {"count": step}, now_ms=clock[0])
+        clock[0] += 100
+        messages.append(sent(s)[DEV])
+    s.answered({"t": "refused", "dev": DEV, "rev": messages[0]["rev"], "reason": "not found", "retry": True})
+    applied(s, messages[1])
+    assert engine.outbox[DEV].since_ms == 3_100
