@@ -156,7 +156,10 @@ class BleSimulator:
     async def _run(self) -> None:
         start = time.monotonic()
         next_beacon = start
-        while True:
+        me = asyncio.current_task()
+        # Bumble can swallow a cancellation that lands inside a notify (seen as a demo
+        # that never stopped under load): stop() is asked for, so stop.
+        while me is None or not me.cancelling():
             t = time.monotonic() - start
             for sensor in self.sensors:
                 sensor.step(t)
