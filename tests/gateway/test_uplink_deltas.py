@@ -36,6 +36,16 @@ def stream(deltas: bool = True, clock: list[int] | None = None) -> tuple[Stream,
     return s, engine
 
 
+def settled(deltas: bool = True, clock: list[int] | None = None) -> tuple[Stream, TwinEngine]:
+    """A stream whose first messages (the definitions' entries) were sent and applied:
+    the outbox is empty and each device's chain has begun."""
+    s, engine = stream(deltas, clock)
+    engine.drain()
+    for msg in sent(s).values():
+        applied(s, msg)
+    return s, engine
+
+
 def sent(s: Stream) -> dict[str, dict[str, Any]]:
     """The next frame's status messages, by device."""
     messages, _ = s._status_batch()
@@ -85,10 +95,7 @@ def test_a_chain_of_deltas_composes_to_the_whole_entry(steps: list[tuple[str, st
 
 
 def test_later_messages_carry_only_what_changed_and_the_last_applied_empties_the_outbox() -> None:
-    s, engine = stream()
-    engine.drain()
-    for msg in sent(s).values():
-        applied(s, msg)
+    s, engine = settled()
     assert not engine.outbox
     engine.apply_reported(DEV, {"temperature": 20.5, "count": 3}, now_ms=1000)
     first = sent(s)[DEV]
@@ -104,10 +111,7 @@ def test_later_messages_carry_only_what_changed_and_the_last_applied_empties_the
 
 
 def test_a_refused_message_breaks_the_chain_and_the_entry_goes_whole_again() -> None:
-    s, engine = stream()
-    engine.drain()
-    for msg in sent(s).values():
-        applied(s, msg)
+    s, engine = settled()
     engine.apply_reported(DEV, {"temperature": 20.5}, now_ms=1000)
     first = sent(s)[DEV]
     engine.apply_reported(DEV, {"count": 4}, now_ms=2000)
@@ -125,10 +129,7 @@ def test_a_refused_message_breaks_the_chain_and_the_entry_goes_whole_again() -> 
 
 
 def test_a_relay_without_deltas_gets_the_whole_entry_every_time() -> None:
-    s, engine = stream(deltas=False)
-    engine.drain()
-    for msg in sent(s).values():
-        applied(s, msg)
+    s, engine = settled(deltas=False)
     engine.apply_reported(DEV, {"temperature": 20.5}, now_ms=1000)
     sent(s)
     engine.apply_reported(DEV, {"count": 4}, now_ms=2000)
@@ -153,10 +154,7 @@ def test_a_device_changing_faster_than_answers_is_pending_only_since_its_last_an
     # leaves the outbox; its age must stay within an answer's round trip, not grow from
     # its first change.
     clock = [1_000]
-    s, engine = stream(clock=clock)
-    engine.drain()
-    for msg in sent(s).values():
-        applied(s, msg)
+    s, engine = settled(clock=clock)
     taken = []
     messages = []
     late = None
@@ -187,10 +185,7 @@ def test_a_device_changing_faster_than_answers_is_pending_only_since_its_last_an
 
 def test_after_a_refusal_a_later_delta_does_not_stand_for_the_messages_before_it() -> None:
     clock = [1_000]
-    s, engine = stream(clock=clock)
-    engine.drain()
-    for msg in sent(s).values():
-        applied(s, msg)
+    s, engine = settled(clock=clock)
     messages = []
     for step in range(3):
         clock[0] = 2_000 + 1_000 * step
@@ -210,10 +205,7 @@ def test_after_a_refusal_a_later_delta_does_not_stand_for_the_messages_before_it
 
 def test_without_deltas_each_answered_message_stands_alone() -> None:
     clock = [1_000]
-    s, engine = stream(deltas=False, clock=clock)
-    engine.drain()
-    for msg in sent(s).values():
-        applied(s, msg)
+    s, engine = settled(deltas=False, clock=clock)
     messages = []
     for step in range(3):
         clock[0] = 2_000 + 1_000 * step
