@@ -39,6 +39,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
+import os
+import stat
 import sys
 import time
 from typing import Any
@@ -56,6 +59,11 @@ from edgetwin.simulators.ble_peripherals import (
     SimBeacon,
     SimSensor,
 )
+
+# The emulated controllers warn ("!!! no connection for handle") when a packet for a
+# connection that one side just closed crosses the virtual link: a radio drops it
+# silently, and so do they here.
+logging.getLogger("bumble.controller").setLevel(logging.ERROR)
 
 
 class CentralServer:
@@ -221,6 +229,18 @@ class BleSimulator:
         return "ok"
 
 
+def _readable_stream(file: Any) -> bool:
+    """Whether the event loop can watch ``file`` for lines: a pipe, a socket or a
+    terminal. epoll refuses /dev/null and regular files (asyncio would log a traceback
+    from its reader callback, not raise), and a closed stdin has no descriptor."""
+    try:
+        fd = file.fileno()
+        mode = os.fstat(fd).st_mode
+    except (AttributeError, ValueError, OSError):
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or os.isatty(fd)
+
+
 async def serve(host: str, port: int, count: int, beacons: int, prefix: str, notify_interval: float) -> None:
     sim = BleSimulator(host, port, count, beacons, prefix, notify_interval)
     await sim.start()
@@ -235,6 +255,8 @@ async def serve(host: str, port: int, count: int, beacons: int, prefix: str, not
         ),
         flush=True,
     )
+    if not _readable_stream(sys.stdin):  # /dev/null, a file, closed: no control lines
+        await asyncio.Event().wait()
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     try:

@@ -178,21 +178,52 @@ def build_parser() -> argparse.ArgumentParser:
     emu.add_argument("--kubeconfig", help="write a kubeconfig for kubectl here")
     emu.add_argument("--namespace", default="default", help="the kubeconfig's namespace")
 
-    demo = _command(sub, "demo", "sim:demo", "run a self-contained demo with simulated devices")
-    demo.add_argument(
-        "--duration",
-        type=float,
-        default=None,
-        help="stop after this many seconds (default: run until Ctrl-C)",
+    demo = _command(
+        sub,
+        "demo",
+        "sim:demo",
+        "the offline promise in steps: devices report, the link is cut, the gateway restarts, "
+        "the link returns, kubectl shows every value",
+        description="A self-contained demo on embedded defaults: simulated Modbus, BLE and virtual\n"
+        "devices, an embedded MQTT broker, the relay behind a link simulator and a Kubernetes API\n"
+        "emulator read with kubectl. It cuts the link, restarts the gateway while the link is down,\n"
+        "restores the link, checks every value in kubectl get devices and prints a summary.\n"
+        "Exit status 0 when nothing was lost.",
     )
-    demo.add_argument("--no-live", action="store_true", help="print snapshots instead of a live view")
+    demo.add_argument("--steps", action="store_true", help="wait for Enter before each step")
     demo.add_argument(
-        "--cloud",
+        "--no-story",
         action="store_true",
-        help="also run the relay against a Kubernetes API emulator (a development stand-in), for kubectl",
+        help="only run the system (devices, gateway, relay, API emulator), link up, until stopped",
     )
     demo.add_argument(
-        "--workdir", help="keep the store, PKI and kubeconfig here (default: a new temporary folder)"
+        "--cut-seconds",
+        type=float,
+        default=12.0,
+        help="how long the link stays cut (the gateway restarts halfway)",
+    )
+    after = demo.add_mutually_exclusive_group()
+    after.add_argument(
+        "--keep-running",
+        dest="keep_running",
+        action="store_const",
+        const=True,
+        help="keep running after the summary until Ctrl-C (default when stdin is a terminal)",
+    )
+    after.add_argument(
+        "--exit",
+        dest="keep_running",
+        action="store_const",
+        const=False,
+        help="stop after the summary (default when stdin is not a terminal)",
+    )
+    demo.add_argument(
+        "--duration", type=float, default=None, help="stop after this many seconds, wherever the story is"
+    )
+    demo.add_argument(
+        "--workdir",
+        help="keep the store, config, PKI and kubeconfig here "
+        "(default: a temporary folder, removed at the end)",
     )
     demo.add_argument("--mqtt-port", type=int, default=0, help="the embedded broker's port (0: a free one)")
     return parser

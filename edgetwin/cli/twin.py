@@ -6,23 +6,88 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import difflib
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import aiomqtt
 
 from edgetwin.cli.common import EXIT_FAILED, EXIT_USAGE, CliError, device_arg, print_table, text
+from edgetwin.deviceapi.values import ValueRejected, coerce_value
 from edgetwin.gateway.config import GatewayConfig, load_config
 from edgetwin.gateway.mqtt import payloads, topics
-from edgetwin.gateway.store.reader import list_devices, open_reader, read_events, read_twin
+from edgetwin.gateway.store.reader import (
+    device_ids,
+    list_devices,
+    open_reader,
+    read_events,
+    read_model_properties,
+    read_twin,
+)
+
+
+def _shown(dev_id: str) -> str:
+    """A device id as the CLI takes it: ``plant.boiler-1`` -> ``plant/boiler-1``."""
+    return dev_id.replace(".", "/", 1)
+
+
+def _did_you_mean(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=3, cutoff=0.6)
+    return f"; did you mean {' or '.join(close)}?" if close else ""
+
+
+def resolve_device(db: Any, given: str, store: Path) -> str:
+    """The device id for ``NAMESPACE/NAME``. A bare name is refused with the devices of
+    that name; an unknown device with the closest known ones."""
+    known = device_ids(db)
+    if "/" not in given and "." not in given:
+        same_name = [_shown(d) for d in known if d.partition(".")[2] == given]
+        hint = (
+            f"; did you mean {' or '.join(same_name)}?"
+            if same_name
+            else _did_you_mean(given, [_shown(d) for d in known])
+        )
+        raise CliError(f"give the device as NAMESPACE/NAME, not {given!r}{hint}", EXIT_USAGE)
+    dev_id = device_arg(given)
+    if dev_id not in known:
+        hint = _did_you_mean(_shown(dev_id), [_shown(d) for d in known])
+        raise CliError(f"no device {_shown(dev_id)} in the store {store}{hint}", EXIT_USAGE)
+    return dev_id
+
+
+def check_assignments(props: dict[str, dict[str, Any]], dev_id: str, values: dict[str, str]) -> list[str]:
+    """What the gateway would refuse in ``values``, checked against the device's model
+    as last served (type, range, ReadOnly, unknown names), one line per problem."""
+    errors = []
+    for name, given in values.items():
+        spec = props.get(name)
+        if spec is None:
+            hint = _did_you_mean(name, list(props))
+            errors.append(f"{_shown(dev_id)} {name}: not a property of its DeviceModel{hint}")
+            continue
+        if spec.get("accessMode", "ReadOnly") != "ReadWrite":
+            errors.append(f"{_shown(dev_id)} {name}: the property is ReadOnly in its model")
+            continue
+        low, high = spec.get("minimum"), spec.get("maximum")
+        try:
+            coerce_value(
+                given,
+                str(spec.get("type")),
+                float(low) if low is not None else None,
+                float(high) if high is not None else None,
+            )
+        except ValueRejected as exc:
+            errors.append(f"{_shown(dev_id)} {name}={given}: {exc.reason} ({spec.get('type')})")
+    return errors
 
 
 def get(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
-    dev_id = device_arg(args.device)
     db = open_reader(cfg.store.path)
+    dev_id = resolve_device(db, args.device, cfg.store.path)
     twin = read_twin(db, dev_id)
     if twin is None:
         raise CliError(f"no twin for device {args.device} in {cfg.store.path}")
@@ -30,7 +95,7 @@ def get(args: argparse.Namespace) -> int:
         print(json.dumps(twin, indent=2))
         return 0
     print(f"device {dev_id}  state {twin['state']}")
-    rows = [("PROPERTY", "REPORTED", "VERSION", "AGE", "DESIRED", "ORIGIN", "WRITE", "READ ERROR")]
+    rows = [("PROPERTY", "REPORTED", "VERSION", "AGE", "DESIRED", "ORIGIN", "WRITE", "LAST ERROR")]
     now = time.time() * 1000
     for name, entry in twin["twin"].items():
         rep, des = entry.get("reported"), entry.get("desired")
@@ -54,16 +119,24 @@ def get(args: argparse.Namespace) -> int:
 
 def events(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
-    dev_id = device_arg(args.device) if args.device else None
-    found = read_events(open_reader(cfg.store.path), dev_id, args.kind, args.limit)
+    db = open_reader(cfg.store.path)
+    dev_id = resolve_device(db, args.device, cfg.store.path) if args.device else None
+    found = read_events(db, dev_id, args.kind, args.limit)
     if args.json:
         print(json.dumps(found, indent=2))
         return 0
     rows = [("TIME", "DEVICE", "PROPERTY", "KIND", "DETAIL")]
     for ev in found:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ev["ts_ms"] / 1000))
-        detail = ev["detail"].get("message") or ev["detail"].get("reason") or json.dumps(ev["detail"])
-        rows.append((when, ev["device"], ev["property"] or "-", ev["kind"], str(detail)))
+        d = ev["detail"]
+        detail = str(d.get("message") or d.get("reason") or json.dumps(d))
+        if "desired" in d:
+            detail = f"desired {d['desired']} from {d.get('origin', '?')}: {detail}"
+        if d.get("suppressed"):
+            detail += f" (and {d['suppressed']} more like it)"
+        # Names outside the model are listed in the event, not as its property.
+        prop = ev["property"] or ",".join(d.get("names") or []) or "-"
+        rows.append((when, _shown(ev["device"]), prop, ev["kind"], detail))
     print_table(rows)
     return 0
 
@@ -94,13 +167,27 @@ def list_(args: argparse.Namespace) -> int:
 
 def set_(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
-    dev_id = device_arg(args.device)
     values: dict[str, str] = {}
     for item in args.assignments:
         prop, sep, value = item.partition("=")
         if not sep or not prop:
             raise CliError(f"expected PROP=VALUE, got {item!r}", EXIT_USAGE)
         values[prop] = value
+    # Checked against the store before anything is sent, so a value the gateway would
+    # refuse is refused here too, with the gateway running or not.
+    if Path(cfg.store.path).exists():
+        db = open_reader(cfg.store.path)
+        dev_id = resolve_device(db, args.device, cfg.store.path)
+        props = read_model_properties(db, dev_id)
+        errors = check_assignments(props, dev_id, values) if props is not None else []
+        if errors:
+            raise CliError("refused, nothing was sent:\n  " + "\n  ".join(errors))
+    else:
+        dev_id = device_arg(args.device)
+        print(
+            f"edgetwin: no store at {cfg.store.path} yet: not checked here, the gateway checks",
+            file=sys.stderr,
+        )
     return asyncio.run(_twin_set(cfg, dev_id, values, args.timeout))
 
 

@@ -147,3 +147,22 @@ def gateway_summary(db: sqlite_utils.Database, now_ms: int) -> dict[str, Any]:
         },
         "events_last_hour": events,
     }
+
+
+def device_ids(db: sqlite_utils.Database) -> list[str]:
+    """Every device id the store knows (served, with a twin or a state)."""
+    rows = db.query(
+        "SELECT device_id FROM served UNION SELECT device_id FROM twin_property "
+        "UNION SELECT device_id FROM device_state ORDER BY device_id"
+    )
+    return [r["device_id"] for r in rows]
+
+
+def read_model_properties(db: sqlite_utils.Database, device_id: str) -> dict[str, dict[str, Any]] | None:
+    """The DeviceModel properties a device was last served with (name -> the model's
+    property: type, accessMode, minimum, maximum), or None if it is not served."""
+    row = next(iter(db.query("SELECT model FROM served WHERE device_id = ?", [device_id])), None)
+    if row is None:
+        return None
+    model = json.loads(row["model"])
+    return {p["name"]: p for p in (model.get("spec") or {}).get("properties") or [] if "name" in p}

@@ -256,13 +256,17 @@ class TwinEngine(WriteScheduling):
         dev = self.device(device_id)
         prop = dev.properties.get(prop_name)
         if prop is None:
-            raise DesiredRejected(device_id, prop_name, f"not a property of DeviceModel {dev.model!r}")
+            raise self._desired_rejected(
+                device_id, prop_name, raw, origin, now_ms, f"not a property of DeviceModel {dev.model!r}"
+            )
         if not prop.writable:
-            raise DesiredRejected(device_id, prop_name, "the property is ReadOnly in its model")
+            raise self._desired_rejected(
+                device_id, prop_name, raw, origin, now_ms, "the property is ReadOnly in its model"
+            )
         try:
             value = coerce_value(raw, prop.type, prop.minimum, prop.maximum)
         except ValueRejected as exc:
-            raise DesiredRejected(device_id, prop_name, exc.reason) from None
+            raise self._desired_rejected(device_id, prop_name, raw, origin, now_ms, exc.reason) from None
         if stamp is None:
             stamp = self.clock.now(now_ms)
         else:
@@ -298,6 +302,22 @@ class TwinEngine(WriteScheduling):
         entry = self._mark(device_id, {prop_name: DESIRED})
         incoming.outbox_revision = entry.revision
         return DesiredOutcome(prop_name, True, incoming, conflict, prop.write_state is WriteState.PENDING)
+
+    def _desired_rejected(
+        self, device_id: str, prop_name: str, raw: Any, origin: Origin, now_ms: int, reason: str
+    ) -> DesiredRejected:
+        """The error for a refused desired value, also put in the event log (at most once
+        per :data:`EVENT_REPEAT_MS` per property, the rest counted in the next event), so
+        ``edgetwin twin events`` shows why a write from anywhere was refused."""
+        name = clip(prop_name)
+        # One key per property of the model, one for all names outside it: the limiter
+        # stays bounded by devices x properties whatever names a client makes up.
+        known = prop_name in self.device(device_id).properties
+        key = (device_id, f"desired:{name}" if known else "desired:")
+        if self._limiter.allow(key, now_ms):
+            detail = {"reason": reason, "desired": clip(str(raw), 200), "origin": origin}
+            self._event(now_ms, device_id, name, "rejected", self._limiter.annotate(key, detail))
+        return DesiredRejected(device_id, name, reason)
 
     def apply_spec(self, device: Device, now_ms: int, stamp: Stamp | None = None) -> list[DesiredOutcome]:
         """Apply the desired values written in a Device spec. Only a spec value that

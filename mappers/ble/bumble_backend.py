@@ -31,11 +31,11 @@ from bleak.exc import BleakError, BleakGATTProtocolError
 from bumble import att
 from bumble.core import BaseBumbleError
 from bumble.core import TimeoutError as BumbleTimeoutError
-from bumble.device import Advertisement, Connection, Device, Peer
+from bumble.device import Advertisement, Connection, Peer
 from bumble.hci import Address
-from bumble.transport import open_transport
 
 from edgetwin.mappers.ble.adverts import ParsedAdvert, parse_ad
+from edgetwin.mappers.ble.bumble_host import BumbleAdapter, close_adapters, get_adapter, plain_address
 from edgetwin.runtime.aio import wait_within
 
 log = logging.getLogger(__name__)
@@ -60,149 +60,6 @@ def _short(uuid: Any) -> str:
     from edgetwin.mappers.ble.codec import normalize_uuid
 
     return normalize_uuid(uuid.to_hex_str())
-
-
-def plain_address(address: Address) -> str:
-    """``F0:00:00:00:00:01/P`` -> ``F0:00:00:00:00:01`` (bleak's form)."""
-    return str(address).split("/")[0]
-
-
-Listener = Callable[[Advertisement], None]
-
-# How long a cancelled connection attempt may take to be confirmed by the controller.
-CANCEL_CONFIRM_S = 2.0
-
-
-class BumbleAdapter:
-    """One Bumble host on an HCI transport, shared by the scanners and clients of a loop."""
-
-    def __init__(self, spec: str) -> None:
-        self.spec = spec
-        self.device: Device | None = None
-        self._transport: Any = None
-        self._listeners: dict[object, tuple[Listener, bool]] = {}
-        self._scanning: bool | None = None  # None: not scanning; else: active?
-        self._scan_lock = asyncio.Lock()
-        self._connect_lock = asyncio.Lock()
-        # Addresses (with their type) as last advertised, for clients given a string.
-        self.seen: dict[str, Address] = {}
-
-    @property
-    def alive(self) -> bool:
-        return self._transport is not None and not self._transport.source.terminated.done()
-
-    async def open(self) -> None:
-        try:
-            self._transport = await open_transport(self.spec)
-        except (OSError, BaseBumbleError, ValueError) as exc:
-            raise BleakError(f"cannot open HCI transport {self.spec!r}: {exc}") from exc
-        device = Device.with_hci(
-            "edgetwin", Address.generate_static_address(), self._transport.source, self._transport.sink
-        )
-        device.on(device.EVENT_ADVERTISEMENT, self._on_advertisement)
-        try:
-            await wait_within(device.power_on(), 10)
-        except (TimeoutError, BaseBumbleError) as exc:
-            await self.close()
-            raise BleakError(f"HCI controller at {self.spec!r} did not power on: {exc!r}") from exc
-        self.device = device
-
-    async def close(self) -> None:
-        if self._transport is not None:
-            with contextlib.suppress(Exception):
-                await self._transport.close()
-        self._transport = None
-        self.device = None
-
-    def _on_advertisement(self, adv: Advertisement) -> None:
-        self.seen[plain_address(adv.address)] = adv.address
-        for listener, _ in list(self._listeners.values()):
-            listener(adv)
-
-    def _need(self) -> Device:
-        if self.device is None or not self.alive:
-            raise BleakError(f"HCI transport {self.spec!r} is closed")
-        return self.device
-
-    async def add_listener(self, token: object, listener: Listener, active: bool) -> None:
-        self._listeners[token] = (listener, active)
-        await self._rescan()
-
-    async def remove_listener(self, token: object) -> None:
-        self._listeners.pop(token, None)
-        await self._rescan()
-
-    async def _rescan(self) -> None:
-        """Scan while any listener wants to; actively if any wants active scanning."""
-        async with self._scan_lock:
-            device = self._need()
-            want = any(active for _, active in self._listeners.values()) if self._listeners else None
-            if want == self._scanning:
-                return
-            if self._scanning is not None:
-                await device.stop_scanning()
-                self._scanning = None
-            if want is not None:
-                await device.start_scanning(active=want, filter_duplicates=False)
-                self._scanning = want
-
-    def resolve(self, address: str) -> Address:
-        """A bleak address string as a Bumble address with its type: as advertised if
-        seen, else random static when its top bits say so, else public."""
-        upper = address.upper()
-        if upper in self.seen:
-            return self.seen[upper]
-        kind = (
-            Address.RANDOM_DEVICE_ADDRESS
-            if int(upper[:2], 16) >> 6 == 0b11
-            else Address.PUBLIC_DEVICE_ADDRESS
-        )
-        return Address(upper, kind)
-
-    async def connect(self, address: Address, timeout: float) -> Connection:  # noqa: ASYNC109 (Bumble's own)
-        """Initiate one connection (the controller takes one at a time). On timeout
-        Bumble cancels the attempt and waits for the controller to confirm; a
-        controller that never confirms (Bumble's stock emulated one) would hold the
-        lock for ever, so that wait is bounded too."""
-        async with self._connect_lock:
-            device = self._need()
-            try:
-                return await wait_within(device.connect(address, timeout=timeout), timeout + CANCEL_CONFIRM_S)
-            except (TimeoutError, BumbleTimeoutError):
-                raise TimeoutError(
-                    f"no connection to {plain_address(address)} within {timeout:g} s"
-                ) from None
-            except BaseBumbleError as exc:
-                raise BleakError(f"connecting to {plain_address(address)} failed: {exc}") from exc
-
-
-_adapters: dict[tuple[int, str], BumbleAdapter] = {}
-_adapters_lock: dict[int, asyncio.Lock] = {}
-
-
-async def get_adapter(spec: str) -> BumbleAdapter:
-    """The running loop's adapter for ``spec``, opened on first use and reopened when
-    its transport was lost (a replugged dongle, a restarted controller)."""
-    loop = id(asyncio.get_running_loop())
-    lock = _adapters_lock.setdefault(loop, asyncio.Lock())
-    async with lock:
-        adapter = _adapters.get((loop, spec))
-        if adapter is not None and adapter.alive:
-            return adapter
-        if adapter is not None:
-            log.warning("HCI transport lost; reopening", extra={"hci": spec})
-            await adapter.close()
-        adapter = BumbleAdapter(spec)
-        await adapter.open()
-        _adapters[(loop, spec)] = adapter
-        return adapter
-
-
-async def close_adapters() -> None:
-    """Close the running loop's adapters (at shutdown)."""
-    loop = id(asyncio.get_running_loop())
-    for key in [k for k in _adapters if k[0] == loop]:
-        await _adapters.pop(key).close()
 
 
 def _advertisement_data(adv: Advertisement, parsed: ParsedAdvert) -> AdvertisementData:
@@ -292,6 +149,7 @@ class BumbleClient(BaseBleakClient):
         self._peer: Peer | None = None
         self._closing = False
         self._lost: asyncio.Future[None] | None = None  # resolved when the link goes
+        self._abandoned: set[asyncio.Future[Any]] = set()  # operations whose callers left
 
     @property
     def name(self) -> str:
@@ -391,7 +249,14 @@ class BumbleClient(BaseBleakClient):
 
     async def _gatt(self, what: str, coro: Any) -> Any:
         """Run one GATT operation; it fails at once when the link goes (Bumble would
-        otherwise wait for the ATT timeout of 30 s)."""
+        otherwise wait for the ATT timeout of 30 s).
+
+        An operation whose caller is cancelled is left to finish on its own, never
+        cancelled: ATT has one request in flight per bearer and Bumble matches a response
+        to whichever request is pending, so a request abandoned after it was sent would
+        have its response taken as the answer to the next one (a battery level read as a
+        pressure), or set on a cancelled future (``InvalidStateError`` in ``on_packet``).
+        It ends with its response, Bumble's ATT timeout, or the disconnection."""
         lost = self._lost
         if lost is None:
             coro.close()
@@ -399,11 +264,12 @@ class BumbleClient(BaseBleakClient):
         task = asyncio.ensure_future(coro)
         try:
             await asyncio.wait({task, lost}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            if not task.done():
-                task.cancel()
-                # Wait for it to end without swallowing our own cancellation.
-                await asyncio.wait({task})
+        except asyncio.CancelledError:
+            self._leave_running(task)
+            raise
+        if not task.done():  # the link went: Bumble cancels the request as it closes
+            self._leave_running(task)
+            raise BleakError(f"{what} on {self.address}: disconnected")
         if task.cancelled():
             raise BleakError(f"{what} on {self.address}: disconnected")
         try:
@@ -414,6 +280,18 @@ class BumbleClient(BaseBleakClient):
             raise TimeoutError(f"{what} on {self.address} timed out") from None
         except BaseBumbleError as exc:
             raise BleakError(f"{what} on {self.address} failed: {exc}") from exc
+
+    def _leave_running(self, task: asyncio.Future[Any]) -> None:
+        """Keep an abandoned operation referenced until it ends, and take its outcome
+        (nobody awaits it any more)."""
+        self._abandoned.add(task)
+
+        def done(t: asyncio.Future[Any]) -> None:
+            self._abandoned.discard(t)
+            if not t.cancelled():
+                t.exception()
+
+        task.add_done_callback(done)
 
     async def read_gatt_char(
         self, characteristic: BleakGATTCharacteristic, *, use_cached: bool = False, **kwargs: Any

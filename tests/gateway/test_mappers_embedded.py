@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 from collections.abc import AsyncIterator
 from importlib.metadata import EntryPoint
 from pathlib import Path
@@ -20,7 +19,7 @@ from edgetwin.gateway.service import Gateway
 from edgetwin.gateway.twin.model import WriteState
 from edgetwin.mappers.sdk import DeviceBinding, MapperError, PollingMapper, Value
 from edgetwin.mappers.virtual import VirtualMapper
-from tests.conftest import THERMO_PROPS, device_doc, eventually, model_doc, run_cli, write_manifests
+from tests.conftest import THERMO_PROPS, device_doc, eventually, model_doc, write_manifests
 from tests.harness.processes import free_port
 
 NODE = "edge-m"
@@ -194,57 +193,6 @@ async def test_hw_topics_work_on_the_embedded_broker(gateway: Gateway) -> None:
                     break
     assert doc["twin"]["label"]["actual"]["value"] == "ok"
     assert gateway.engine.devices["plant.ext-1"].properties["label"].reported is not None
-
-
-def test_demo_shows_twins_changing() -> None:
-    out = run_cli("demo", "--duration", "8", "--no-live", timeout=60)
-    assert out.returncode == 0, out.stderr
-    snapshots = out.stdout.split("edgetwin demo  node demo-node")[1:]
-    assert len(snapshots) >= 2, out.stdout
-    versions = [
-        int(re.search(r"plant\.boiler-1\s+online\s+runtime\s+\S+\s+(\d+)", s).group(1)) for s in snapshots
-    ]  # type: ignore[union-attr]
-    assert versions == sorted(versions) and versions[-1] > versions[0]
-    # The demo's edge-local setpoint (55.0 at ~5 s) reached the device and came back.
-    assert re.search(r"setpoint\s+55\.0\s+\d+\s+55\.0 applied", snapshots[-1]), snapshots[-1]
-
-
-def test_demo_cloud_lets_kubectl_follow_the_twins() -> None:
-    import os
-    import subprocess as sp
-    import time as t
-
-    from tests.conftest import BIN, EDGETWIN
-
-    proc = sp.Popen([EDGETWIN, "demo", "--cloud", "--duration", "20", "--no-live"], stdout=sp.PIPE, text=True)
-    try:
-        assert proc.stdout is not None
-        kubeconfig = ""
-        for line in proc.stdout:
-            assert "Traceback" not in line
-            if "KUBECONFIG=" in line:
-                kubeconfig = line.split("KUBECONFIG=")[1].split()[0]
-                break
-        assert kubeconfig, "the demo did not print a kubeconfig"
-        env = {**os.environ, "KUBECONFIG": kubeconfig}
-        deadline = t.monotonic() + 15
-        out = ""
-        while t.monotonic() < deadline:
-            out = sp.run(
-                [str(BIN / "kubectl"), "get", "devices"], env=env, capture_output=True, text=True
-            ).stdout
-            if (
-                "boiler-mb" in out
-                and "supply_temp=" in out
-                and "env-sensor-1" in out
-                and "temperature=" in out
-            ):
-                break
-            t.sleep(0.5)
-        assert "return_temp=" in out and "online" in out, out
-    finally:
-        proc.terminate()
-        proc.wait(30)
 
 
 async def test_the_cadence_skips_and_counts_only_slots_that_passed_without_a_start() -> None:

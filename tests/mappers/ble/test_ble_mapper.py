@@ -5,6 +5,7 @@ controller reached over HCI on TCP)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import subprocess
@@ -491,3 +492,57 @@ async def test_an_unreachable_peripheral_does_not_delay_the_others_reconnects(si
     finally:
         sim.command("silence env-sensor-17 0.01")
         await m.stop()
+
+
+async def test_a_read_cancelled_in_flight_does_not_answer_the_next_request(
+    sim: SimProcess, adapters: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """ATT allows one request in flight: a request whose caller is cancelled (a session
+    restarted, a poll timed out) still gets its response, which must not be taken as the
+    answer to the next request (Bumble matches responses by order only)."""
+    device = await BleakScanner.find_device_by_name(
+        "env-sensor-6", timeout=10, backend=BumbleScanner, hci=sim.hci
+    )
+    assert device is not None
+    async with BleakClient(device, backend=BumbleClient, hci=sim.hci) as client:
+        for _ in range(20):
+            cancelled = asyncio.create_task(client.read_gatt_char("2A19"))  # battery: 1 byte
+            for _ in range(3):  # the request leaves, its response has not come back yet
+                await asyncio.sleep(0)
+            cancelled.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await cancelled
+            pressure = await client.read_gatt_char("2A6D")  # pressure: 4 bytes
+            assert decode_sig("pressure", pressure) == 101325.0
+    stray = [
+        r.getMessage() for r in caplog.records if r.name.startswith("bumble") and "!!!" in r.getMessage()
+    ]
+    assert stray == []
+
+
+async def test_a_connection_attempt_cancelled_in_flight_leaves_the_peripheral_reachable(
+    sim: SimProcess, adapters: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A caller that gives up on a connection (a device's session restarted when its
+    definition came from the cluster) must not leave a connection the controller made
+    and the host forgot: the peripheral stops advertising to it and stays offline."""
+    device = await BleakScanner.find_device_by_name(
+        "env-sensor-7", timeout=10, backend=BumbleScanner, hci=sim.hci
+    )
+    assert device is not None
+    for spins in (0, 1, 2, 3, 5, 8, 12, 20, 40, 80):
+        client = BleakClient(device, backend=BumbleClient, hci=sim.hci, timeout=10)
+        attempt = asyncio.create_task(client.connect())
+        for _ in range(spins):  # cancel at a different point of the attempt each time
+            await asyncio.sleep(0)
+        attempt.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await attempt
+        if client.is_connected:
+            await client.disconnect()
+        async with BleakClient(device, backend=BumbleClient, hci=sim.hci, timeout=10) as again:
+            assert decode_sig("battery_level", await again.read_gatt_char("2A19")) == 97
+    stray = [
+        r.getMessage() for r in caplog.records if r.name.startswith("bumble") and "!!!" in r.getMessage()
+    ]
+    assert stray == []
