@@ -25,7 +25,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from edgetwin.deviceapi import yaml_strict
-from edgetwin.deviceapi.types import check_host_port, first_problem, parse_duration_ms
+from edgetwin.deviceapi.problems import compose_all, locate_errors, report
+from edgetwin.deviceapi.types import check_host_port, parse_duration_ms
 
 
 class RelayConfigError(ValueError):
@@ -114,7 +115,8 @@ class RelayConfig(BaseModel):
 def load_relay_config(path: str | Path) -> RelayConfig:
     p = Path(path)
     try:
-        data = yaml_strict.safe_load(p.read_text())
+        text = p.read_text()
+        data = yaml_strict.safe_load(text)
     except OSError as exc:
         raise RelayConfigError(f"{p}: cannot read config: {exc.strerror}") from None
     except yaml.YAMLError as exc:
@@ -124,8 +126,9 @@ def load_relay_config(path: str | Path) -> RelayConfig:
     try:
         cfg = RelayConfig.model_validate(data)
     except ValidationError as exc:
-        key, msg = first_problem(exc, unknown="is not a known key")
-        raise RelayConfigError(f"{p}: {key}: {msg}" if key else f"{p}: {msg}") from None
+        nodes = compose_all(text)
+        problems = locate_errors(exc, RelayConfig, nodes[0] if nodes else None, unknown="is not a known key")
+        raise RelayConfigError(report(problems, str(p))) from None
     base = p.parent
     for name in ("cert_file", "key_file", "ca_file"):
         value = _resolve(base, getattr(cfg.tls, name))

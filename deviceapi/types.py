@@ -29,19 +29,31 @@ _UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, No
 
 class ManifestError(ValueError):
     """A Device or DeviceModel is invalid. ``where`` names the object (and file), and the
-    message names the field and what is wrong with it."""
+    message names the field and what is wrong with it. ``located``: every problem found
+    in the files read, as (file, problem with its line and column), one line each."""
 
-    def __init__(self, where: str, problem: str) -> None:
-        super().__init__(f"{where}: {problem}")
+    def __init__(self, where: str, problem: str, located: list[tuple[str, Any]] | None = None) -> None:
+        from edgetwin.deviceapi.problems import MAX_PROBLEMS
+
+        if located:
+            lines = [p.text(file) for file, p in located[:MAX_PROBLEMS]]
+            if len(located) > MAX_PROBLEMS:
+                lines.append(f"... and {len(located) - MAX_PROBLEMS} more problems")
+            super().__init__("\n".join(lines))
+        else:
+            super().__init__(f"{where}: {problem}")
         self.where = where
         self.problem = problem
+        self.located = located or []
 
 
 def first_problem(exc: ValidationError, unknown: str = "is not a known field") -> tuple[str, str]:
     """The first error of a pydantic validation as (dotted key, problem), worded for
     people: missing keys are "required", extra keys are ``unknown``."""
+    from edgetwin.deviceapi.problems import key_path
+
     err = exc.errors()[0]
-    key = ".".join(str(p) for p in err["loc"])
+    key = key_path(err["loc"])
     msg = str(err["msg"]).removeprefix("Value error, ")
     if err["type"] == "missing":
         msg = "is required"

@@ -16,19 +16,24 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from edgetwin.deviceapi import yaml_strict
-from edgetwin.deviceapi.types import check_host_port, first_problem, parse_duration_ms
+from edgetwin.deviceapi.problems import Problem, compose_all, locate_errors, parse_path, report
+from edgetwin.deviceapi.types import check_host_port, parse_duration_ms
 
 _NODE = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 
 
 class ConfigError(ValueError):
-    """The configuration is unusable; the message names the key and the problem."""
+    """The configuration is unusable; the message names the file, the line and column
+    where known, the key and the problem, one line per problem (all of them)."""
 
-    def __init__(self, key: str, problem: str, source: str = "") -> None:
-        where = f"{source}: " if source else ""
-        super().__init__(f"{where}{key}: {problem}" if key else f"{where}{problem}")
-        self.key = key
-        self.problem = problem
+    def __init__(
+        self, key: str, problem: str, source: str = "", problems: list[Problem] | None = None
+    ) -> None:
+        self.problems = problems or [Problem(key, problem)]
+        super().__init__(report(self.problems, source))
+        self.key = self.problems[0].path
+        self.problem = self.problems[0].message
+        self.source = source
 
 
 class _Section(BaseModel):
@@ -277,15 +282,28 @@ def _resolve(base: Path, path: Path) -> Path:
     return path if path.is_absolute() else (base / path)
 
 
-def parse_config(data: Any, source: str = "", base: Path | None = None) -> GatewayConfig:
-    """Validate a config mapping; relative paths are taken from ``base``."""
+def parse_config(
+    data: Any, source: str = "", base: Path | None = None, node: yaml.Node | None = None
+) -> GatewayConfig:
+    """Validate a config mapping; relative paths are taken from ``base``. ``node`` is the
+    composed YAML of ``data``: problems then carry its lines and columns."""
     if not isinstance(data, dict):
         raise ConfigError("", "the file must hold a YAML mapping of keys", source)
     try:
         cfg = GatewayConfig.model_validate(data)
     except ValidationError as exc:
-        key, msg = first_problem(exc, unknown="is not a known key")
-        raise ConfigError(key, msg, source) from None
+        problems = locate_errors(exc, GatewayConfig, node, unknown="is not a known key")
+        raise ConfigError("", "", source, problems) from None
+    try:
+        _check_files(cfg, source, base)
+    except ConfigError as exc:
+        raise ConfigError("", "", source, [p.at(node, parse_path(p.path)) for p in exc.problems]) from None
+    return cfg
+
+
+def _check_files(cfg: GatewayConfig, source: str, base: Path | None) -> None:
+    """What a valid config may still name wrongly: files that do not exist, a store
+    path that is not a file; relative paths resolved from ``base`` on the way."""
     if base is not None:
         cfg.store.path = _resolve(base, cfg.store.path)
         cfg.manifests = [_resolve(base, m) for m in cfg.manifests]
@@ -309,9 +327,8 @@ def parse_config(data: Any, source: str = "", base: Path | None = None) -> Gatew
                 raise ConfigError(f"uplink.{name}", f"{value} does not exist", source)
     for index, path in enumerate(cfg.manifests):
         if not path.exists():
-            raise ConfigError(f"manifests.{index}", f"{path} does not exist", source)
+            raise ConfigError(f"manifests[{index}]", f"{path} does not exist", source)
     _check_store_path(Path(cfg.store.path), source)
-    return cfg
 
 
 def _check_store_path(path: Path, source: str) -> None:
@@ -341,4 +358,5 @@ def load_config(path: str | Path) -> GatewayConfig:
         data = yaml_strict.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError("", f"not valid YAML: {exc}", str(p)) from None
-    return parse_config(data, str(p), p.parent)
+    nodes = compose_all(text)
+    return parse_config(data, str(p), p.parent, nodes[0] if nodes else None)

@@ -155,5 +155,6 @@ def test_config_check_refuses_what_gateway_run_would_fail_on(tmp_path: Path) -> 
     (tmp_path / "gw.yaml").write_text(base + 'store: {path: s.db}\nmqtt: {url: "mqtt://127.0.0.1:1883"}\n')
     out = cli("config", "check", "--config", str(tmp_path / "gw.yaml"))
     assert (
-        out.returncode == 2 and "dup.yaml: cannot read: key 'spec' given twice (lines 4 and 5)" in out.stderr
+        out.returncode == 2
+        and "dup.yaml: not valid YAML: key 'spec' given twice (lines 4 and 5)" in out.stderr
     )

@@ -62,7 +62,7 @@ def test_embedded_broker_speaks_311() -> None:
             "mqtt.tls.ca_file",
             "does not exist",
         ),
-        ({"manifests": ["nowhere"]}, "manifests.0", "does not exist"),
+        ({"manifests": ["nowhere"]}, "manifests[0]", "does not exist"),
         ({"colour": "blue"}, "colour", "is not a known key"),
         ({"store": {"path": "s.db", "events_max": 5}}, "store.events_max", "greater than"),
     ],
@@ -131,8 +131,8 @@ def test_manifests_load_and_skip_other_nodes(tmp_path: Path) -> None:
             ],
             "spec.properties[0].desired.value: expected a number",
         ),
-        ([model_doc("m", "plant", [{"name": "a/b", "type": "INT"}])], "spec.properties.0.name"),
-        ([model_doc("m", "plant", [{"name": "a", "type": "TEXT"}])], "spec.properties.0.type"),
+        ([model_doc("m", "plant", [{"name": "a/b", "type": "INT"}])], "spec.properties[0].name"),
+        ([model_doc("m", "plant", [{"name": "a", "type": "TEXT"}])], "spec.properties[0].type"),
         (
             [model_doc("m", "plant", [{"name": "a", "type": "INT"}, {"name": "a", "type": "INT"}])],
             "listed twice",
@@ -222,3 +222,75 @@ def test_uplink_config_checks_its_certificate_files(tmp_path: Path) -> None:
     assert cfg.uplink.budget_bps == 8000
     with pytest.raises(ConfigError, match=r"uplink\.budget_bps"):
         parse_config({**base, "uplink": {**uplink, "budget_bps": 1}}, base=tmp_path)
+
+
+def test_a_config_with_three_errors_reports_all_three_with_their_lines(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.yaml"
+    path.write_text(
+        "nod: edge-01\n"  # line 1: a typo of a required key
+        "store:\n"
+        "  path: s.db\n"
+        "  events_max: 5\n"  # line 4: out of range
+        "mqtt:\n"
+        "  url: mqtt://127.0.0.1:1883\n"
+        "  recieve_maximum: 10\n"  # line 7: a typo of an optional key
+    )
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    lines = str(err.value).splitlines()
+    assert lines == [
+        f"{path}:1:1: nod: is not a known key; did you mean node?",
+        f"{path}:4:3: store.events_max: Input should be greater than or equal to 100, got 5",
+        f"{path}:7:3: mqtt.recieve_maximum: is not a known key; did you mean receive_maximum?",
+    ]
+
+
+def test_a_missing_file_named_in_the_config_points_at_its_line(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump({**BASE, "manifests": [str(tmp_path), "nowhere.yaml"]}, sort_keys=False))
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    line = next(n for n, text in enumerate(path.read_text().splitlines(), 1) if "nowhere.yaml" in text)
+    assert str(err.value).startswith(f"{path}:{line}:"), str(err.value)
+    assert "manifests[1]: " in str(err.value) and "does not exist" in str(err.value)
+
+
+def test_manifest_errors_of_every_file_at_once_with_file_line_and_suggestion(tmp_path: Path) -> None:
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "a.yaml").write_text(
+        "apiVersion: edgetwin.io/v1alpha1\n"
+        "kind: DeviceModel\n"
+        "metadata: {name: thermo, namespace: plant}\n"
+        "spec:\n"
+        "  properties:\n"
+        "  - {name: temperature, type: FLOAT}\n"
+        "  - name: setpoint\n"
+        "    type: FLOAT\n"
+        "    acessMode: ReadWrite\n"  # line 9
+    )
+    (folder / "b.yaml").write_text(
+        "apiVersion: edgetwin.io/v1alpha1\n"
+        "kind: Device\n"
+        "metadata: {name: t1, namespace: plant}\n"
+        "spec:\n"
+        "  deviceModelRf: {name: thermo}\n"  # line 5
+        "  nodeName: edge-a\n"
+        "---\n"
+        "apiVersion: edgetwin.io/v1alpha1\n"
+        "kind: Device\n"
+        "metadata: {name: t2, namespace: plant}\n"
+        "spec:\n"
+        "  deviceModelRef: {name: nothere}\n"  # line 12
+        "  nodeName: edge-a\n"
+    )
+    with pytest.raises(ManifestError) as err:
+        load_manifests([folder], "edge-a")
+    a, b = folder / "a.yaml", folder / "b.yaml"
+    assert str(err.value).splitlines() == [
+        f"{a}:9:5: DeviceModel plant/thermo: spec.properties[1].acessMode: is not a known field; "
+        "did you mean accessMode?",
+        f"{b}:5:3: Device plant/t1: spec.deviceModelRf: is not a known field; did you mean deviceModelRef?",
+        f"{b}:12:20: Device plant/t2: spec.deviceModelRef.name: DeviceModel plant/nothere is not defined "
+        "(a model must be in the device's namespace)",
+    ]
