@@ -173,3 +173,14 @@ def test_grafana_dashboard_queries_only_metrics_the_code_exports() -> None:
             short = base.removeprefix("edgetwin_gateway_").removeprefix("edgetwin_relay_")
             quoted = {f'"{name}"', f'"{base}"', f'"{short}"'}
             assert any(q in sources for q in quoted) or short in counters, name
+
+
+def test_the_ble_example_is_what_the_emulator_serves() -> None:
+    from edgetwin.gateway.config import load_config
+    from edgetwin.simulators.ble import sensor_manifests
+
+    folder = ROOT / "deploy" / "examples" / "ble"
+    shipped = [d for d in yaml.safe_load_all((folder / "sensors.yaml").read_text()) if d]
+    assert shipped == sensor_manifests("edge-01", count=2, beacons=1)
+    cfg = load_config(folder / "gateway.yaml")
+    assert cfg.node == "edge-01" and cfg.mappers["ble"]["hci"] == "tcp-client:127.0.0.1:9000"

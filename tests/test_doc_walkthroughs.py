@@ -18,7 +18,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 MARKED = re.compile(r"<!-- doc-test: (?P<how>[^>]*?) -->\s*```sh\n(?P<body>.*?)```", re.S)
-WALKTHROUGHS = ["docs/cluster-devices.md", "README.md"]
+# Every doc with a marked block: README.md and docs/ (a new walkthrough runs without
+# being listed here).
+WALKTHROUGHS = sorted(
+    str(p.relative_to(ROOT))
+    for p in [ROOT / "README.md", *(ROOT / "docs").rglob("*.md")]
+    if "<!-- doc-test:" in p.read_text()
+)
 
 
 def blocks(doc: str) -> list[tuple[str, str]]:
@@ -41,6 +47,10 @@ def wait_ready(how: str, proc: subprocess.Popen[bytes], within: float = 60) -> N
             return
         time.sleep(0.2)
     raise TimeoutError(f"{how!r} did not hold within {within} s")
+
+
+def test_the_walkthroughs_are_found() -> None:
+    assert {"README.md", "docs/cluster-devices.md", "docs/mappers/ble.md"} <= set(WALKTHROUGHS)
 
 
 @pytest.mark.parametrize("doc", WALKTHROUGHS)
