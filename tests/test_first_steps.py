@@ -158,3 +158,29 @@ def test_config_check_refuses_what_gateway_run_would_fail_on(tmp_path: Path) -> 
         out.returncode == 2
         and "dup.yaml: not valid YAML: key 'spec' given twice (lines 4 and 5)" in out.stderr
     )
+
+
+def test_every_command_has_a_description_and_every_option_help_with_its_default() -> None:
+    import argparse
+
+    from edgetwin.cli import build_parser
+
+    missing: list[str] = []
+
+    def walk(parser: argparse.ArgumentParser, path: str) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    if not sub.description:
+                        missing.append(f"{path} {name}: no description")
+                    walk(sub, f"{path} {name}")
+            elif action.dest != "help" and not action.help:
+                missing.append(f"{path} {'/'.join(action.option_strings) or action.dest}: no help")
+
+    walk(build_parser(), "edgetwin")
+    assert missing == []
+    # Defaults are shown: what a user would otherwise have to guess.
+    out = cli("sim", "modbus", "--help").stdout
+    assert "(default: 5020)" in out and "(default: 127.0.0.1)" in out and "(default: 1)" in out
+    out = cli("demo", "--help").stdout
+    assert "cuts the link" in out and "(default: 12.0)" in out
