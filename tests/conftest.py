@@ -209,6 +209,21 @@ class GatewayProcess:
             return self.proc.wait()
 
 
+def thermostat_gateway(tmp: Path, port: int, node: str, devices: list[tuple[str, str]]) -> GatewayProcess:
+    """A started ``gateway run`` for ``node`` serving thermostats (THERMO_PROPS) named
+    ``(namespace, name)``, each namespace with its own model, plus one device of another
+    node (``plant/other-node``, which it must skip)."""
+    namespaces = sorted({ns for ns, _ in devices} | {"plant"})
+    manifests = write_manifests(
+        tmp / "manifests" / "devices.yaml",
+        [model_doc("thermostat", ns, THERMO_PROPS) for ns in namespaces]
+        + [device_doc(name, ns, "thermostat", node) for ns, name in devices]
+        + [device_doc("other-node", "plant", "thermostat", f"{node}-elsewhere")],
+    )
+    config = write_config(tmp, node, port, manifests.parent)
+    return GatewayProcess(config, port, node, tmp / "gateway.log").start()
+
+
 async def eventually(pred: Callable[[], Any], within: float = 10.0) -> None:
     """Wait (asynchronously) until ``pred()`` is true, or fail after ``within`` s."""
     import asyncio

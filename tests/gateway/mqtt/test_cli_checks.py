@@ -10,16 +10,12 @@ from collections.abc import Iterator
 import pytest
 
 from tests.conftest import (
-    THERMO_PROPS,
     Collector,
     GatewayProcess,
-    device_doc,
-    model_doc,
     publish,
     run_cli,
+    thermostat_gateway,
     update_payload,
-    write_config,
-    write_manifests,
 )
 from tests.harness.processes import Mosquitto
 
@@ -30,18 +26,9 @@ UPDATE = f"$hw/events/device/{DEV}/twin/update"
 
 @pytest.fixture(scope="module")
 def gateway(mosquitto: Mosquitto, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
-    tmp = tmp_path_factory.mktemp("gw")
-    manifests = write_manifests(
-        tmp / "manifests" / "devices.yaml",
-        [
-            model_doc("thermostat", "plant", THERMO_PROPS),
-            model_doc("thermostat", "lab", THERMO_PROPS),
-            device_doc("thermo-1", "plant", "thermostat", NODE),
-            device_doc("thermo-1", "lab", "thermostat", NODE),
-        ],
+    gw = thermostat_gateway(
+        tmp_path_factory.mktemp("gw"), mosquitto.port, NODE, [("plant", "thermo-1"), ("lab", "thermo-1")]
     )
-    config = write_config(tmp, NODE, mosquitto.port, manifests.parent)
-    gw = GatewayProcess(config, mosquitto.port, NODE, tmp / "gateway.log").start()
     yield gw
     gw.stop()
 
