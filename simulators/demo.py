@@ -30,7 +30,7 @@ from edgetwin.deploy import DEPLOY
 from edgetwin.gateway.config import parse_config
 from edgetwin.gateway.service import Gateway
 from edgetwin.simulators.ble import BleSimulator, sensor_manifests
-from edgetwin.simulators.demo_view import Tally, cluster_versions, missing, render, versions
+from edgetwin.simulators.demo_view import Tally, Twins, cluster_twins, missing, pending, render, reported
 from edgetwin.simulators.modbus import BoilerSimulator, boiler_manifests
 from edgetwin.simulators.stack import free_port
 
@@ -323,9 +323,9 @@ class Story:
                 print(self.tally.status_line(self.engine, self.connected()), flush=True)
         return until is not None and bool(await until())
 
-    async def reported_upto(self, want: dict[tuple[str, str], int]) -> bool:
+    async def reported_upto(self, want: Twins) -> bool:
         """Whether the cluster holds every value the gateway had in ``want``."""
-        return not missing(want, await self._cluster_versions())
+        return not missing(want, await self._cluster_twins())
 
     async def tell(self) -> int:
         if not self.opt.story:
@@ -334,7 +334,7 @@ class Story:
                 await self.run_for(3600)
         cut_s = self.opt.cut_s
         await self.step("devices report; the gateway streams what changed to the cluster")
-        first = versions(self.engine)
+        first = reported(self.engine)
         await self.run_for(20, until=lambda: self._after(6, self.reported_upto(first)))
         print(render(self.engine, self.tally.started), flush=True)
 
@@ -344,12 +344,21 @@ class Story:
         await self.run_for(cut_s / 2)
 
         await self.step("the gateway restarts while the link is down (the outbox is in its store)")
+        before, waiting = reported(self.engine), pending(self.engine)
         await self.runner.stop()
         await self.runner.start()
         self.tally.restarts += 1
-        self.tally.kept_over_restart = len(self.engine.outbox)
+        # Nothing the gateway had may be missing after the restart: every value at its
+        # version or a later one, and everything waiting for the cluster still waiting.
+        after, still = reported(self.engine), pending(self.engine)
+        self.tally.kept_values, self.tally.kept_waiting = len(after), len(still)
+        self.tally.lost_in_restart = sorted(
+            {f"{d}/{p}" for (d, p), (v, _) in before.items() if after.get((d, p), (-1, ""))[0] < v}
+            | {f"{d}/{p}" for d, p in waiting - still}  # the link is still cut: nothing was taken
+        )
         print(
-            f"  the restarted gateway found {self.tally.kept_over_restart} devices' status waiting",
+            f"  the restarted gateway came back with {len(after)} values and {len(still)} properties "
+            f"waiting for the cluster ({len(waiting)} before it stopped)",
             flush=True,
         )
         await self.run_for(cut_s / 2)
@@ -358,7 +367,7 @@ class Story:
         self.cloud.link.restore()
         self.tally.restored = True
         restored = time.monotonic()
-        backlog = versions(self.engine)  # everything taken before the link came back
+        backlog = reported(self.engine)  # everything taken before the link came back
         if await self.run_for(60, until=lambda: self.reported_upto(backlog)):
             self.tally.drain_s = time.monotonic() - restored
         if self.tally.drain_s is not None:
@@ -369,43 +378,45 @@ class Story:
             )
 
         await self.step("kubectl get devices: the cluster has every value the gateway had")
-        await self.check_cluster(versions(self.engine))
+        await self.check_cluster(reported(self.engine))
         print(self.tally.summary(), flush=True)
         if self.opt.keep_running or (self.opt.keep_running is None and sys.stdin.isatty()):
             print("\nthe demo keeps running (try the commands above); Ctrl-C to stop", flush=True)
             while True:
                 await self.run_for(3600)
-        return 0 if not self.tally.lost and self.tally.drain_s is not None else 1
+        lost = self.tally.lost or self.tally.lost_in_restart
+        return 0 if not lost and self.tally.drain_s is not None else 1
 
     async def _after(self, seconds: float, ready: Any) -> bool:
         done = bool(await ready)
         return done and time.monotonic() - self.tally.started > seconds
 
-    async def check_cluster(self, want: dict[tuple[str, str], int]) -> None:
-        """Compare every property's version with the cluster's, through kubectl's JSON
-        (lightkube where no kubectl is installed), until they agree or 20 s pass."""
+    async def check_cluster(self, want: Twins) -> None:
+        """Compare every property's version and value with the cluster's, through
+        kubectl's JSON (lightkube where no kubectl is installed), until they agree or 20 s
+        pass; a cluster ahead of the gateway (a store that lost values) counts as lost."""
         kubectl = _kubectl()
         env = {**os.environ, "KUBECONFIG": str(self.cloud.kubeconfig)}
-        have: dict[tuple[str, str], int] = {}
+        have: Twins = {}
         deadline = time.monotonic() + 20
         while True:
             if kubectl is not None:
                 code, out, err = await _run(kubectl, "get", "devices", "-o", "json", env=env)
-                have = cluster_versions(out) if code == 0 else {}
+                have = cluster_twins(out) if code == 0 else {}
             else:
                 self.tally.checked_by = "the Kubernetes API (no kubectl installed)"
-                have = await self._cluster_versions()
-            if not missing(want, have) or time.monotonic() > deadline:
+                have = await self._cluster_twins()
+            if not missing(want, have, reported(self.engine)) or time.monotonic() > deadline:
                 break
             await self.run_for(0.5)
         self.tally.checked = len(want)
-        self.tally.lost = missing(want, have)
+        self.tally.lost = missing(want, have, reported(self.engine))
         if kubectl is not None:
             code, out, err = await _run(kubectl, "get", "devices", env=env)
             print(out.rstrip() if code == 0 else f"  kubectl failed: {err.strip()}", flush=True)
 
-    async def _cluster_versions(self) -> dict[tuple[str, str], int]:
+    async def _cluster_twins(self) -> Twins:
         from edgetwin.cloud.status_writer import Device
 
         items = [obj.to_dict() async for obj in self.cloud.client.list(Device, namespace="*")]
-        return cluster_versions(json.dumps({"items": items}))
+        return cluster_twins(json.dumps({"items": items}))

@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from edgetwin.deviceapi.values import value_to_text
 from edgetwin.gateway.twin.engine import TwinEngine
 
 
@@ -30,6 +31,9 @@ def render(engine: TwinEngine, started: float) -> str:
     return "\n".join(lines)
 
 
+Twins = dict[tuple[str, str], tuple[int, str]]  # (device id, property) -> (version, value text)
+
+
 def versions(engine: TwinEngine) -> dict[tuple[str, str], int]:
     """Each reported property's version: ``(device id, property) -> version``."""
     return {
@@ -40,27 +44,51 @@ def versions(engine: TwinEngine) -> dict[tuple[str, str], int]:
     }
 
 
+def reported(engine: TwinEngine) -> Twins:
+    """Each reported property's version and value, as Device status writes the value."""
+    return {
+        (dev.id, name): (prop.reported.version, value_to_text(prop.reported.value))
+        for dev in engine.devices.values()
+        for name, prop in dev.properties.items()
+        if prop.reported is not None
+    }
+
+
+def pending(engine: TwinEngine) -> set[tuple[str, str]]:
+    """The properties whose status waits in the outbox for the cloud."""
+    return {(dev, prop) for dev, entry in engine.outbox.items() for prop in entry.props}
+
+
 def queued(engine: TwinEngine) -> tuple[int, int]:
     """Devices with status waiting for the cloud, and their properties waiting."""
     return len(engine.outbox), sum(len(entry.props) for entry in engine.outbox.values())
 
 
-def cluster_versions(kubectl_json: str) -> dict[tuple[str, str], int]:
-    """The reported versions in ``kubectl get devices -o json`` output."""
-    out: dict[tuple[str, str], int] = {}
+def cluster_twins(kubectl_json: str) -> Twins:
+    """The reported versions and values in ``kubectl get devices -o json`` output."""
+    out: Twins = {}
     for item in json.loads(kubectl_json).get("items", []):
         meta = item.get("metadata", {})
         device = f"{meta.get('namespace')}.{meta.get('name')}"
         for twin in (item.get("status") or {}).get("twins") or []:
-            version = ((twin.get("reported") or {}).get("metadata") or {}).get("version")
+            rep = twin.get("reported") or {}
+            version = (rep.get("metadata") or {}).get("version")
             if version is not None:
-                out[(device, twin.get("propertyName", ""))] = int(version)
+                out[(device, twin.get("propertyName", ""))] = (int(version), str(rep.get("value")))
     return out
 
 
-def missing(gateway: dict[tuple[str, str], int], cluster: dict[tuple[str, str], int]) -> list[str]:
-    """Properties whose value in the cluster is older than the gateway's (``dev/prop``)."""
-    return sorted(f"{d}/{p}" for (d, p), v in gateway.items() if cluster.get((d, p), -1) < v)
+def missing(want: Twins, cluster: Twins, now: Twins | None = None) -> list[str]:
+    """Properties (``dev/prop``) whose value in the cluster is older than in ``want``, or
+    differs from it at the same version, or (given the gateway's twins ``now``) is newer
+    than anything the gateway has: a gateway that lost its store."""
+    wrong = []
+    for key, (version, text) in want.items():
+        have = cluster.get(key)
+        ahead = now is not None and have is not None and have[0] > now.get(key, (0, ""))[0]
+        if have is None or have[0] < version or (have[0] == version and have[1] != text) or ahead:
+            wrong.append(f"{key[0]}/{key[1]}")
+    return sorted(wrong)
 
 
 def merge_patch_bytes(device_id: str, prop: str, value: Any, version: int) -> int:
@@ -101,13 +129,15 @@ class Tally:
     direct_bytes: int = 0  # what one direct PATCH per value would have sent
     peak_devices: int = 0  # the outbox at its largest while the link was cut
     peak_properties: int = 0
-    kept_over_restart: int = 0  # outbox devices the restarted gateway found in its store
+    kept_values: int = 0  # values the restarted gateway came back with
+    kept_waiting: int = 0  # of them waiting for the cloud (in the outbox)
     restarts: int = 0
     cut: bool = False
     restored: bool = False
     drain_s: float | None = None
     link_bytes: int = 0
-    lost: list[str] = field(default_factory=list)
+    lost: list[str] = field(default_factory=list)  # not in the cluster at the end
+    lost_in_restart: list[str] = field(default_factory=list)  # older or gone after the restart
     checked: int = 0  # properties compared with the cluster
     checked_by: str = "kubectl get devices -o json"
     _last: dict[tuple[str, str], int] = field(default_factory=dict)
@@ -144,19 +174,21 @@ class Tally:
     def summary(self) -> str:
         drain = f"{self.drain_s:.1f} s" if self.drain_s is not None else "not within 60 s"
         ratio = f" ({self.direct_bytes / self.link_bytes:,.0f}x less)" if self.link_bytes else ""
-        lost = f"{len(self.lost)}" + (f" ({', '.join(self.lost[:5])})" if self.lost else "")
+        every = sorted(set(self.lost) | set(self.lost_in_restart))
+        lost = f"{len(every)}" + (f" ({', '.join(every[:5])})" if every else "")
         return "\n".join(
             [
                 "summary",
                 f"  values reported       {self.values:,} (the growth of the twins' versions)",
                 f"  queued while cut      {self.peak_devices} devices, "
                 f"{self.peak_properties} properties at the most",
-                f"  gateway restarts      {self.restarts} (the restarted gateway found "
-                f"{self.kept_over_restart} devices' status waiting in its store)",
+                f"  gateway restarts      {self.restarts} (it came back with {self.kept_values} values and "
+                f"{self.kept_waiting} properties waiting for the cluster; "
+                f"{len(self.lost_in_restart)} older or gone)",
                 f"  link cut, restored    {'yes' if self.cut else 'no'}, {'yes' if self.restored else 'no'}",
                 f"  delivered             the backlog in the cluster {drain} after the link came back",
                 f"  in the cluster        {self.checked - len(self.lost)} of {self.checked} properties at or "
-                f"past the gateway's value ({self.checked_by})",
+                f"past the gateway's version, the same value at the same version ({self.checked_by})",
                 f"  lost                  {lost}",
                 f"  bytes on the link     {self.link_bytes:,} both ways, TLS and gRPC included; one direct "
                 f"PATCH per value would have sent at least {self.direct_bytes:,}{ratio}",
