@@ -150,10 +150,12 @@ def gateway_summary(db: sqlite_utils.Database, now_ms: int) -> dict[str, Any]:
 
 
 def device_ids(db: sqlite_utils.Database) -> list[str]:
-    """Every device id the store knows (served, with a twin or a state)."""
+    """Every device id the store knows (served, with a twin or a state, or named in the
+    event log: a device no longer served still has its events)."""
     rows = db.query(
         "SELECT device_id FROM served UNION SELECT device_id FROM twin_property "
-        "UNION SELECT device_id FROM device_state ORDER BY device_id"
+        "UNION SELECT device_id FROM device_state UNION SELECT device_id FROM events "
+        "ORDER BY device_id"
     )
     return [r["device_id"] for r in rows]
 
