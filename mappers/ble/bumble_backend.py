@@ -150,6 +150,7 @@ class BumbleClient(BaseBleakClient):
         self._closing = False
         self._lost: asyncio.Future[None] | None = None  # resolved when the link goes
         self._abandoned: set[asyncio.Future[Any]] = set()  # operations whose callers left
+        self._disconnecting = False  # disconnect() is closing the connection
 
     @property
     def name(self) -> str:
@@ -221,6 +222,7 @@ class BumbleClient(BaseBleakClient):
         self._peer = None
         if self._lost is not None and not self._lost.done():
             self._lost.set_result(None)
+        self._end_abandoned()
         if not self._closing and self._disconnected_callback is not None:
             self._disconnected_callback()
 
@@ -231,10 +233,22 @@ class BumbleClient(BaseBleakClient):
             return
         self._connection = None
         self._peer = None
+        self._disconnecting = True
         if self._lost is not None and not self._lost.done():
             self._lost.set_result(None)
-        with contextlib.suppress(BaseBumbleError, TimeoutError, OSError):
-            await wait_within(connection.disconnect(), 5)
+        try:
+            with contextlib.suppress(BaseBumbleError, TimeoutError, OSError):
+                await wait_within(connection.disconnect(), 5)
+        finally:
+            self._disconnecting = False
+            self._end_abandoned()
+
+    def _end_abandoned(self) -> None:
+        """The connection is gone (no response can come any more): end the operations
+        left running for it, which would otherwise wait for Bumble's 30 s ATT timeout
+        (one queued behind another request never had its request sent)."""
+        for task in list(self._abandoned):
+            task.cancel()
 
     async def pair(self, *args: Any, **kwargs: Any) -> None:
         raise BleakError("the Bumble backend does not pair")
@@ -256,7 +270,8 @@ class BumbleClient(BaseBleakClient):
         to whichever request is pending, so a request abandoned after it was sent would
         have its response taken as the answer to the next one (a battery level read as a
         pressure), or set on a cancelled future (``InvalidStateError`` in ``on_packet``).
-        It ends with its response, Bumble's ATT timeout, or the disconnection."""
+        It ends with its response, Bumble's ATT timeout, or when the connection is gone
+        (:meth:`_end_abandoned`), and never outlives the connection."""
         lost = self._lost
         if lost is None:
             coro.close()
@@ -267,8 +282,11 @@ class BumbleClient(BaseBleakClient):
         except asyncio.CancelledError:
             self._leave_running(task)
             raise
-        if not task.done():  # the link went: Bumble cancels the request as it closes
-            self._leave_running(task)
+        if not task.done():
+            if self._disconnecting:  # ours, still closing: a response may yet arrive
+                self._leave_running(task)  # ended once it is closed
+            else:  # gone: nothing can answer it any more
+                task.cancel()
             raise BleakError(f"{what} on {self.address}: disconnected")
         if task.cancelled():
             raise BleakError(f"{what} on {self.address}: disconnected")
