@@ -20,9 +20,9 @@ def _run_printed(line: str) -> subprocess.CompletedProcess[str]:
 
 def test_scripts_demo_tells_the_offline_story_and_loses_nothing() -> None:
     proc = subprocess.Popen(
-        [str(ROOT / "scripts" / "demo"), "--exit"],
+        [str(ROOT / "scripts" / "demo"), "--exit", "--steps"],
         cwd=ROOT,
-        stdin=subprocess.DEVNULL,
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -43,10 +43,17 @@ def test_scripts_demo_tells_the_offline_story_and_loses_nothing() -> None:
             ):
                 if re.search(pattern, line):
                     printed[key] = line
-            # While the link is cut: the commands work as printed, the set goes to the
-            # device through the gateway with no cloud at all.
-            if line.startswith("step 2:"):
-                answers = {key: _run_printed(cmd) for key, cmd in printed.items()}
+            # --steps: the demo waits for Enter before each step. Before the restart (step
+            # 3) the link is cut: the commands work as printed, and the set goes to the
+            # device through the gateway with no cloud at all. Taking them while the demo
+            # waits leaves no race with the restart, however slow the machine.
+            step = re.match(r"\[press Enter\] step (\d):", line)
+            if step:
+                if step.group(1) == "3":
+                    answers = {key: _run_printed(cmd) for key, cmd in printed.items()}
+                assert proc.stdin is not None
+                proc.stdin.write("\n")
+                proc.stdin.flush()
         code = proc.wait(timeout=30)
     finally:
         killer.cancel()
@@ -60,7 +67,7 @@ def test_scripts_demo_tells_the_offline_story_and_loses_nothing() -> None:
     assert "desired 65" in answers["set"].stdout, answers["set"].stdout
     assert all(name in answers["kubectl"].stdout for name in DEVICES), answers["kubectl"].stdout
     # The story, step by step, and its summary.
-    steps = re.findall(r"^step (\d): (.*)$", out, re.M)
+    steps = re.findall(r"^\[press Enter\] step (\d): (.*)$", out, re.M)
     assert [n for n, _ in steps] == ["1", "2", "3", "4", "5"], steps
     summary = out[out.index("\nsummary\n") :]
     assert re.search(r"link cut, restored\s+yes, yes", summary), summary
