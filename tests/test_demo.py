@@ -11,6 +11,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVICES = ("beacon-1", "boiler-1", "boiler-mb", "env-sensor-1", "env-sensor-2", "hall-sensor")
+COMMANDS = (
+    ("get", r"twin get plant/boiler-1 --config"),
+    ("set", r"twin set plant/boiler-1 setpoint=65 --config"),
+    ("kubectl", r"KUBECONFIG=\S+ \S*kubectl get devices"),
+)
 
 
 def _run_printed(line: str) -> subprocess.CompletedProcess[str]:
@@ -18,11 +23,16 @@ def _run_printed(line: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(line.strip(), shell=True, cwd=ROOT, capture_output=True, text=True, timeout=60)
 
 
-def test_scripts_demo_tells_the_offline_story_and_loses_nothing() -> None:
+def run_demo(
+    *args: str, before_step: int | None = None
+) -> tuple[int, str, dict[str, str], dict[str, subprocess.CompletedProcess[str]]]:
+    """``scripts/demo ARGS`` to its end: (exit status, output, the commands it printed,
+    their results). With ``--steps`` it presses Enter for each step, and runs the printed
+    commands while the demo waits before step ``before_step``."""
     proc = subprocess.Popen(
-        [str(ROOT / "scripts" / "demo"), "--exit", "--steps"],
+        [str(ROOT / "scripts" / "demo"), "--exit", *args],
         cwd=ROOT,
-        stdin=subprocess.PIPE,
+        stdin=subprocess.PIPE if "--steps" in args else subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -36,20 +46,12 @@ def test_scripts_demo_tells_the_offline_story_and_loses_nothing() -> None:
     try:
         for line in proc.stdout:
             lines.append(line)
-            for key, pattern in (
-                ("get", r"twin get plant/boiler-1 --config"),
-                ("set", r"twin set plant/boiler-1 setpoint=65 --config"),
-                ("kubectl", r"KUBECONFIG=\S+ \S*kubectl get devices"),
-            ):
+            for key, pattern in COMMANDS:
                 if re.search(pattern, line):
                     printed[key] = line
-            # --steps: the demo waits for Enter before each step. Before the restart (step
-            # 3) the link is cut: the commands work as printed, and the set goes to the
-            # device through the gateway with no cloud at all. Taking them while the demo
-            # waits leaves no race with the restart, however slow the machine.
             step = re.match(r"\[press Enter\] step (\d):", line)
             if step:
-                if step.group(1) == "3":
+                if int(step.group(1)) == before_step:
                     answers = {key: _run_printed(cmd) for key, cmd in printed.items()}
                 assert proc.stdin is not None
                 proc.stdin.write("\n")
@@ -57,17 +59,14 @@ def test_scripts_demo_tells_the_offline_story_and_loses_nothing() -> None:
         code = proc.wait(timeout=30)
     finally:
         killer.cancel()
-    out = "".join(lines)
+    return code, "".join(lines), printed, answers
+
+
+def check_story(code: int, out: str, step_prefix: str) -> None:
+    """The five steps and a summary that says nothing was lost."""
     assert code == 0, out
     assert "Traceback" not in out and "Exception in" not in out and "!!!" not in out, out
-    assert set(answers) == {"get", "set", "kubectl"}, out
-    for key, result in answers.items():
-        assert result.returncode == 0, (key, result.stdout, result.stderr)
-    assert re.search(r"^setpoint\s", answers["get"].stdout, re.M), answers["get"].stdout
-    assert "desired 65" in answers["set"].stdout, answers["set"].stdout
-    assert all(name in answers["kubectl"].stdout for name in DEVICES), answers["kubectl"].stdout
-    # The story, step by step, and its summary.
-    steps = re.findall(r"^\[press Enter\] step (\d): (.*)$", out, re.M)
+    steps = re.findall(rf"^{re.escape(step_prefix)}step (\d): (.*)$", out, re.M)
     assert [n for n, _ in steps] == ["1", "2", "3", "4", "5"], steps
     summary = out[out.index("\nsummary\n") :]
     assert re.search(r"link cut, restored\s+yes, yes", summary), summary
@@ -91,4 +90,25 @@ def test_scripts_demo_tells_the_offline_story_and_loses_nothing() -> None:
         assert re.search(rf"^{name}\s+demo-node\s+True\s+online\s+.*=", table, re.M), table
     values = re.search(r"bytes on the link\s+([\d,]+) both ways.*at least ([\d,]+)", summary)
     assert values and int(values.group(1).replace(",", "")) < int(values.group(2).replace(",", "")), summary
+
+
+def test_scripts_demo_tells_the_offline_story_and_loses_nothing() -> None:
+    """The default: no terminal, no flags but --exit (the default without a terminal)."""
+    code, out, printed, _ = run_demo()
+    check_story(code, out, "")
+    assert set(printed) == {"get", "set", "kubectl"}, out
+
+
+def test_the_commands_the_demo_prints_work_as_printed_while_the_link_is_cut() -> None:
+    """With --steps, the commands run while the demo waits before the restart (step 3):
+    the link is cut, and the set goes to the device through the gateway with no cloud
+    at all. Taken while the demo waits, they cannot race the restart on a slow machine."""
+    code, out, printed, answers = run_demo("--steps", before_step=3)
+    check_story(code, out, "[press Enter] ")
+    assert set(answers) == {"get", "set", "kubectl"}, out
+    for key, result in answers.items():
+        assert result.returncode == 0, (key, result.stdout, result.stderr)
+    assert re.search(r"^setpoint\s", answers["get"].stdout, re.M), answers["get"].stdout
+    assert "desired 65" in answers["set"].stdout, answers["set"].stdout
+    assert all(name in answers["kubectl"].stdout for name in DEVICES), answers["kubectl"].stdout
     assert shlex.split(printed["get"])  # printed as a command line
