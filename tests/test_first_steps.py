@@ -184,3 +184,4 @@ def test_every_command_has_a_description_and_every_option_help_with_its_default(
     assert "(default: 5020)" in out and "(default: 127.0.0.1)" in out and "(default: 1)" in out
     out = cli("demo", "--help").stdout
     assert "cuts the link" in out and "(default: 12.0)" in out
+    assert "a free one) (default: 0)" in " ".join(out.split())  # 0 is shown, not taken for False

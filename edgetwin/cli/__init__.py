@@ -39,7 +39,11 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        shown = action.default not in (None, False, argparse.SUPPRESS) and not action.required
+        # By identity: a default of 0 is shown (0 == False would hide it).
+        default = action.default
+        shown = (
+            not (default is None or default is False or default is argparse.SUPPRESS) and not action.required
+        )
         if shown and "default" not in text and action.option_strings:
             text += " (default: %(default)s)"
         return text
