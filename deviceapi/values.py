@@ -155,6 +155,17 @@ def coerce_value(
     return value
 
 
+def desired_value(
+    raw: Any, type_name: str, writable: bool, minimum: float | None = None, maximum: float | None = None
+) -> Value:
+    """``raw`` as a desired value of its property (the gateway's rule, which ``edgetwin
+    twin set`` checks too before it sends), or :class:`ValueRejected`: a ReadOnly
+    property takes none, and the value must fit the type and range."""
+    if not writable:
+        raise ValueRejected("the property is ReadOnly in its model")
+    return coerce_value(raw, type_name, minimum, maximum)
+
+
 def _check_range(value: float, minimum: float | None, maximum: float | None) -> None:
     if minimum is not None and value < minimum:
         raise ValueRejected(f"{value} is below the minimum {minimum:g}")

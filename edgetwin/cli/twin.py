@@ -16,7 +16,7 @@ from typing import Any
 import aiomqtt
 
 from edgetwin.cli.common import EXIT_FAILED, EXIT_USAGE, CliError, device_arg, print_table, text
-from edgetwin.deviceapi.values import ValueRejected, coerce_value
+from edgetwin.deviceapi.values import ValueRejected, desired_value
 from edgetwin.gateway.config import GatewayConfig, load_config
 from edgetwin.gateway.mqtt import payloads, topics
 from edgetwin.gateway.store.reader import (
@@ -68,19 +68,21 @@ def check_assignments(props: dict[str, dict[str, Any]], dev_id: str, values: dic
             hint = _did_you_mean(name, list(props))
             errors.append(f"{_shown(dev_id)} {name}: not a property of its DeviceModel{hint}")
             continue
-        if spec.get("accessMode", "ReadOnly") != "ReadWrite":
-            errors.append(f"{_shown(dev_id)} {name}: the property is ReadOnly in its model")
-            continue
         low, high = spec.get("minimum"), spec.get("maximum")
+        writable = spec.get("accessMode", "ReadOnly") == "ReadWrite"
         try:
-            coerce_value(
+            desired_value(
                 given,
                 str(spec.get("type")),
+                writable,
                 float(low) if low is not None else None,
                 float(high) if high is not None else None,
             )
         except ValueRejected as exc:
-            errors.append(f"{_shown(dev_id)} {name}={given}: {exc.reason} ({spec.get('type')})")
+            what = (
+                f"{name}={given}: {exc.reason} ({spec.get('type')})" if writable else f"{name}: {exc.reason}"
+            )
+            errors.append(f"{_shown(dev_id)} {what}")
     return errors
 
 

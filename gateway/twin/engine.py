@@ -28,7 +28,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from edgetwin.deviceapi import Device, DeviceModel, Value, ValueRejected, coerce_value
-from edgetwin.deviceapi.values import value_to_text
+from edgetwin.deviceapi.values import desired_value, value_to_text
 from edgetwin.gateway.twin.conflict import desired_json, same, wins
 from edgetwin.gateway.twin.hlc import HybridClock, Stamp
 from edgetwin.gateway.twin.model import (
@@ -257,16 +257,12 @@ class TwinEngine(WriteScheduling):
         prop = dev.properties.get(prop_name)
         if prop is None:
             raise self._desired_rejected(
-                device_id, prop_name, raw, origin, now_ms, f"not a property of DeviceModel {dev.model!r}"
-            )
-        if not prop.writable:
-            raise self._desired_rejected(
-                device_id, prop_name, raw, origin, now_ms, "the property is ReadOnly in its model"
+                dev, prop_name, raw, origin, now_ms, f"not a property of DeviceModel {dev.model!r}"
             )
         try:
-            value = coerce_value(raw, prop.type, prop.minimum, prop.maximum)
+            value = desired_value(raw, prop.type, prop.writable, prop.minimum, prop.maximum)
         except ValueRejected as exc:
-            raise self._desired_rejected(device_id, prop_name, raw, origin, now_ms, exc.reason) from None
+            raise self._desired_rejected(dev, prop_name, raw, origin, now_ms, exc.reason) from None
         if stamp is None:
             stamp = self.clock.now(now_ms)
         else:
@@ -304,7 +300,7 @@ class TwinEngine(WriteScheduling):
         return DesiredOutcome(prop_name, True, incoming, conflict, prop.write_state is WriteState.PENDING)
 
     def _desired_rejected(
-        self, device_id: str, prop_name: str, raw: Any, origin: Origin, now_ms: int, reason: str
+        self, dev: DeviceTwin, prop_name: str, raw: Any, origin: Origin, now_ms: int, reason: str
     ) -> DesiredRejected:
         """The error for a refused desired value, also put in the event log (at most once
         per :data:`EVENT_REPEAT_MS` per property, the rest counted in the next event), so
@@ -312,12 +308,11 @@ class TwinEngine(WriteScheduling):
         name = clip(prop_name)
         # One key per property of the model, one for all names outside it: the limiter
         # stays bounded by devices x properties whatever names a client makes up.
-        known = prop_name in self.device(device_id).properties
-        key = (device_id, f"desired:{name}" if known else "desired:")
+        key = (dev.id, f"desired:{name}" if prop_name in dev.properties else "desired:")
         if self._limiter.allow(key, now_ms):
             detail = {"reason": reason, "desired": clip(str(raw), 200), "origin": origin}
-            self._event(now_ms, device_id, name, "rejected", self._limiter.annotate(key, detail))
-        return DesiredRejected(device_id, name, reason)
+            self._event(now_ms, dev.id, name, "rejected", self._limiter.annotate(key, detail))
+        return DesiredRejected(dev.id, name, reason)
 
     def apply_spec(self, device: Device, now_ms: int, stamp: Stamp | None = None) -> list[DesiredOutcome]:
         """Apply the desired values written in a Device spec. Only a spec value that
