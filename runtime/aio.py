@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 
 __all__ = ["cancel_tasks", "wait_within"]
@@ -52,3 +52,34 @@ async def cancel_tasks(tasks: Iterable[asyncio.Task[Any]], limit_s: float | None
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 task.result()  # retrieved, so asyncio does not log "never retrieved"
     return [t.get_name() for t in pending]
+
+
+class Abandoned:
+    """Futures nobody awaits any more (their callers were cancelled, or gave up) that
+    must still run to their end: kept referenced until they end, their outcome taken so
+    no "exception was never retrieved" is logged, ``then`` called with each when it ends.
+    :meth:`cancel_all` ends those left when what they ran on is gone."""
+
+    def __init__(self) -> None:
+        self._held: set[asyncio.Future[Any]] = set()
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def add(
+        self, future: asyncio.Future[Any], then: Callable[[asyncio.Future[Any]], None] | None = None
+    ) -> None:
+        self._held.add(future)
+
+        def ended(done: asyncio.Future[Any]) -> None:
+            self._held.discard(done)
+            if not done.cancelled():
+                done.exception()
+            if then is not None:
+                then(done)
+
+        future.add_done_callback(ended)
+
+    def cancel_all(self) -> None:
+        for future in list(self._held):
+            future.cancel()

@@ -36,7 +36,7 @@ from bumble.hci import Address
 
 from edgetwin.mappers.ble.adverts import ParsedAdvert, parse_ad
 from edgetwin.mappers.ble.bumble_host import BumbleAdapter, close_adapters, get_adapter, plain_address
-from edgetwin.runtime.aio import wait_within
+from edgetwin.runtime.aio import Abandoned, wait_within
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ class BumbleClient(BaseBleakClient):
         self._peer: Peer | None = None
         self._closing = False
         self._lost: asyncio.Future[None] | None = None  # resolved when the link goes
-        self._abandoned: set[asyncio.Future[Any]] = set()  # operations whose callers left
+        self._abandoned = Abandoned()  # GATT operations whose callers left
         self._disconnecting = False  # disconnect() is closing the connection
 
     @property
@@ -247,8 +247,7 @@ class BumbleClient(BaseBleakClient):
         """The connection is gone (no response can come any more): end the operations
         left running for it, which would otherwise wait for Bumble's 30 s ATT timeout
         (one queued behind another request never had its request sent)."""
-        for task in list(self._abandoned):
-            task.cancel()
+        self._abandoned.cancel_all()
 
     async def pair(self, *args: Any, **kwargs: Any) -> None:
         raise BleakError("the Bumble backend does not pair")
@@ -280,11 +279,11 @@ class BumbleClient(BaseBleakClient):
         try:
             await asyncio.wait({task, lost}, return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
-            self._leave_running(task)
+            self._abandoned.add(task)
             raise
         if not task.done():
             if self._disconnecting:  # ours, still closing: a response may yet arrive
-                self._leave_running(task)  # ended once it is closed
+                self._abandoned.add(task)  # ended once it is closed
             else:  # gone: nothing can answer it any more
                 task.cancel()
             raise BleakError(f"{what} on {self.address}: disconnected")
@@ -298,18 +297,6 @@ class BumbleClient(BaseBleakClient):
             raise TimeoutError(f"{what} on {self.address} timed out") from None
         except BaseBumbleError as exc:
             raise BleakError(f"{what} on {self.address} failed: {exc}") from exc
-
-    def _leave_running(self, task: asyncio.Future[Any]) -> None:
-        """Keep an abandoned operation referenced until it ends, and take its outcome
-        (nobody awaits it any more)."""
-        self._abandoned.add(task)
-
-        def done(t: asyncio.Future[Any]) -> None:
-            self._abandoned.discard(t)
-            if not t.cancelled():
-                t.exception()
-
-        task.add_done_callback(done)
 
     async def read_gatt_char(
         self, characteristic: BleakGATTCharacteristic, *, use_cached: bool = False, **kwargs: Any

@@ -17,7 +17,7 @@ from bumble.device import Advertisement, Connection, Device
 from bumble.hci import Address
 from bumble.transport import open_transport
 
-from edgetwin.runtime.aio import wait_within
+from edgetwin.runtime.aio import Abandoned, wait_within
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class BumbleAdapter:
         self._scanning: bool | None = None  # None: not scanning; else: active?
         self._scan_lock = asyncio.Lock()
         self._connect_lock = asyncio.Lock()
-        self._abandoned: set[asyncio.Future[Any]] = set()  # attempts whose callers left
+        self._abandoned = Abandoned()  # connection attempts whose callers left, and their closing
         # Addresses (with their type) as last advertised, for clients given a string.
         self.seen: dict[str, Address] = {}
 
@@ -135,23 +135,13 @@ class BumbleAdapter:
         try:
             return await asyncio.shield(attempt)
         except asyncio.CancelledError:
-            self._abandoned.add(attempt)
-            attempt.add_done_callback(self._unwanted)
+            self._abandoned.add(attempt, then=self._unwanted)
             raise
 
     def _unwanted(self, attempt: asyncio.Future[Connection]) -> None:
         """An abandoned attempt ended: close the connection it made, if it made one."""
-        self._abandoned.discard(attempt)
-        if attempt.cancelled() or attempt.exception() is not None:
-            return
-        closing = asyncio.ensure_future(attempt.result().disconnect())
-        self._abandoned.add(closing)
-        closing.add_done_callback(self._closed)
-
-    def _closed(self, closing: asyncio.Future[Any]) -> None:
-        self._abandoned.discard(closing)
-        if not closing.cancelled() and closing.exception() is not None:
-            log.debug("closing an abandoned connection failed", exc_info=closing.exception())
+        if not attempt.cancelled() and attempt.exception() is None:
+            self._abandoned.add(asyncio.ensure_future(attempt.result().disconnect()))
 
     async def _attempt(self, address: Address, timeout: float) -> Connection:  # noqa: ASYNC109
         async with self._connect_lock:
