@@ -32,7 +32,9 @@ class ManifestError(ValueError):
     message names the field and what is wrong with it. ``located``: every problem found
     in the files read, as (file, problem with its line and column), one line each."""
 
-    def __init__(self, where: str, problem: str, located: list[tuple[str, Any]] | None = None) -> None:
+    def __init__(
+        self, where: str, problem: str, located: list[tuple[str, Any]] | None = None, path: str = ""
+    ) -> None:
         from edgetwin.deviceapi.problems import MAX_PROBLEMS
 
         if located:
@@ -45,6 +47,9 @@ class ManifestError(ValueError):
         self.where = where
         self.problem = problem
         self.located = located or []
+        # The key path the problem is about (``spec.properties[0].name``), when it names
+        # one: the message starts with it, and a loader places it at its line.
+        self.path = path
 
 
 def first_problem(exc: ValidationError, unknown: str = "is not a known field") -> tuple[str, str]:
@@ -322,20 +327,24 @@ def check_device_against_model(device: Device, model: DeviceModel) -> None:
     for index, prop in enumerate(device.spec.properties):
         model_prop = model.get_property(prop.name)
         if model_prop is None:
+            key = f"spec.properties[{index}].name"
             raise ManifestError(
                 where,
-                f"spec.properties[{index}].name: {prop.name!r} is not a property of "
-                f"DeviceModel {model.metadata.name!r} "
+                f"{key}: {prop.name!r} is not a property of DeviceModel {model.metadata.name!r} "
                 f"(it has: {', '.join(p.name for p in model.spec.properties) or 'none'})",
+                path=key,
             )
         if prop.desired is not None:
             if not model_prop.writable:
+                key = f"spec.properties[{index}].desired"
                 raise ManifestError(
                     where,
-                    f"spec.properties[{index}].desired: property {prop.name!r} is "
+                    f"{key}: property {prop.name!r} is "
                     "ReadOnly in its model; only ReadWrite properties take a desired value",
+                    path=key,
                 )
             try:
                 coerce_value(prop.desired.value, model_prop.type, model_prop.minimum, model_prop.maximum)
             except ValueRejected as exc:
-                raise ManifestError(where, f"spec.properties[{index}].desired.value: {exc.reason}") from None
+                key = f"spec.properties[{index}].desired.value"
+                raise ManifestError(where, f"{key}: {exc.reason}", path=key) from None

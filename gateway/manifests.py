@@ -7,7 +7,6 @@ once it is connected. Errors name the file, the object and the field.
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,6 @@ from edgetwin.deviceapi.types import check_device_against_model, first_problem
 log = logging.getLogger(__name__)
 
 _SUFFIXES = (".yaml", ".yml", ".json")
-_PATH = re.compile(r"^[A-Za-z_][\w.\[\]]*$")  # a key path such as spec.properties[0].name
 
 
 @dataclass
@@ -43,6 +41,7 @@ class ManifestSet:
                 f"Device {device.metadata.namespace}/{device.metadata.name}",
                 f"spec.deviceModelRef.name: DeviceModel {key[0]}/{key[1]} is not defined "
                 "(a model must be in the device's namespace)",
+                path="spec.deviceModelRef.name",
             ) from None
 
 
@@ -86,14 +85,12 @@ def parse_object(doc: Any, where: str, node: yaml.Node | None = None) -> Device 
 def _placed(
     exc: ManifestError, file: Path, node: yaml.Node | None, subject: str = ""
 ) -> list[tuple[str, Any]]:
-    """A one-problem ManifestError as a located problem in ``file`` (its leading key
-    path, if it has one, placed in ``node``)."""
+    """A one-problem ManifestError as a located problem in ``file`` (at its key path,
+    if it names one, in ``node``)."""
     if exc.located:
         return exc.located
-    path, sep, message = exc.problem.partition(": ")
-    if not sep or not _PATH.match(path):
-        path, message = "", exc.problem
-    return [(str(file), Problem(path, message, subject=subject).at(node, parse_path(path)))]
+    message = exc.problem.removeprefix(f"{exc.path}: ") if exc.path else exc.problem
+    return [(str(file), Problem(exc.path, message, subject=subject).at(node, parse_path(exc.path)))]
 
 
 def load_manifests(paths: list[Path], node: str) -> ManifestSet:
