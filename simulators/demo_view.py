@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 from edgetwin.deviceapi.values import value_to_text
 from edgetwin.gateway.twin.engine import TwinEngine
@@ -32,16 +31,6 @@ def render(engine: TwinEngine, started: float) -> str:
 
 
 Twins = dict[tuple[str, str], tuple[int, str]]  # (device id, property) -> (version, value text)
-
-
-def versions(engine: TwinEngine) -> dict[tuple[str, str], int]:
-    """Each reported property's version: ``(device id, property) -> version``."""
-    return {
-        (dev.id, name): prop.reported.version
-        for dev in engine.devices.values()
-        for name, prop in dev.properties.items()
-        if prop.reported is not None
-    }
 
 
 def reported(engine: TwinEngine) -> Twins:
@@ -91,7 +80,7 @@ def missing(want: Twins, cluster: Twins, now: Twins | None = None) -> list[str]:
     return sorted(wrong)
 
 
-def merge_patch_bytes(device_id: str, prop: str, value: Any, version: int) -> int:
+def merge_patch_bytes(device_id: str, prop: str, value: str, version: int) -> int:
     """The fewest bytes one direct Kubernetes status PATCH of one value takes: its request
     line, the headers it cannot do without and its JSON merge patch body (no TLS, no
     authentication, no response)."""
@@ -103,7 +92,7 @@ def merge_patch_bytes(device_id: str, prop: str, value: Any, version: int) -> in
                     {
                         "propertyName": prop,
                         "reported": {
-                            "value": json.dumps(value),
+                            "value": value,
                             "metadata": {"timestamp": "2026-12-07T00:00:00.000Z", "version": str(version)},
                         },
                     }
@@ -144,16 +133,12 @@ class Tally:
 
     def observe(self, engine: TwinEngine) -> None:
         """Count the values taken since the last look."""
-        for key, version in versions(engine).items():
-            before = self._last.get(key, 0)
+        for (dev, prop), (version, text) in reported(engine).items():
+            before = self._last.get((dev, prop), 0)
             if version > before:
                 self.values += version - before
-                dev, prop = key
-                rep = engine.devices[dev].properties[prop].reported
-                self.direct_bytes += (version - before) * merge_patch_bytes(
-                    dev, prop, rep.value if rep else None, version
-                )
-                self._last[key] = version
+                self.direct_bytes += (version - before) * merge_patch_bytes(dev, prop, text, version)
+                self._last[(dev, prop)] = version
         if self.cut and not self.restored:
             devices, props = queued(engine)
             self.peak_devices = max(self.peak_devices, devices)
