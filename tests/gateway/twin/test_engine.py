@@ -394,6 +394,25 @@ def test_read_error_events_are_limited_per_property_and_count_what_they_held_bac
     assert ev.kind == "read_error" and ev.detail["suppressed"] == 29
 
 
+def test_refused_desired_values_are_events_limited_per_property_and_unknown_names_share_one_limit() -> None:
+    e = engine_with()
+    for i in range(3):  # the same property refused again within the interval: one event
+        with pytest.raises(DesiredRejected):
+            e.apply_desired("plant.t1", "setpoint", "abc", "edge", now_ms=i)
+    for i in range(1000):  # a client making up names: one event, one limiter entry
+        with pytest.raises(DesiredRejected, match="not a property"):
+            e.apply_desired("plant.t1", f"made-up-{i}", 1, "edge", now_ms=10 + i)
+    events = e.drain().events
+    assert [(ev.property, ev.kind) for ev in events] == [("setpoint", "rejected"), ("made-up-0", "rejected")]
+    assert events[0].detail == {"reason": events[0].detail["reason"], "desired": "abc", "origin": "edge"}
+    assert len(e._limiter._last) + len(e._limiter._held) <= 2 + 2  # bounded by the model, not the names
+    # After the interval the next refusal is logged with how many were held back.
+    with pytest.raises(DesiredRejected):
+        e.apply_desired("plant.t1", "setpoint", "abc", "edge", now_ms=EVENT_REPEAT_MS + 10)
+    (ev,) = e.drain().events
+    assert ev.detail["suppressed"] == 2
+
+
 def test_a_message_naming_thousands_of_unknown_properties_is_answered_in_bounded_space() -> None:
     e = engine_with()
     values = {f"{i}{'x' * 500}": i for i in range(5000)}
