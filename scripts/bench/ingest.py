@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Ingest benchmark: reported updates through MQTT -> twin -> durable store.
 
-    .venv/bin/python -m scripts.bench.ingest [--updates 30000] [--rate 2000]
+    .venv/bin/python -m scripts.bench.ingest [--updates 30000] [--rate 2000] [--no-uplink]
 
 For 10 devices x 10 properties and 1,000 devices x 10 properties it prints:
   * sustained updates/s: a publisher process sends one-property QoS 1 updates as fast as
@@ -12,7 +12,9 @@ For 10 devices x 10 properties and 1,000 devices x 10 properties it prints:
     broker);
   * the same traffic through the same broker with no gateway (subscriber receives the
     publisher's messages directly) as the baseline, and the ratio.
-Then the gateway's RSS with 100 idle devices. The gateway is pinned to one core.
+Then the gateway's RSS with 100 idle devices. The gateway is pinned to one core. Each
+update is one random property with a random reading; the gateway's uplink is on (a relay
+and the API emulator holding the devices, their own processes) unless --no-uplink.
 
 A private mosquitto is started on a free loopback port; nothing else is touched.
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
+import random
 import shutil
 import statistics
 import subprocess
@@ -35,6 +38,7 @@ from typing import Any
 import paho.mqtt.client as paho
 import yaml
 
+from scripts.bench.workloads import reading
 from tests.harness.processes import Mosquitto, rss_mb
 
 EDGETWIN = str(Path(sys.executable).parent / "edgetwin")
@@ -97,7 +101,9 @@ def start_gateway(
 
 # --------------------------------------------------------------------- publisher
 def publisher(port: int, topics: list[str], count: int, rate: float, start: Any) -> None:
-    """Runs in its own process. rate <= 0: as fast as the broker takes them."""
+    """Runs in its own process. rate <= 0: as fast as the broker takes them. Each update
+    names a random property and carries a random reading (scripts/bench/workloads.py)."""
+    rng = random.Random(f"{count}-{rate}-{len(topics)}")
     c = paho.Client(paho.CallbackAPIVersion.VERSION2)
     c.max_inflight_messages_set(1000)
     c.max_queued_messages_set(0)
@@ -108,9 +114,10 @@ def publisher(port: int, topics: list[str], count: int, rate: float, start: Any)
     last_info = None
     for i in range(count):
         topic = topics[i % len(topics)]
-        prop = f"p{(i // len(topics)) % 10}"
+        prop = f"p{rng.randrange(10)}"
         event = f"{i}:{time.perf_counter_ns()}"
-        body = f'{{"event_id":"{event}","twin":{{"{prop}":{{"actual":{{"value":"{i}"}}}}}}}}'
+        value = reading(rng)
+        body = f'{{"event_id":"{event}","twin":{{"{prop}":{{"actual":{{"value":"{value}"}}}}}}}}'
         last_info = c.publish(topic, body, qos=1)
         if rate > 0:
             ahead = t0 + (i + 1) / rate - time.perf_counter()
@@ -187,7 +194,9 @@ def run_phase(port: int, topics: list[str], rx: Receiver, count: int, rate: floa
     }
 
 
-def bench_shape(tmp: Path, port: int, devices: int, updates: int, rate: float) -> None:
+def bench_shape(
+    tmp: Path, port: int, devices: int, updates: int, rate: float, uplink: dict[str, Any] | None
+) -> None:
     topics = [f"$hw/events/device/b.d{i}/twin/update" for i in range(devices)]
     raw_topics = [f"bench/raw/d{i}" for i in range(devices)]
     # Baseline first: the same publisher straight to a subscriber, same broker.
@@ -196,7 +205,7 @@ def bench_shape(tmp: Path, port: int, devices: int, updates: int, rate: float) -
     base_lat = run_phase(port, raw_topics, rx, int(rate * LATENCY_S), rate)
     base_max = run_phase(port, raw_topics, rx, updates, 0)
     rx.close()
-    gw = start_gateway(tmp, port, devices, 10)
+    gw = start_gateway(tmp, port, devices, 10, {"uplink": uplink} if uplink else None)
     try:
         rx = Receiver(port, "$hw/events/device/+/twin/update/result")
         run_phase(port, topics, rx, min(updates, 2000), 0)  # warm-up
@@ -235,16 +244,34 @@ def main() -> None:
     )
     parser.add_argument("--updates", type=int, default=30_000)
     parser.add_argument("--rate", type=float, default=2_000)
+    parser.add_argument("--no-uplink", action="store_true", help="a gateway without a cluster")
     args = parser.parse_args()
+    from scripts.bench.cloud import Cloud  # it imports this module
+
     tmp = Path(tempfile.mkdtemp(prefix="edgetwin-bench-"))
     broker = start_mosquitto(tmp)
     port = broker.port
+    cloud = None if args.no_uplink else Cloud(tmp)
     try:
-        print(f"edgetwin ingest benchmark: {os.cpu_count()} cores, gateway pinned to one, store on {tmp}")
+        print(
+            f"edgetwin ingest benchmark: {os.cpu_count()} cores, gateway pinned to one, store on {tmp}; "
+            f"shipped defaults, QoS 1 updates of one random property with a random reading "
+            f"(two decimals in [-500, 500)); uplink "
+            + (
+                "on (relay and API emulator in their own processes, the devices in the cluster)"
+                if cloud
+                else "off"
+            ),
+            flush=True,
+        )
+        if cloud is not None:
+            cloud.add_devices(1000)  # b.d0 .. b.d999: both shapes' devices
         for devices in (10, 1000):
-            bench_shape(tmp, port, devices, args.updates, args.rate)
+            bench_shape(tmp, port, devices, args.updates, args.rate, cloud.uplink if cloud else None)
         idle_rss(tmp, port)
     finally:
+        if cloud is not None:
+            cloud.stop()
         broker.stop()
         shutil.rmtree(tmp, ignore_errors=True)
 
