@@ -8,6 +8,7 @@ import argparse
 import asyncio
 import difflib
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -27,6 +28,8 @@ from edgetwin.gateway.store.reader import (
     read_model_properties,
     read_twin,
 )
+
+log = logging.getLogger(__name__)
 
 
 def _shown(dev_id: str) -> str:
@@ -193,7 +196,22 @@ def set_(args: argparse.Namespace) -> int:
     return asyncio.run(_twin_set(cfg, dev_id, values, args.timeout))
 
 
+def quiet_socket_races(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """The event loop's exception handler for ``twin set``. aiomqtt registers paho's
+    socket with the loop from a callback it schedules; when the connection fails first (a
+    broker refusing the TLS handshake) the callback finds the socket closed, and asyncio
+    would print its traceback. The failure itself is reported, in one line, by the
+    awaited connect; every other error goes to asyncio's own handler."""
+    handle, exc = context.get("handle"), context.get("exception")
+    registering = handle is not None and ("add_writer" in repr(handle) or "add_reader" in repr(handle))
+    if registering and isinstance(exc, OSError | ValueError | KeyError):
+        log.debug("a closed socket's registration with the event loop failed", exc_info=exc)
+        return
+    loop.default_exception_handler(context)
+
+
 async def _twin_set(cfg: GatewayConfig, dev_id: str, values: dict[str, str], wait_s: float) -> int:
+    asyncio.get_running_loop().set_exception_handler(quiet_socket_races)
     host, port = cfg.mqtt.host_port
     event_id = payloads.new_event_id()
     request = payloads.twin_set_request(event_id, int(time.time() * 1000), values)

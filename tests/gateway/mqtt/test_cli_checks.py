@@ -123,3 +123,51 @@ def test_twin_set_is_refused_locally_with_the_gateway_down(gateway: GatewayProce
         assert code == 1 and "did not answer within 2s" in err
     finally:
         gateway.start()
+
+
+def test_twin_set_keeps_a_closed_sockets_registration_race_out_of_its_output(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """aiomqtt's race, made on purpose: the socket registration it schedules runs after
+    the socket was closed (as when a broker refuses the TLS handshake). asyncio would print
+    the callback's traceback; twin set's handler keeps it out, and passes other errors on."""
+    import asyncio
+    import logging
+    import socket
+
+    from edgetwin.cli.twin import quiet_socket_races
+
+    def race(handler: object) -> list[str]:
+        seen: list[str] = []
+
+        async def main() -> None:
+            loop = asyncio.get_running_loop()
+            if handler is not None:
+                loop.set_exception_handler(handler)  # type: ignore[arg-type]
+            a, b = socket.socketpair()
+            fd = a.fileno()
+            loop.call_soon(loop.add_writer, fd, lambda: None)
+            a.close()
+            b.close()
+            loop.call_soon(lambda: seen.append("other") or 1 / 0)  # any other error: still shown
+            await asyncio.sleep(0.05)
+
+        records: list[logging.LogRecord] = []
+
+        class Keep(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                records.append(record)
+
+        keep = Keep()
+        logging.getLogger("asyncio").addHandler(keep)
+        try:
+            asyncio.run(main())
+        finally:
+            logging.getLogger("asyncio").removeHandler(keep)
+        return [r.getMessage() + (r.exc_text or "") + repr(r.exc_info) for r in records]
+
+    plain = race(None)
+    assert any("add_writer" in m for m in plain), plain  # the race is real without the handler
+    quiet = race(quiet_socket_races)
+    assert not any("add_writer" in m for m in quiet), quiet
+    assert any("ZeroDivisionError" in m for m in quiet), quiet  # other errors still reach asyncio
